@@ -1,0 +1,198 @@
+"""Attention over packed variable-length sequences, with an optional slot-based KV cache.
+
+A batch is the concatenation of B sequences ("packed"): tokens have shape [T] and an
+`AttnContext` says where each sequence starts (`cu_seqlens`). No compute is spent on padding.
+
+Three paths, chosen per call:
+- fresh sequences, no cache: causal attention within each sequence (flash varlen on CUDA,
+  one batched SDPA call when all lengths are equal, else one SDPA call per sequence);
+- with a KV cache: each sequence appends its new tokens' keys/values to its cache slot, then
+  attends to its cached prefix plus its new tokens (prefill, decode and draft verification);
+- a custom mask among the new tokens (tree drafts): every sequence then has the same number
+  of new tokens and `mask[b, i, j]` says whether new token i may attend to new token j.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # flash-attention varlen kernel, CUDA only (torch >= 2.10)
+    from torch.nn.attention.varlen import varlen_attn as _cuda_varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    _cuda_varlen_attn = None
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for `n_slots` sequences of up to `max_len` tokens.
+
+    Layout [n_layers, n_slots, n_kv_heads, max_len, head_dim]: a run of slots sliced along
+    dim 1 is already in SDPA's [batch, heads, seq, dim] layout, so decoding reads it in place.
+    """
+
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def allocate(cls, n_layers: int, n_slots: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+
+@dataclass
+class AttnContext:
+    """Where each sequence of a packed batch starts, and how it uses the KV cache.
+
+    Built once per forward and shared by every layer. Python-side lengths are kept next to the
+    tensors so that no layer has to synchronise with the device to read them.
+    """
+
+    seqlens: list[int]  # new tokens per sequence
+    cu_seqlens: Tensor  # [B+1] int32, cumulative `seqlens`
+    cache: KVCache | None = None
+    slots: Tensor | None = None  # [B] cache slot of each sequence
+    cache_lens: list[int] | None = None  # tokens already cached per sequence (before the new ones)
+    mask: Tensor | None = None  # [B, q, q] bool among new tokens; None means causal
+    sliding_window: int | None = None  # set by the model from its config
+    # derived once: cache write index of every new token, and context length per sequence
+    _write_slot: Tensor | None = None
+    _write_pos: Tensor | None = None
+
+    @classmethod
+    def packed(cls, seqlens: list[int], device: torch.device | str = "cpu") -> AttnContext:
+        cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
+        return cls(seqlens=list(seqlens), cu_seqlens=cu.to(device))
+
+    @classmethod
+    def with_cache(cls, cache: KVCache, slots: list[int] | Tensor, cache_lens: list[int], seqlens: list[int],
+                   mask: Tensor | None = None) -> AttnContext:
+        device = cache.k.device
+        ctx = cls.packed(seqlens, device)
+        ctx.cache = cache
+        ctx.slots = torch.as_tensor(slots, dtype=torch.long, device=device)
+        ctx.cache_lens = list(cache_lens)
+        ctx.mask = mask
+        if mask is not None and len(set(seqlens)) != 1:
+            raise ValueError("a custom attention mask needs the same number of new tokens in every sequence")
+        for n, start in zip(seqlens, cache_lens):
+            if start + n > cache.max_len:
+                raise ValueError(f"KV cache overflow: {start} cached + {n} new tokens > max_len {cache.max_len}")
+        ctx._write_slot = torch.repeat_interleave(ctx.slots, torch.tensor(seqlens, device=device))
+        ctx._write_pos = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(cache_lens, seqlens)])
+        return ctx
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seqlens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.seqlens)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_id: int, scale: float) -> Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, Hq, D]."""
+    if ctx.cache is not None:
+        return _attend_with_cache(q, k, v, ctx, layer_id, scale)
+    if ctx.mask is not None:
+        b, n = len(ctx.seqlens), ctx.seqlens[0]
+        out = _sdpa(q.view(b, n, *q.shape[1:]), k.view(b, n, *k.shape[1:]), v.view(b, n, *v.shape[1:]),
+                    ctx.mask[:, None], scale)
+        return out.reshape(q.shape)
+    return _attend_fresh(q, k, v, ctx, scale)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool = False) -> Tensor:
+    """[B, S, H, D] in, [B, S, H, D] out; grouped-query heads are expanded by SDPA itself."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def _window_mask(n_q: int, n_k: int, window: int, device: torch.device) -> Tensor:
+    """Causal mask of the last n_q queries over n_k keys, each seeing at most `window` keys."""
+    qpos = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+    kpos = torch.arange(n_k, device=device)[None, :]
+    return (kpos <= qpos) & (kpos > qpos - window)
+
+
+def _attend_fresh(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: float) -> Tensor:
+    window = ctx.sliding_window if ctx.sliding_window and ctx.max_seqlen > ctx.sliding_window else None
+    if q.is_cuda and _cuda_varlen_attn is not None:
+        n = ctx.max_seqlen
+        win = (window - 1, 0) if window else (-1, 0)
+        return _cuda_varlen_attn(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, n, n, scale=scale, window_size=win,
+                                 enable_gqa=q.shape[1] != k.shape[1])
+    if window is None and len(set(ctx.seqlens)) == 1:  # equal lengths: one batched call
+        b, n = len(ctx.seqlens), ctx.seqlens[0]
+        out = _sdpa(q.view(b, n, *q.shape[1:]), k.view(b, n, *k.shape[1:]), v.view(b, n, *v.shape[1:]), None,
+                    scale, causal=True)
+        return out.reshape(q.shape)
+    outs, start = [], 0
+    for n in ctx.seqlens:
+        sl = slice(start, start + n)
+        mask = _window_mask(n, n, window, q.device)[None, None] if window and n > window else None
+        outs.append(_sdpa(q[None, sl], k[None, sl], v[None, sl], mask, scale, causal=mask is None)[0])
+        start += n
+    return torch.cat(outs)
+
+
+def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_id: int, scale: float) -> Tensor:
+    cache = ctx.cache
+    kc, vc = cache.k[layer_id], cache.v[layer_id]  # [S, Hkv, M, D]
+    # one scatter per layer writes every new token's key/value into its slot
+    kc[ctx._write_slot, :, ctx._write_pos] = k.to(kc.dtype)
+    vc[ctx._write_slot, :, ctx._write_pos] = v.to(vc.dtype)
+    ends = [s + n for s, n in zip(ctx.cache_lens, ctx.seqlens)]
+    if len(set(ctx.seqlens)) == 1:
+        # decode / draft verification: every sequence has n new tokens, contexts differ in length
+        b, n, ctx_len = len(ctx.seqlens), ctx.seqlens[0], max(ends)
+        keys = kc[ctx.slots, :, :ctx_len]
+        vals = vc[ctx.slots, :, :ctx_len]
+        mask = _cache_mask(ctx, n, ctx_len, q.device)
+        out = F.scaled_dot_product_attention(q.view(b, n, *q.shape[1:]).transpose(1, 2), keys.to(q.dtype),
+                                             vals.to(q.dtype), attn_mask=mask, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2).reshape(q.shape)
+    # ragged prefill: one call per sequence over its own prefix
+    outs, start = [], 0
+    for i, (n, end) in enumerate(zip(ctx.seqlens, ends)):
+        slot = int(ctx.slots[i])
+        keys, vals = kc[slot, :, :end][None].to(q.dtype), vc[slot, :, :end][None].to(q.dtype)
+        mask = _window_mask(n, end, ctx.sliding_window or end, q.device)[None, None]
+        out = F.scaled_dot_product_attention(q[None, start:start + n].transpose(1, 2), keys, vals, attn_mask=mask,
+                                             scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        outs.append(out.transpose(1, 2)[0])
+        start += n
+    return torch.cat(outs)
+
+
+def _cache_mask(ctx: AttnContext, n: int, ctx_len: int, device: torch.device) -> Tensor:
+    """[B, 1, n, ctx_len] bool: the cached prefix, then causal (or `ctx.mask`) among new tokens."""
+    starts = torch.tensor(ctx.cache_lens, device=device)[:, None, None]  # [B, 1, 1]
+    kpos = torch.arange(ctx_len, device=device)[None, None, :]  # [1, 1, C]
+    qidx = torch.arange(n, device=device)[None, :, None]  # [1, n, 1]
+    rel = kpos - starts  # key index relative to the first new token
+    if ctx.mask is None:
+        allowed = rel <= qidx
+    else:
+        inside = (rel >= 0) & (rel < n)
+        gathered = torch.gather(ctx.mask, 2, rel.clamp(0, n - 1).expand(-1, n, -1))
+        allowed = (rel < 0) | (inside & gathered)
+    if ctx.sliding_window:
+        allowed &= rel > qidx - ctx.sliding_window
+    return allowed[:, None]

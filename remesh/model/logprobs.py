@@ -1,0 +1,67 @@
+"""Log-probabilities of given tokens without materialising full-vocabulary logits.
+
+With vocabularies of 50k-150k, fp32 logits for a batch of 8k tokens are 1.6-4.8 GB, and autograd
+would keep them for the backward pass. Here the logits exist one chunk of tokens at a time: the
+forward keeps only each token's log-sum-exp, and the backward recomputes the chunk's logits
+(one extra matmul) to form d logp / d logits = onehot(target) - softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, inv_temp: float, chunk: int) -> Tensor:
+        w = weight.to(hidden.dtype)
+        n = hidden.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk):
+            logits = (hidden[s:s + chunk] @ w.t()).float()
+            if inv_temp != 1.0:
+                logits.mul_(inv_temp)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.inv_temp, ctx.chunk = inv_temp, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        inv_temp, chunk = ctx.inv_temp, ctx.chunk
+        w = weight.to(hidden.dtype)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            logits = (h @ w.t()).float()
+            if inv_temp != 1.0:
+                logits.mul_(inv_temp)
+            # d logp/d logits = onehot - softmax, scaled by the upstream gradient and 1/temperature
+            g = grad_out[s:s + chunk].float() * inv_temp
+            d = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])
+            d.scatter_add_(1, targets[s:s + chunk, None], g[:, None])
+            d = d.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = d @ w
+            if grad_w is not None:
+                grad_w.addmm_(d.t().float(), h.float())  # .float() is free on fp32
+        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
+                   chunk_tokens: int = 1024) -> Tensor:
+    """log softmax(hidden @ weight.T / temperature)[t, targets[t]] in fp32, shape [N].
+
+    hidden [N, dim], weight [vocab, dim], targets [N]. Peak extra memory is one chunk of
+    `chunk_tokens` x vocab fp32 logits, in the forward and in the backward pass.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedTokenLogprobs.apply(hidden, weight, targets, 1.0 / temperature, max(1, chunk_tokens))

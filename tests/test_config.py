@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import pytest
+
+from remesh.config import ConfigError, config_to_dict, dump_config, load_config
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    kind: Literal["adamw", "sgd"] = "adamw"
+    betas: tuple[float, ...] = (0.9, 0.95)
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class DataConfig:
+    path: str  # required
+    max_prompt_len: int = 512
+    shuffle: bool = True
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    model: str = "rm"
+    scale: float = 1.0
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # A non-class default: partial YAML for `critic` must keep lr=5e-6.
+    critic: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, kind="sgd"))
+    reward: Optional[RewardConfig] = None
+    seed: int | None = 0
+    tags: list[int] = field(default_factory=list)
+    extra: Any = None
+
+
+@dataclass
+class Sub:
+    a: int
+    b: int = 0
+
+
+@dataclass
+class Required:
+    sub: Optional[Sub] = None
+    pair: tuple[int, str] = (1, "x")
+
+
+def write(tmp_path, text, name="sft.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def error(cls, path, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(cls, path, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.fixture
+def base(tmp_path):
+    return write(tmp_path, "data:\n  path: /d.jsonl\noptim:\n  lr: 3.0e-4\n")
+
+
+def test_nested_load(tmp_path):
+    path = write(tmp_path, """
+data:
+  path: /d.jsonl
+  splits: [train, val]
+  weights: {a: 1, b: 0.5}
+optim: {lr: 1e-5, betas: [0.8, 0.9]}
+critic: {weight_decay: 0.1}
+extra: {anything: [1, 2]}
+""")
+    cfg = load_config(Config, path)
+    assert cfg.data == DataConfig(path="/d.jsonl", splits=["train", "val"], weights={"a": 1.0, "b": 0.5})
+    assert cfg.optim.lr == 1e-5 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.critic == OptimConfig(lr=5e-6, kind="sgd", weight_decay=0.1)
+    assert cfg.reward is None and cfg.seed == 0
+    assert cfg.extra == {"anything": [1, 2]}
+
+
+def test_empty_file_and_no_file(tmp_path):
+    cfg = load_config(Config, write(tmp_path, ""), ["data.path=x"])
+    assert cfg.data.path == "x"
+    assert load_config(Config, None, ["data.path=x"]) == cfg
+
+
+def test_overrides(base):
+    cfg = load_config(Config, base, [
+        "optim.lr=1e-5", "optim.weight_decay=1",  # int accepted for float
+        "data.max_prompt_len=256", "data.shuffle=false", "data.splits=[a, b]",
+        "optim.kind=sgd", "seed=null", "tags=[1,2]", "reward.scale=2.5",
+    ])
+    assert cfg.optim.lr == 1e-5 and cfg.optim.weight_decay == 1.0 and cfg.optim.kind == "sgd"
+    assert cfg.data.max_prompt_len == 256 and cfg.data.shuffle is False and cfg.data.splits == ["a", "b"]
+    assert cfg.seed is None and cfg.tags == [1, 2]
+    assert cfg.reward == RewardConfig(scale=2.5)  # created with defaults, then set
+
+
+def test_override_replaces_null_section_and_later_wins(tmp_path):
+    path = write(tmp_path, "data: {path: p}\nreward: null\n")
+    cfg = load_config(Config, path, ["reward.model=big", "seed=1", "seed=2"])
+    assert cfg.reward == RewardConfig(model="big") and cfg.seed == 2
+
+
+def test_override_supplies_required_key(tmp_path):
+    assert load_config(Config, write(tmp_path, "optim: {lr: 0.1}\n"), ["data.path=p"]).data.path == "p"
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    path = write(tmp_path, "data: {path: p}\noptim:\n  lrr: 0.1\n")
+    assert error(Config, path) == f"{path}: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"
+    msg = error(Config, write(tmp_path, "data: {path: p}\n"), ["optim.lrr=1"])
+    assert msg == "override 'optim.lrr=1': unknown key 'optim.lrr' (did you mean 'optim.lr'?)"
+    msg = error(Config, None, ["data.path=p", "dataa.path=q"])
+    assert "unknown key 'dataa'" in msg and "did you mean 'data'?" in msg
+
+
+def test_unknown_key_lists_section_keys(base):
+    msg = error(Config, base, ["optim.zzzzz=1"])
+    assert msg.startswith("override 'optim.zzzzz=1': unknown key 'optim.zzzzz'")
+    assert "valid keys in 'optim': lr, weight_decay, kind, betas" in msg
+    assert "valid keys at top level: data, optim" in error(Config, base, ["qqqqqqq=1"])
+
+
+def test_wrong_types(tmp_path, base):
+    path = write(tmp_path, "data: {path: p}\noptim: {lr: abc}\n", "types.yaml")
+    assert error(Config, path) == f"{path}: optim.lr: expected float, got str 'abc'"
+    cases = {
+        "data.max_prompt_len=1.5": "data.max_prompt_len: expected int, got float 1.5",
+        "data.max_prompt_len=1e3": "data.max_prompt_len: expected int, got str '1e3'",
+        "data.shuffle=1": "data.shuffle: expected bool, got int 1",
+        "data.path=null": "data.path: expected str, got null",
+        "optim.lr=nan": "optim.lr: expected float, got str 'nan'",
+        "optim.lr=true": "optim.lr: expected float, got bool True",
+        "tags=[1, x]": "tags[1]: expected int, got str 'x'",
+        "data.weights={1: 2}": "data.weights: expected dict[str, float] (a mapping with string keys)",
+        "optim=3": "optim: expected a mapping for OptimConfig, got int 3",
+        "seed=abc": "seed: expected int, got str 'abc'",
+        "optim.betas=[0.9, x]": "optim.betas[1]: expected float, got str 'x'",
+    }
+    for override, expected in cases.items():
+        msg = error(Config, base, [override])
+        assert msg.startswith(f"override '{override}': {expected}"), msg
+
+
+def test_yes_is_a_yaml_bool(base):
+    # Documented YAML 1.1 behaviour, not our coercion: 'yes' is already a bool when it reaches us.
+    assert load_config(Config, base, ["data.shuffle=yes"]).data.shuffle is True
+
+
+def test_literal_lists_choices(base):
+    msg = error(Config, base, ["optim.kind=adam"])
+    assert msg == "override 'optim.kind=adam': optim.kind: expected one of 'adamw', 'sgd', got str 'adam'"
+
+
+def test_missing_required(tmp_path):
+    path = write(tmp_path, "data: {max_prompt_len: 3}\n")
+    assert error(Config, path) == f"{path}: missing required key 'data.path'"
+    assert error(Config, None) == "<no config file>: missing required key 'data'"
+    # An unrelated override is not blamed; one that created the section is.
+    assert error(Config, path, ["data.shuffle=false"]).startswith(f"{path}: missing required key 'data.path'")
+    assert error(Required, None, ["sub.b=1"]) == "override 'sub.b=1': missing required key 'sub.a'"
+
+
+def test_post_init_error_names_section(tmp_path, base):
+    path = write(tmp_path, "data: {path: p}\noptim: {lr: -1}\n", "neg.yaml")
+    assert error(Config, path) == f"{path}: optim: lr must be positive, got -1.0"
+    assert error(Config, base, ["critic.lr=0"]) == "override 'critic.lr=0': critic: lr must be positive, got 0.0"
+
+
+def test_malformed_overrides(base):
+    assert "expected 'dotted.key=value'" in error(Config, base, ["optim.lr"])
+    assert error(Config, base, ["=3"]).startswith("override '=3':")
+    assert error(Config, base, ["optim..lr=3"]).startswith("override 'optim..lr=3':")
+    assert error(Config, base, ["tags=[1, 2"]).startswith("override 'tags=[1, 2': cannot parse value")
+
+
+def test_file_errors(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    assert error(Config, missing).startswith(f"{missing}: cannot read config file")
+    bad = write(tmp_path, "data:\n  path: p\n bad: [\n", "bad.yaml")
+    assert error(Config, bad).startswith(f"{bad}:3: invalid YAML")
+    assert "top level must be a mapping" in error(Config, write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+
+
+def test_multiline_post_init_message_is_one_line():
+    @dataclass
+    class Multi:
+        x: int = 0
+
+        def __post_init__(self):
+            raise ValueError("first\nsecond")
+
+    assert error(Multi, None) == "<no config file>: Multi: first second"
+
+
+def test_round_trip(tmp_path, base):
+    cfg = load_config(Config, base, ["reward.model=r", "optim.betas=[0.5, 0.6]", "extra={k: [1, 2]}",
+                                      "data.weights={a: 0.25}"])
+    d = config_to_dict(cfg)
+    assert d["optim"]["betas"] == [0.5, 0.6] and d["reward"] == {"model": "r", "scale": 1.0}
+    out = tmp_path / "run" / "config.yaml"
+    dump_config(cfg, out)
+    assert load_config(Config, out) == cfg
+    assert dataclasses.asdict(load_config(Config, out)) == dataclasses.asdict(cfg)
+
+
+def test_fixed_tuple():
+    assert load_config(Required, None, ["pair=[2, y]"]).pair == (2, "y")
+    assert "expected tuple[int, str] of length 2" in error(Required, None, ["pair=[2]"])
+    assert "pair[1]: expected str, got int 3" in error(Required, None, ["pair=[2, 3]"])
