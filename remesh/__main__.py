@@ -1,0 +1,3 @@
+from remesh.cli import main
+
+raise SystemExit(main())

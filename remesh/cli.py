@@ -1,0 +1,107 @@
+"""The `remesh` command. Subcommands take a YAML config and dotted overrides:
+
+    remesh sft configs/sft_demo.yaml optim.lr=1e-5 data.max_prompt_len=256
+    remesh rm configs/rm_demo.yaml
+    remesh train configs/sft_demo.yaml          # picks the trainer from the config's `kind`
+    remesh convert model.gguf out_dir/          # GGUF or HF folder -> HF folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from remesh.config import ConfigError, load_config
+
+
+def _run(kind: str, config: str | None, overrides: list[str]) -> None:
+    from remesh.train.configs import RUN_CONFIGS
+
+    cfg = load_config(RUN_CONFIGS[kind], config, overrides)
+    if kind == "sft":
+        from remesh.train.sft import train_sft as train
+    else:
+        from remesh.train.rm import train_rm as train
+    result = train(cfg)
+    print(f"remesh: {kind} finished after {result.steps} steps; "
+          + ", ".join(f"{k} {v:.4g}" for k, v in result.eval_metrics.items()))
+    print(f"remesh: final model  {result.final_model}")
+    print(f"remesh: metrics      {result.metrics_file} (TensorBoard: {result.output_dir / 'tensorboard'})")
+
+
+def _kind_of(config: str, overrides: list[str]) -> str:
+    from remesh.train.configs import RUN_CONFIGS
+
+    kind = None
+    for o in overrides:
+        if o.startswith("kind="):
+            kind = o.split("=", 1)[1]
+    if kind is None:
+        if not Path(config).is_file():
+            raise ConfigError(f"{config}: no such config file")
+        try:
+            raw = yaml.safe_load(Path(config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{config}: cannot read ({e.__class__.__name__})") from e
+        kind = raw.get("kind") if isinstance(raw, dict) else None
+    if kind not in RUN_CONFIGS:
+        raise ConfigError(f"{config}: 'kind' must be one of {', '.join(RUN_CONFIGS)} (got {kind!r})")
+    return kind
+
+
+def _convert(src: str, dst: str, dtype: str, shard_gb: float) -> None:
+    import torch
+
+    from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
+    from remesh.checkpoint.gguf import convert_gguf_to_hf
+
+    if src.endswith(".gguf") and dtype == "float32" and shard_gb >= 2:
+        out = convert_gguf_to_hf(src, dst)
+    else:
+        folder = resolve_model_path(src)
+        model = load_hf(folder)
+        out = save_hf(model, dst, load_tokenizer(folder), max_shard_bytes=int(shard_gb * 1024**3),
+                      dtype=getattr(torch, dtype))
+    print(f"remesh: wrote HF checkpoint {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="remesh", description="RLHF training with execution plans and fast rollouts.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("sft", "supervised fine-tuning"), ("rm", "reward-model training"),
+                        ("train", "run the experiment a config describes (its `kind`)")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+    c = sub.add_parser("convert", help="convert a checkpoint (GGUF or HF folder, or 'default') into an HF folder")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--shard-gb", type=float, default=2.0, help="max safetensors shard size in GiB")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from remesh.checkpoint.gguf import GGUFError
+    from remesh.checkpoint.hf import CheckpointError
+    from remesh.data import DataError
+
+    try:
+        if args.command in ("sft", "rm"):
+            _run(args.command, args.config, args.overrides)
+        elif args.command == "train":
+            _run(_kind_of(args.config, args.overrides), args.config, args.overrides)
+        elif args.command == "convert":
+            _convert(args.src, args.dst, args.dtype, args.shard_gb)
+    except (ConfigError, DataError, CheckpointError, GGUFError, FileNotFoundError) as e:
+        print(f"remesh: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Typed configs of training runs (SFT and reward model), loaded by `remesh.config.load_config`.
+
+Every run config has a `kind`, which `remesh train CONFIG` uses to pick the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    path: str = "default"  # HF folder, .gguf file, or "default" (embedded SmolLM2-135M-Instruct)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter (and optimizer state) dtype
+    logprob_chunk_tokens: int = 1024  # tokens per chunk of full-vocabulary logits
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/demo/sft.jsonl"
+    eval: str | None = None  # a separate eval file; otherwise `eval_fraction` of `train` is held out
+    eval_fraction: float = 0.05
+    max_prompt_len: int = 256
+    max_len: int = 512
+    skip_bad_rows: bool = False  # drop malformed rows (and report them) instead of failing
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_prompt_len > self.max_len:
+            raise ValueError(f"max_prompt_len ({self.max_prompt_len}) exceeds max_len ({self.max_len})")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    min_lr_ratio: float = 0.1  # final lr / lr for cosine and linear decay
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs/sft"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule spans them)
+    batch_size: int = 16  # sequences (or preference pairs) per optimizer step
+    micro_batch_tokens: int = 4096  # token budget of one forward/backward; gradients accumulate over them
+    eval_every: int = 50  # steps; 0 disables periodic eval (a final eval still runs)
+    save_every: int = 0  # steps between checkpoints; 0: only the final model
+    keep_checkpoints: int = 2  # most recent step checkpoints kept on disk
+    log_every: int = 1
+    resume: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA when supported
+    device: str = "auto"  # auto: cuda if available, else cpu
+    tensorboard: bool = True
+    wandb_project: str | None = None  # log to Weights & Biases when set (needs `pip install wandb`)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "micro_batch_tokens", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SFTConfig:
+    kind: Literal["sft"] = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=5))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class RMConfig:
+    """Reward model: the backbone of `model.path` with a scalar head, Bradley-Terry loss on pairs."""
+
+    kind: Literal["rm"] = "rm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train="data/demo/preferences.jsonl"))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=5))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(output_dir="runs/rm", batch_size=8))
+
+
+RUN_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}

@@ -1,0 +1,114 @@
+"""Training state on disk without pickle: tensors in safetensors, the rest in JSON.
+
+A checkpoint folder `step_000120/` holds the model in HF format plus `trainer_state/` with the
+optimizer (tensors + param-group JSON), scheduler, progress counters and RNG states, which is
+everything a resumed run needs to continue bitwise as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_DIR = "trainer_state"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            key = f"{idx}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in {**load_file(str(folder / "optimizer.safetensors")), **meta["scalars"]}.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    v, s, g = meta["python"]
+    random.setstate((v, tuple(s), g))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+
+
+def save_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
+                       progress: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    optimizer_to_files(optimizer, folder)
+    tensors, meta = rng_state()
+    save_file(tensors, str(folder / "rng.safetensors"))
+    (folder / "state.json").write_text(json.dumps(
+        {"progress": progress, "scheduler": scheduler.state_dict(), "rng": meta}, indent=1))
+
+
+def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG; return the progress counters."""
+    meta = json.loads((folder / "state.json").read_text())
+    optimizer_from_files(optimizer, folder)
+    scheduler.load_state_dict(meta["scheduler"])
+    set_rng_state(load_file(str(folder / "rng.safetensors")), meta["rng"])
+    return meta["progress"]
+
+
+def step_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete step checkpoints in `output_dir/checkpoints`, oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.exists():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / STATE_DIR / "state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Path:
+    if resume == "latest":
+        found = step_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"trainer.resume=latest: no checkpoint in {output_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / STATE_DIR / "state.json").exists():
+        raise FileNotFoundError(f"trainer.resume={resume}: not a remesh checkpoint (no {STATE_DIR}/state.json)")
+    return path
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    for old in step_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
