@@ -173,7 +173,11 @@ def load_hf_config(path: str | Path, head: str | None = None) -> ModelArgs:
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: not an HF checkpoint folder (no config.json)")
-    return args_from_hf_config(AutoConfig.from_pretrained(str(path)), head)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError) as e:  # e.g. a model_type transformers does not know
+        raise CheckpointError(f"{path}: cannot read config.json ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    return args_from_hf_config(config, head)
 
 
 def load_hf(path: str | Path, head: str | None = None, dtype: torch.dtype = torch.float32,

