@@ -140,8 +140,9 @@ def test_killed_run_resumes_bitwise(workspace):
 
     subprocess.run(_sft_cmd(workspace, "killed", "trainer.resume=latest", "trainer.save_every=1"), check=True,
                    env=env, timeout=240, capture_output=True)
-    resumed = _losses(workspace / "killed" / "metrics.jsonl")
-    assert resumed == full  # exact float equality, every step
+    resumed = read_metrics(workspace / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in resumed if "train/loss" in r] == list(range(1, 31))  # no step twice
+    assert _losses(workspace / "killed" / "metrics.jsonl") == full  # exact float equality, every step
 
 
 def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):

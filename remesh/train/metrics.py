@@ -10,10 +10,12 @@ from typing import Any
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, tensorboard: bool = True, wandb_project: str | None = None,
-                 run_config: dict[str, Any] | None = None, resume: bool = False):
+                 run_config: dict[str, Any] | None = None, resume_step: int | None = None):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
-        self._file = self.path.open("a" if resume else "w")
+        kept = _lines_up_to(self.path, resume_step) if resume_step is not None else []
+        self._file = self.path.open("w")
+        self._file.writelines(kept)  # a resumed run continues the file as if it had never stopped
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +45,21 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """Complete lines of an earlier run up to `step`; later ones (and a line torn by a kill) go."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and row.get("step", 0) <= step:
+            kept.append(line)
+    return kept
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

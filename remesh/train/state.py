@@ -8,6 +8,7 @@ everything a resumed run needs to continue bitwise as if it had never stopped.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -74,8 +75,10 @@ def save_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler
     optimizer_to_files(optimizer, folder)
     tensors, meta = rng_state()
     save_file(tensors, str(folder / "rng.safetensors"))
-    (folder / "state.json").write_text(json.dumps(
-        {"progress": progress, "scheduler": scheduler.state_dict(), "rng": meta}, indent=1))
+    # state.json marks the checkpoint complete, so it appears atomically and last
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps({"progress": progress, "scheduler": scheduler.state_dict(), "rng": meta}, indent=1))
+    os.replace(tmp, folder / "state.json")
 
 
 def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:

@@ -109,7 +109,8 @@ def run_training(cfg: Any, task: Task) -> TrainResult:
 
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    logger = MetricsLogger(out, tc.tensorboard, tc.wandb_project, config_to_dict(cfg), resume=resume_dir is not None)
+    logger = MetricsLogger(out, tc.tensorboard, tc.wandb_project, config_to_dict(cfg),
+                           resume_step=start if resume_dir is not None else None)
     amp = autocast_context(tc.mixed_precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
 
