@@ -5,7 +5,9 @@ JSON holding the headline figures, the machine it ran on and a "details" object,
 same object to bench/results/<name>.json (`finish` does both).
 
 Timing: `interleaved_times` runs the systems under comparison in turn, repetition by repetition,
-so that background load on a shared machine hits all of them alike; compare medians.
+so that background load on a shared machine hits all of them alike, and notes for every call how
+many cores other processes kept busy meanwhile (from /proc), so that rounds disturbed by a
+concurrent job can be left out of the medians (and made up for by extra rounds).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,26 +78,94 @@ def synchronizer(device: str | torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def _cpu_ticks() -> tuple[int, int, int]:
+    """(all CPUs' total ticks, all CPUs' busy ticks, this process's ticks) from /proc; zeros elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(vals), sum(vals) - vals[3] - vals[4], int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return 0, 0, 0
+
+
+def foreign_cores(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
+    """Average number of cores other processes kept busy between two `_cpu_ticks()` readings
+    (0 on an otherwise idle machine; NaN where /proc is not available)."""
+    total, busy, own = (a - b for a, b in zip(after, before))
+    ncpu = os.cpu_count() or 1
+    if total <= 0:
+        return float("nan")
+    return max(0.0, (busy - own) / (total / ncpu))
+
+
+@dataclass
+class Timings:
+    """Seconds per call of each system, rep by rep, and how busy the rest of the machine was."""
+
+    times: dict[str, list[float]]
+    foreign: dict[str, list[float]]  # cores used by other processes during each call
+    max_foreign: float
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.times.values())))
+
+    def clean(self) -> list[int]:
+        """Rounds in which no call shared the machine with more than `max_foreign` busy cores."""
+        return [i for i in range(self.rounds)
+                if all(not f[i] > self.max_foreign for f in self.foreign.values())]  # NaN counts as clean
+
+    def used(self, min_rounds: int = 3) -> list[int]:
+        """The clean rounds if there are at least `min_rounds` of them, else all rounds."""
+        c = self.clean()
+        return c if len(c) >= min_rounds else list(range(self.rounds))
+
+    def median_s(self, name: str) -> float:
+        return statistics.median(self.times[name][i] for i in self.used())
+
+    def spread(self, name: str) -> float:
+        return spread([self.times[name][i] for i in self.used()])
+
+    def paired_ratio(self, num: str, den: str) -> float:
+        """Median over rounds of times[den] / times[num], i.e. num's speed relative to den's measured
+        side by side (round by round), which cancels load shared by both calls of a round."""
+        return statistics.median(self.times[den][i] / self.times[num][i] for i in self.used())
+
+    def summary(self) -> dict[str, Any]:
+        return {"times_s": self.times, "foreign_cores": {k: [round(x, 2) for x in v] for k, v in self.foreign.items()},
+                "rounds": self.rounds, "clean_rounds": len(self.clean()), "used_rounds": self.used(),
+                "max_foreign_cores": self.max_foreign}
+
+
 def interleaved_times(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
-                      device: str | torch.device = "cpu") -> dict[str, list[float]]:
-    """Seconds per call of each function, `reps` times each, in turn (a, b, a, b, ...) after
-    `warmup` untimed calls of each. Returns {name: [seconds, ...]}."""
+                      device: str | torch.device = "cpu", max_foreign: float = 0.3,
+                      max_extra: int | None = None) -> Timings:
+    """Time each function `reps` times, in turn (a, b, b, a, a, b, ...), after `warmup` untimed
+    calls of each. A round where other processes kept more than `max_foreign` cores busy during
+    some call is noted, and extra rounds (up to `max_extra`, default `reps`) are run until `reps`
+    clean rounds are in; medians then use the clean rounds (see `Timings.used`)."""
     sync = synchronizer(device)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
             sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(reps):
-        # alternate the order too, so neither system always runs first after the other's cache traffic
+    max_extra = reps if max_extra is None else max_extra
+    t = Timings({name: [] for name in fns}, {name: [] for name in fns}, max_foreign)
+    r = 0
+    while r < reps or (len(t.clean()) < reps and r < reps + max_extra):
+        # alternate the order, so that neither system always runs right after the other
         order = list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))
         for name, fn in order:
             sync()
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_ticks(), time.perf_counter()
             fn()
             sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            t.times[name].append(time.perf_counter() - t0)
+            t.foreign[name].append(foreign_cores(c0, _cpu_ticks()))
+        r += 1
+    return t
 
 
 def median(xs: list[float]) -> float:

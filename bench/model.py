@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import finish, interleaved_times, median, parse_args, print_table, spread  # noqa: E402
+from bench.common import finish, interleaved_times, parse_args, print_table  # noqa: E402
 from remesh.checkpoint.default import resolve_model_path  # noqa: E402
 from remesh.checkpoint.hf import load_hf, save_hf  # noqa: E402
 from remesh.data.packing import pack_sequences, shifted_targets, target_loss_mask  # noqa: E402
@@ -185,25 +185,29 @@ def main() -> None:
                     for label, fn in fns.items():
                         fn()
                         profile_step(fn, f"{name} {kind} {label}", device)
-                times = interleaved_times(fns, reps=reps, warmup=warmup, device=device)
+                t = interleaved_times(fns, reps=reps, warmup=warmup, device=device)
                 n_tok, n_pad = sum(lens), len(lens) * max(lens)
-                tps = {k: n_tok / median(v) for k, v in times.items()}
+                tps = {k: n_tok / t.median_s(k) for k in fns}
                 ratio = tps["remesh"] / tps["transformers"]
                 det[kind] = {
                     "lengths": lens, "tokens": n_tok, "padded_tokens": n_pad,
                     "remesh_tok_s": tps["remesh"], "transformers_tok_s": tps["transformers"], "ratio": ratio,
-                    "remesh_s": times["remesh"], "transformers_s": times["transformers"],
-                    "remesh_spread": spread(times["remesh"]), "transformers_spread": spread(times["transformers"]),
+                    "paired_ratio": t.paired_ratio("remesh", "transformers"),
+                    "remesh_spread": t.spread("remesh"), "transformers_spread": t.spread("transformers"),
+                    **t.summary(),
                 }
-                rows.append([name, kind, len(lens), n_tok, f"{n_tok / n_pad:.2f}", median(times["remesh"]),
-                             median(times["transformers"]), tps["remesh"], tps["transformers"], f"{ratio:.2f}x"])
+                rows.append([name, kind, len(lens), n_tok, f"{n_tok / n_pad:.2f}", t.median_s("remesh"),
+                             t.median_s("transformers"), tps["remesh"], tps["transformers"], f"{ratio:.2f}x",
+                             f"{det[kind]['paired_ratio']:.2f}x", f"{len(t.used())}/{t.rounds}"])
             details[name] = det
             del ours, theirs
 
-    print(f"\nforward+backward, {'bf16 autocast' if gpu else 'fp32'} on {device}, median of {reps} interleaved reps "
+    print(f"\nforward+backward, {'bf16 autocast' if gpu else 'fp32'} on {device}, median of {reps}+ interleaved reps "
           f"(after {warmup} warm-up), tokens/s over real tokens")
     print_table(["model", "lengths", "seqs", "tokens", "fill", "remesh s", "hf s", "remesh tok/s", "hf tok/s",
-                 "remesh/hf"], rows)
+                 "remesh/hf", "paired", "reps used"], rows)
+    print("fill: real/padded tokens; remesh/hf: ratio of median tokens/s; paired: median of per-round ratios; "
+          "reps used: rounds without other processes busy on the machine / rounds run")
     for name, det in details.items():
         p = det["parity"]
         print(f"parity {name}: loss remesh {p['loss_remesh']:.6f} transformers {p['loss_transformers']:.6f} "

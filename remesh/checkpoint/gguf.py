@@ -73,6 +73,9 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
         key = m.group(2) if m else t.name
+        if key == "rope_freqs.weight":  # Llama-3.1 style: scaling factors baked into a tensor
+            raise GGUFError(f"{path}: rope scaling stored as 'rope_freqs.weight' is not supported; "
+                            f"convert the original HF checkpoint instead")
         if key not in _NAMES:
             raise GGUFError(f"{path}: unexpected tensor {t.name!r}")
         name = f"layers.{m.group(1)}.{_NAMES[key]}" if m else _NAMES[key]

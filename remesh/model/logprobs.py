@@ -2,8 +2,10 @@
 
 With vocabularies of 50k-150k, fp32 logits for a batch of 8k tokens are 1.6-4.8 GB, and autograd
 would keep them for the backward pass. Here the logits exist one chunk of tokens at a time: the
-forward keeps only each token's log-sum-exp, and the backward recomputes the chunk's logits
-(one extra matmul) to form d logp / d logits = onehot(target) - softmax.
+forward keeps each token's log-sum-exp and the softmax of its last chunk only, and the backward
+recomputes the other chunks' logits (one extra matmul each) to form
+d logp / d logits = onehot(target) - softmax. Memory stays bounded by one chunk, and a batch
+that fits in one chunk costs no recomputation at all.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         n = hidden.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        last = None
         for s in range(0, n, chunk):
             logits = (hidden[s:s + chunk] @ w.t()).float()
             if inv_temp != 1.0:
                 logits.mul_(inv_temp)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            last = logits
+        ctx.last_probs = None
+        if any(ctx.needs_input_grad[:2]):  # keep the last chunk's softmax (in place: no extra memory)
+            ctx.last_probs = last.sub_(lse[n - last.shape[0]:, None]).exp_()
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.inv_temp, ctx.chunk = inv_temp, chunk
         return out
@@ -37,14 +44,21 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
             if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], chunk):
+        n = hidden.shape[0]
+        kept, ctx.last_probs = ctx.last_probs, None  # consumed in place below; a second backward recomputes
+        last_start = n - kept.shape[0] if kept is not None else -1
+        for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
-            logits = (h @ w.t()).float()
-            if inv_temp != 1.0:
-                logits.mul_(inv_temp)
+            if s == last_start:
+                probs = kept
+            else:
+                probs = (h @ w.t()).float()
+                if inv_temp != 1.0:
+                    probs.mul_(inv_temp)
+                probs.sub_(lse[s:s + chunk, None]).exp_()
             # d logp/d logits = onehot - softmax, scaled by the upstream gradient and 1/temperature
             g = grad_out[s:s + chunk].float() * inv_temp
-            d = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])
+            d = probs.mul_(-g[:, None])
             d.scatter_add_(1, targets[s:s + chunk, None], g[:, None])
             d = d.to(hidden.dtype)
             if grad_h is not None:
