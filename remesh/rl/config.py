@@ -1,0 +1,116 @@
+"""Typed config of an RL run (`kind: rl`): algorithm, models, reward, rollout and trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from remesh.train.configs import ModelConfig, OptimConfig
+
+ALGOS = ("ppo", "remax", "grpo", "rloo", "reinforce_pp")
+
+
+@dataclass
+class AlgoConfig:
+    name: Literal["ppo", "remax", "grpo", "rloo", "reinforce_pp"] = "remax"
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda (PPO)
+    clip_low: float = 0.2  # PPO-clip ratio range [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    value_clip: float = 0.2  # PPO value-loss clip
+    ppo_epochs: int = 1  # passes over each rollout
+    mini_batches: int = 1  # optimizer steps per pass
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = \
+        "token_mean"
+    whiten_advantages: bool = True  # PPO: whiten GAE advantages over the batch
+    remax_variant: Literal["paper", "reference"] = "paper"  # reference: per-token KL + clipped, discounted reward
+    remax_clip: float = 5.0
+    dr_grpo: bool = False  # GRPO without std scaling (use loss_agg=seq_mean_token_sum_norm with it)
+
+    def __post_init__(self) -> None:
+        if self.ppo_epochs < 1 or self.mini_batches < 1:
+            raise ValueError("ppo_epochs and mini_batches must be >= 1")
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.05
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    mode: Literal["reward", "loss"] = "reward"  # a per-token penalty in the reward, or a loss term
+    target: float | None = None  # adaptive KL controller (Ziegler et al.) when set
+    horizon: int = 10000
+
+
+@dataclass
+class RewardTermConfig:
+    name: str  # a built-in (exact_answer, vader_sentiment, length_penalty, format_penalty) or file.py:function
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    model: str | None = None  # HF folder of a reward model (value head), e.g. the output of `remesh rm`
+    terms: list[RewardTermConfig] = field(default_factory=list)  # rule-based terms, summed with the model's score
+
+    def __post_init__(self) -> None:
+        if self.model is None and not self.terms:
+            raise ValueError("set reward.model (a reward-model folder) and/or reward.terms (rule-based rewards)")
+
+
+@dataclass
+class RolloutConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+    n_samples: int = 1  # responses per prompt (the group size of GRPO / RLOO)
+    max_batch: int = 64  # sequences decoded together
+
+
+@dataclass
+class PromptDataConfig:
+    train: str = "data/demo/prompts.jsonl"
+    max_prompt_len: int = 128
+    skip_bad_rows: bool = False
+
+
+@dataclass
+class RLTrainerConfig:
+    output_dir: str = "runs/rl"
+    seed: int = 0
+    iterations: int = 20
+    prompts_per_iter: int = 8
+    micro_batch_tokens: int = 4096
+    save_every: int = 0  # iterations between checkpoints; 0: only the final actor
+    keep_checkpoints: int = 2
+    resume: str | None = None  # checkpoint folder or "latest"
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    device: str = "auto"
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    progress: bool = True
+    show_samples: int = 3  # prompts whose responses are printed before and after training
+    plot: bool = True  # reward curve PNG
+
+
+@dataclass
+class RLConfig:
+    kind: Literal["rl"] = "rl"
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    actor: ModelConfig = field(default_factory=ModelConfig)
+    critic: ModelConfig | None = None  # PPO only; defaults to the actor's initial weights with a value head
+    actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0,
+                                                                         schedule="constant"))
+    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, warmup_steps=0,
+                                                                          schedule="constant"))
+    kl: KLConfig = field(default_factory=KLConfig)
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(
+        terms=[RewardTermConfig("vader_sentiment")]))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.algo.name in ("grpo", "rloo") and self.rollout.n_samples < 2:
+            raise ValueError(f"{self.algo.name} needs rollout.n_samples >= 2 (the group size)")
