@@ -1,0 +1,216 @@
+"""The sampling distribution (pure functions) and the batched KV-cache sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from remesh.model import AttnContext
+from remesh.rollout import Rollout, SamplingParams, generate, greedy, sample, target_logprobs
+from tests.models import tiny_model
+
+VOCAB = 97
+PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [12, 2], [33, 71, 8, 19], [50]]
+
+
+def peaky_model(family: str = "llama", **overrides):
+    """A tiny model whose next-token distribution is far from uniform, so that greedy argmaxes
+    are well separated and sampled tokens repeat."""
+    model = tiny_model(family, **overrides)
+    with torch.no_grad():
+        model.output.weight.mul_(20.0)
+    return model
+
+
+# 1. target_logprobs by hand ------------------------------------------------------------------
+
+def test_target_logprobs_top_k():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    probs = target_logprobs(logits, SamplingParams(top_k=2)).exp()[0]
+    z = math.e**2 + math.e
+    torch.testing.assert_close(probs, torch.tensor([math.e**2 / z, math.e / z, 0.0, 0.0]))
+    assert torch.isinf(target_logprobs(logits, SamplingParams(top_k=2))[0, 2:]).all()
+    # top_k >= vocab and top_k = 0 are both "off"
+    full = logits.log_softmax(-1)
+    torch.testing.assert_close(target_logprobs(logits, SamplingParams(top_k=4)), full)
+    torch.testing.assert_close(target_logprobs(logits, SamplingParams(top_k=0)), full)
+
+
+def test_target_logprobs_top_p():
+    p = torch.tensor([[0.1, 0.5, 0.05, 0.3, 0.05]])
+    logits = p.log()
+    # sorted 0.5, 0.3, 0.1, ...: 0.5 < 0.6, 0.8 >= 0.6 -> keep {1, 3}
+    out = target_logprobs(logits, SamplingParams(top_p=0.6)).exp()
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.625, 0.0, 0.375, 0.0]]))
+    # a tiny top_p keeps the top token only; top_p = 0.85 adds the 0.1 token
+    out = target_logprobs(logits, SamplingParams(top_p=0.01)).exp()
+    torch.testing.assert_close(out, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]]))
+    out = target_logprobs(logits, SamplingParams(top_p=0.85)).exp()
+    torch.testing.assert_close(out, torch.tensor([[1 / 9, 5 / 9, 0.0, 3 / 9, 0.0]]))
+    # top-k first, then top-p over the renormalised top-k distribution
+    out = target_logprobs(logits, SamplingParams(top_k=3, top_p=0.6)).exp()  # 5/9, 3/9, 1/9 -> keep 2
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.625, 0.0, 0.375, 0.0]]))
+
+
+def test_target_logprobs_temperature_and_greedy():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.3, -0.2, 0.9, 0.1]])
+    torch.testing.assert_close(target_logprobs(logits, SamplingParams(temperature=0.5)),
+                               (2 * logits).log_softmax(-1))
+    g = target_logprobs(logits, SamplingParams(greedy=True))
+    assert g.dtype == torch.float32
+    assert g[0, 0] == 0 and g[1, 2] == 0
+    assert torch.isinf(g).sum() == 6
+    assert target_logprobs(logits.bfloat16(), SamplingParams()).dtype == torch.float32
+
+
+def test_sampling_params_validation():
+    for kw, field in [(dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                      (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(n=0), "n"),
+                      (dict(max_new_tokens=0), "max_new_tokens")]:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**kw)
+    SamplingParams(temperature=0.0, greedy=True)  # fine: temperature is unused
+    g = greedy(SamplingParams(n=4, temperature=0.7, seed=3))
+    assert g.greedy and g.n == 1 and g.temperature == 0.7 and g.seed == 3
+
+
+# 2. sample() ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.7, top_k=4),
+                                    SamplingParams(top_p=0.7)], ids=["plain", "top_k", "top_p"])
+def test_sample_frequencies_match_target(params):
+    logits = torch.tensor([[1.0, 0.2, -0.5, 0.8, 0.0, -1.5]])
+    draws = 20000
+    target = target_logprobs(logits, params)
+    gen = torch.Generator().manual_seed(0)
+    tokens, logprobs = sample(logits.expand(draws, -1), params, gen)
+    freq = torch.bincount(tokens, minlength=6).float() / draws
+    p = target.exp()[0]
+    assert (freq[p == 0] == 0).all()  # removed tokens are never drawn
+    # 5 standard deviations of a binomial frequency
+    assert (freq - p).abs().le(5 * (p * (1 - p) / draws).sqrt() + 1e-6).all(), (freq, p)
+    torch.testing.assert_close(logprobs, target[0, tokens])
+    # the same seed draws the same tokens
+    again, _ = sample(logits.expand(draws, -1), params, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, again)
+
+
+def test_sample_greedy():
+    logits = torch.randn(5, VOCAB)
+    tokens, logprobs = sample(logits, SamplingParams(greedy=True))
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert (logprobs == 0).all()
+
+
+# 3. greedy generation --------------------------------------------------------------------------
+
+def naive_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Rerun the whole prefix each step and take the argmax."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            h = model(torch.tensor(seq), torch.arange(len(seq)), AttnContext.packed([len(seq)]))
+            seq.append(int(model.logits(h[-1:]).argmax(-1)))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("qwen2", {}), ("mistral", {"sliding_window": 4})],
+                         ids=["llama", "qwen2", "mistral-window"])
+def test_greedy_matches_naive_loop_and_batching(family, overrides):
+    model = peaky_model(family, **overrides).eval()
+    params = greedy(SamplingParams(max_new_tokens=6))
+    batched = generate(model, PROMPTS, params)
+    assert [(r.prompt_index, r.sample_index) for r in batched] == [(i, 0) for i in range(len(PROMPTS))]
+    for r, prompt in zip(batched, PROMPTS):
+        assert r.prompt_ids == prompt and r.finish_reason == "length" and len(r.response_ids) == 6
+        assert r.response_ids == naive_greedy(model, prompt, 6)
+        assert r.logprobs == [0.0] * 6
+        alone = generate(model, [prompt], params)[0]
+        assert alone.response_ids == r.response_ids
+    # chunks smaller than the batch give the same rollouts
+    chunked = generate(model, PROMPTS, params, max_batch=3)
+    assert [r.response_ids for r in chunked] == [r.response_ids for r in batched]
+
+
+# 4. behaviour log-probs == teacher-forced training path ---------------------------------------
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_behaviour_logprobs_match_teacher_forcing(temperature):
+    model = tiny_model("llama")
+    model.train()
+    params = SamplingParams(temperature=temperature, max_new_tokens=5, n=2, seed=1)
+    rollouts = generate(model, PROMPTS, params, max_batch=3)  # a group split across chunks too
+    assert model.training  # restored
+    seqs = [r.prompt_ids + r.response_ids for r in rollouts]
+    tokens = torch.tensor([t for s in seqs for t in s])
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    with torch.no_grad():
+        h = model(tokens, positions, AttnContext.packed([len(s) for s in seqs]))
+        idx, targets, start = [], [], 0
+        for r, s in zip(rollouts, seqs):
+            p = len(r.prompt_ids)
+            idx += range(start + p - 1, start + len(s) - 1)
+            targets += r.response_ids
+            start += len(s)
+        ref = model.token_logprobs(h[idx], torch.tensor(targets), temperature=temperature)
+    got = torch.tensor([lp for r in rollouts for lp in r.logprobs])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+# 5. stopping, n samples, reproducibility -------------------------------------------------------
+
+def test_stop_token_and_length():
+    model = peaky_model("llama")
+    free = generate(model, PROMPTS[:2], greedy(SamplingParams(max_new_tokens=6)))
+    stop_tok = free[0].response_ids[2]
+    stopped = generate(model, PROMPTS[:2], greedy(SamplingParams(max_new_tokens=6, stop_token_ids=(stop_tok,))))
+    first = free[0].response_ids.index(stop_tok)
+    assert stopped[0].finish_reason == "stop"
+    assert stopped[0].response_ids == free[0].response_ids[:first + 1]  # the stop token is included
+    assert len(stopped[0].logprobs) == first + 1
+    # the other sequence is unaffected by its neighbour finishing early
+    if stop_tok not in free[1].response_ids:
+        assert stopped[1].response_ids == free[1].response_ids and stopped[1].finish_reason == "length"
+    one = generate(model, PROMPTS[:1], SamplingParams(max_new_tokens=1))[0]
+    assert len(one.response_ids) == 1 and one.finish_reason == "length"
+
+
+def test_n_samples_share_prefill_differ_and_reproduce():
+    model = tiny_model("llama")
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=7)
+    rollouts = generate(model, PROMPTS, params)
+    assert all(isinstance(r, Rollout) for r in rollouts)
+    assert [(r.prompt_index, r.sample_index) for r in rollouts] == \
+        [(i, j) for i in range(len(PROMPTS)) for j in range(3)]
+    for i, prompt in enumerate(PROMPTS):
+        group = rollouts[3 * i:3 * i + 3]
+        assert all(r.prompt_ids == prompt for r in group)
+        assert len({tuple(r.response_ids) for r in group}) == 3  # near-uniform model: they differ
+    again = generate(model, PROMPTS, params)
+    assert [(r.response_ids, r.logprobs) for r in again] == [(r.response_ids, r.logprobs) for r in rollouts]
+    other = generate(model, PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=8))
+    assert [r.response_ids for r in other] != [r.response_ids for r in rollouts]
+
+
+def test_prefill_runs_once_per_prompt(monkeypatch):
+    """One ragged prefill forward with each distinct prompt once, then one-token decode steps."""
+    model = tiny_model("llama")
+    calls = []
+    forward = type(model).forward
+
+    def spy(self, tokens, positions, ctx):
+        calls.append(list(ctx.seqlens))
+        return forward(self, tokens, positions, ctx)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    generate(model, PROMPTS[:2], SamplingParams(max_new_tokens=3, n=4))
+    assert calls[0] == [len(PROMPTS[0]), len(PROMPTS[1])]
+    assert calls[1:] == [[1] * 8, [1] * 8]
+
+
+def test_generate_rejects_empty_prompt():
+    with pytest.raises(ValueError, match="prompt 1"):
+        generate(tiny_model("llama"), [[1, 2], []], SamplingParams())
