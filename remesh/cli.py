@@ -2,6 +2,7 @@
 
     remesh sft configs/sft_demo.yaml optim.lr=1e-5 data.max_prompt_len=256
     remesh rm configs/rm_demo.yaml
+    remesh train configs/remax_demo.yaml       # RL: PPO, ReMax, GRPO, RLOO, REINFORCE++
     remesh train configs/sft_demo.yaml          # picks the trainer from the config's `kind`
     remesh convert model.gguf out_dir/          # GGUF or HF folder -> HF folder
 """
@@ -17,10 +18,25 @@ import yaml
 from remesh.config import ConfigError, load_config
 
 
-def _run(kind: str, config: str | None, overrides: list[str]) -> None:
-    from remesh.train.configs import RUN_CONFIGS
+def _run_configs() -> dict[str, type]:
+    from remesh.rl.config import RLConfig
+    from remesh.train.configs import RMConfig, SFTConfig
 
-    cfg = load_config(RUN_CONFIGS[kind], config, overrides)
+    return {"sft": SFTConfig, "rm": RMConfig, "rl": RLConfig}
+
+
+def _run(kind: str, config: str | None, overrides: list[str]) -> None:
+    cfg = load_config(_run_configs()[kind], config, overrides)
+    if kind == "rl":
+        from remesh.rl.trainer import train_rl
+
+        result = train_rl(cfg)
+        print(f"remesh: rl ({cfg.algo.name}) finished after {result.iterations} iterations")
+        print(f"remesh: final actor  {result.final_model}")
+        print(f"remesh: metrics      {result.metrics_file}")
+        if result.reward_curve:
+            print(f"remesh: reward curve {result.reward_curve}")
+        return
     if kind == "sft":
         from remesh.train.sft import train_sft as train
     else:
@@ -33,8 +49,7 @@ def _run(kind: str, config: str | None, overrides: list[str]) -> None:
 
 
 def _kind_of(config: str, overrides: list[str]) -> str:
-    from remesh.train.configs import RUN_CONFIGS
-
+    kinds = _run_configs()
     kind = None
     for o in overrides:
         if o.startswith("kind="):
@@ -47,8 +62,8 @@ def _kind_of(config: str, overrides: list[str]) -> str:
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{config}: cannot read ({e.__class__.__name__})") from e
         kind = raw.get("kind") if isinstance(raw, dict) else None
-    if kind not in RUN_CONFIGS:
-        raise ConfigError(f"{config}: 'kind' must be one of {', '.join(RUN_CONFIGS)} (got {kind!r})")
+    if kind not in kinds:
+        raise ConfigError(f"{config}: 'kind' must be one of {', '.join(kinds)} (got {kind!r})")
     return kind
 
 
@@ -72,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="remesh", description="RLHF training with execution plans and fast rollouts.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("sft", "supervised fine-tuning"), ("rm", "reward-model training"),
+                        ("rl", "RL (PPO, ReMax, GRPO, RLOO, REINFORCE++)"),
                         ("train", "run the experiment a config describes (its `kind`)")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
@@ -91,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from remesh.data import DataError
 
     try:
-        if args.command in ("sft", "rm"):
+        if args.command in ("sft", "rm", "rl"):
             _run(args.command, args.config, args.overrides)
         elif args.command == "train":
             _run(_kind_of(args.config, args.overrides), args.config, args.overrides)

@@ -43,7 +43,8 @@ class KLConfig:
 
 @dataclass
 class RewardTermConfig:
-    name: str  # a built-in (exact_answer, vader_sentiment, length_penalty, format_penalty) or file.py:function
+    name: str  # a built-in (exact_answer, vader_sentiment, length_penalty, max_length_penalty,
+    # format_penalty) or a user function as path/to/file.py:function
     weight: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
 

@@ -92,5 +92,3 @@ class RMConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=5))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(output_dir="runs/rm", batch_size=8))
 
-
-RUN_CONFIGS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig}

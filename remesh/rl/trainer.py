@@ -1,0 +1,383 @@
+"""RL training on one process: the algorithm's dataflow graph, run by the one-process executor.
+
+Each MFC of the graph is served by a handler on one role's model (actor, ref, reward, critic).
+The RL math comes from `remesh.algorithms` (pure functions); this module wires it to models,
+optimizers and data, and owns the loop: prompts -> rollouts -> scores -> updates, with metrics,
+a progress bar, checkpoints that resume exactly, a reward-curve PNG and samples before/after.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from remesh.algorithms import (AdaptiveKLController, AdvantageConfig, AdvantageInputs, FixedKLController,
+                               aggregate, compute_advantages, kl_estimate, masked_mean, masked_sum,
+                               policy_gradient_loss, ppo_policy_loss, token_rewards, value_loss)
+from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
+from remesh.config import config_to_dict, dump_config
+from remesh.data import PromptExample, load_prompt_dataset
+from remesh.dataflow.executor import OneProcessExecutor
+from remesh.dataflow.graph import MFC, graph_for
+from remesh.reward import build_reward_fn
+from remesh.rl.batch import Responses, all_logprobs, all_values, micro_batches, micro_logprobs, micro_values
+from remesh.rl.config import RLConfig
+from remesh.rollout import SamplingParams, generate
+from remesh.train.metrics import MetricsLogger, read_metrics
+from remesh.train.optim import build_optimizer, build_scheduler
+from remesh.train.state import (STATE_DIR, load_trainer_state, prune_checkpoints, resolve_resume,
+                                save_trainer_state)
+from remesh.train.trainer import autocast_context, epoch_order, pick_device, tc_clip
+
+# which registered advantage estimator each algorithm uses
+_ESTIMATOR = {"ppo": "gae", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
+_SEQUENCE_LEVEL = {"remax", "grpo", "dr_grpo", "rloo"}  # estimators that take sequence scores
+
+
+@dataclass
+class RLResult:
+    output_dir: Path
+    final_model: Path
+    metrics_file: Path
+    reward_curve: Path | None
+    iterations: int
+
+
+class RLTrainer:
+    def __init__(self, cfg: RLConfig):
+        self.cfg = cfg
+        tc = cfg.trainer
+        self.device = pick_device(tc.device)
+        self.out = Path(tc.output_dir)
+        self.amp = autocast_context(tc.mixed_precision, self.device)
+        torch.manual_seed(tc.seed)
+        self.graph = graph_for(cfg.algo.name)
+
+        initial = resolve_model_path(cfg.actor.path)
+        self.resume_dir = resolve_resume(tc.resume, self.out) if tc.resume else None
+        dtype = getattr(torch, cfg.actor.dtype)
+        self.tokenizer = load_tokenizer(initial)
+        self.actor = load_hf(self.resume_dir or initial, head="lm", dtype=dtype, device=self.device)
+        self.ref = load_hf(initial, head="lm", dtype=dtype, device=self.device).requires_grad_(False).eval()
+        self.critic = None
+        if "critic" in self.graph.roles:
+            critic_cfg = cfg.critic or cfg.actor
+            source = self.resume_dir / "critic" if self.resume_dir else resolve_model_path(critic_cfg.path)
+            self.critic = load_hf(source, head="value", dtype=getattr(torch, critic_cfg.dtype), device=self.device)
+        self.reward_fn = build_reward_fn(cfg.reward, self.device)
+
+        self.prompts, report = load_prompt_dataset(cfg.data.train, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                                                   skip_bad_rows=cfg.data.skip_bad_rows)
+        if report.skipped:
+            print(f"remesh: {report.summary()}")
+        self.steps_per_iter = cfg.algo.ppo_epochs * cfg.algo.mini_batches
+        total_steps = tc.iterations * self.steps_per_iter
+        self.actor_opt = build_optimizer(self.actor, cfg.actor_optim)
+        self.actor_sched = build_scheduler(self.actor_opt, total_steps, cfg.actor_optim)
+        if self.critic is not None:
+            self.critic_opt = build_optimizer(self.critic, cfg.critic_optim)
+            self.critic_sched = build_scheduler(self.critic_opt, total_steps, cfg.critic_optim)
+        k = cfg.kl
+        self.kl_ctl = AdaptiveKLController(k.coef, k.target, k.horizon) if k.target else FixedKLController(k.coef)
+        self.start = 0
+        if self.resume_dir is not None:
+            progress = load_trainer_state(self.resume_dir / STATE_DIR, self.actor_opt, self.actor_sched)
+            if self.critic is not None:
+                load_trainer_state(self.resume_dir / "critic" / STATE_DIR, self.critic_opt, self.critic_sched)
+            self.kl_ctl.load_state_dict(progress["kl"])
+            self.start = progress["step"]
+        self.executor = OneProcessExecutor(self.graph, {
+            ("actor", "generate"): self._generate,
+            ("ref", "inference"): self._ref_logprobs,
+            ("reward", "inference"): self._score,
+            ("critic", "inference"): self._values,
+            ("actor", "train_step"): self._train_actor,
+            ("critic", "train_step"): self._train_critic,
+        })
+        self.iteration = self.start
+        self._gen_tokens = 0
+
+    # ---- MFC handlers -------------------------------------------------------------------------
+    def _sampling(self, greedy: bool) -> SamplingParams:
+        r = self.cfg.rollout
+        seed = self.cfg.trainer.seed * 1_000_003 + self.iteration * 2 + int(greedy)  # fixed per iteration
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, greedy=greedy,
+                              max_new_tokens=r.max_new_tokens, n=1 if greedy else r.n_samples, seed=seed,
+                              stop_token_ids=tuple(self._stop_ids()))
+
+    def _stop_ids(self) -> list[int]:
+        """The tokenizer's eos plus the model config's eos id(s) (chat models often have both)."""
+        config_eos = self.actor.args.extra.get("eos_token_id")
+        ids = {self.tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])}
+        return sorted(i for i in ids if i is not None)
+
+    def _generate(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
+        prompts: list[PromptExample] = inputs["prompts"]
+        greedy = bool(mfc.option("greedy", False))
+        with self.amp():
+            rollouts = generate(self.actor, [p.prompt_ids for p in prompts], self._sampling(greedy), self.device,
+                                max_batch=self.cfg.rollout.max_batch)
+        responses = Responses([r.prompt_index for r in rollouts], [r.prompt_ids for r in rollouts],
+                              [r.response_ids for r in rollouts], [r.finish_reason for r in rollouts])
+        self._gen_tokens += sum(len(r.response_ids) for r in rollouts)
+        if greedy:
+            return {"greedy_responses": responses}
+        return {"responses": responses, "behaviour_logp": responses.pad([r.logprobs for r in rollouts], self.device)}
+
+    def _ref_logprobs(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
+        with self.amp():
+            lp = all_logprobs(self.ref, inputs["responses"], self.device, self.cfg.trainer.micro_batch_tokens,
+                              self.cfg.rollout.temperature, self.cfg.actor.logprob_chunk_tokens)
+        return {"ref_logp": lp}
+
+    def _score(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, name in (("responses", "scores"), ("greedy_responses", "greedy_scores")):
+            if key in inputs:
+                out[name] = self._score_responses(inputs[key])
+        return out
+
+    def _score_responses(self, resp: Responses) -> Tensor:
+        prompts = [self.batch_prompts[i] for i in resp.prompt_index]
+        texts = self.tokenizer.batch_decode(resp.response_ids, skip_special_tokens=True)
+        with self.amp():
+            scores = self.reward_fn.score([p.prompt for p in prompts], texts, [p.answer for p in prompts],
+                                          [p.meta for p in prompts], resp.sequences())
+        return scores.float().to(self.device)
+
+    def _values(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
+        with self.amp():
+            return {"values": all_values(self.critic, inputs["responses"], self.device,
+                                         self.cfg.trainer.micro_batch_tokens)}
+
+    def _advantages(self, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """(advantages, returns, per-token KL of the behaviour policy to the reference)."""
+        a, k = self.cfg.algo, self.cfg.kl
+        resp: Responses = inputs["responses"]
+        mask = resp.mask(self.device)
+        kl = kl_estimate(inputs["behaviour_logp"], inputs["ref_logp"], k.estimator) * mask
+        coef = self.kl_ctl.value if k.mode == "reward" else 0.0
+        if a.name == "remax":
+            name = "remax" if a.remax_variant == "paper" else "remax_reference"
+        elif a.name == "grpo" and a.dr_grpo:
+            name = "dr_grpo"
+        else:
+            name = _ESTIMATOR[a.name]
+        scores = inputs["scores"]
+        if name in _SEQUENCE_LEVEL and coef:
+            scores = scores - coef * masked_sum(kl, mask, dim=1)  # KL as a sequence-level reward penalty
+        batch = AdvantageInputs(scores=scores, greedy_scores=inputs.get("greedy_scores"),
+                                token_rewards=token_rewards(inputs["scores"], mask, kl, coef),
+                                values=inputs.get("values"), logp=inputs["behaviour_logp"],
+                                ref_logp=inputs["ref_logp"], mask=mask)
+        adv_cfg = AdvantageConfig(gamma=a.gamma, lam=a.lam, group_size=self.cfg.rollout.n_samples,
+                                  kl_coef=coef, remax_clip=a.remax_clip, whiten=a.whiten_advantages)
+        adv, ret = compute_advantages(name, batch, adv_cfg)
+        return adv, ret, kl
+
+    def _minibatches(self, n: int, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.cfg.trainer.seed * 7919 + self.iteration * 131 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        k = self.cfg.algo.mini_batches
+        return [order[i::k] for i in range(k) if order[i::k]]
+
+    def _units(self, mask: Tensor, idx: list[int]) -> float:
+        """What a mini-batch's loss is averaged over, so micro-batch losses add up exactly."""
+        return float(mask[idx].sum()) if self.cfg.algo.loss_agg == "token_mean" else float(len(idx))
+
+    def _train_actor(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
+        a, cfg = self.cfg.algo, self.cfg
+        resp: Responses = inputs["responses"]
+        adv, _, kl = self._advantages(inputs)
+        mask = resp.mask(self.device)
+        old_logp, ref_logp = inputs["behaviour_logp"], inputs["ref_logp"]
+        sums = {"loss": 0.0, "clipfrac": 0.0, "grad_norm": 0.0, "kl_loss": 0.0}
+        mismatch: list[Tensor] = []
+        self.actor.train()
+        for epoch in range(a.ppo_epochs):
+            for mb_i, mb in enumerate(self._minibatches(len(resp), epoch)):
+                units = self._units(mask, mb)
+                for micro in micro_batches(resp, mb, cfg.trainer.micro_batch_tokens):
+                    with self.amp():
+                        logp = micro_logprobs(self.actor, resp, micro, self.device, cfg.rollout.temperature,
+                                              cfg.actor.logprob_chunk_tokens)
+                    m = mask[micro]
+                    if epoch == 0 and mb_i == 0:  # parameters not yet updated: must equal the sampler's
+                        mismatch.append(((logp.detach() - old_logp[micro]).abs() * m)[m.bool()])
+                    if a.name == "remax":
+                        loss = policy_gradient_loss(logp, adv[micro], m, a.loss_agg, resp.max_len)
+                        clip = 0.0
+                    else:
+                        loss, st = ppo_policy_loss(logp, old_logp[micro], adv[micro], m, a.clip_low, a.clip_high,
+                                                   a.loss_agg, resp.max_len)
+                        clip = st["clipfrac"]
+                    if cfg.kl.mode == "loss" and self.kl_ctl.value:
+                        kl_loss = aggregate(kl_estimate(logp, ref_logp[micro], cfg.kl.estimator), m, a.loss_agg,
+                                            resp.max_len)
+                        loss = loss + self.kl_ctl.value * kl_loss
+                        sums["kl_loss"] += float(kl_loss) / self.steps_per_iter
+                    weight = self._units(mask, micro) / units
+                    (loss * weight).backward()
+                    sums["loss"] += float(loss.detach()) * weight / self.steps_per_iter
+                    sums["clipfrac"] += clip * weight / self.steps_per_iter
+                norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), tc_clip(cfg.actor_optim.grad_clip))
+                sums["grad_norm"] += float(norm) / self.steps_per_iter
+                self.actor_opt.step()
+                self.actor_sched.step()
+                self.actor_opt.zero_grad(set_to_none=True)
+        diffs = torch.cat(mismatch) if mismatch else torch.zeros(1)
+        stats = {f"actor/{k}": v for k, v in sums.items()}
+        stats.update({"actor/lr": self.actor_sched.get_last_lr()[0],
+                      "logprob_mismatch/max": float(diffs.max()), "logprob_mismatch/mean": float(diffs.mean()),
+                      "kl/seq": float(masked_sum(kl, mask, dim=1).mean()),
+                      "kl/token": float(masked_mean(kl, mask)),
+                      "advantage/mean": float(masked_mean(adv, mask))})
+        return {"actor_stats": stats}
+
+    def _train_critic(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
+        a, cfg = self.cfg.algo, self.cfg
+        resp: Responses = inputs["responses"]
+        _, returns, _ = self._advantages(inputs)
+        mask, old_values = resp.mask(self.device), inputs["values"]
+        sums = {"loss": 0.0, "clipfrac": 0.0, "grad_norm": 0.0}
+        self.critic.train()
+        for epoch in range(a.ppo_epochs):
+            for mb in self._minibatches(len(resp), epoch):
+                units = self._units(mask, mb)
+                for micro in micro_batches(resp, mb, cfg.trainer.micro_batch_tokens):
+                    with self.amp():
+                        values = micro_values(self.critic, resp, micro, self.device)
+                    loss, st = value_loss(values, old_values[micro], returns[micro], mask[micro], a.value_clip,
+                                          a.loss_agg, resp.max_len)
+                    weight = self._units(mask, micro) / units
+                    (loss * weight).backward()
+                    sums["loss"] += float(loss.detach()) * weight / self.steps_per_iter
+                    sums["clipfrac"] += st["vf_clipfrac"] * weight / self.steps_per_iter
+                norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), tc_clip(cfg.critic_optim.grad_clip))
+                sums["grad_norm"] += float(norm) / self.steps_per_iter
+                self.critic_opt.step()
+                self.critic_sched.step()
+                self.critic_opt.zero_grad(set_to_none=True)
+        return {"critic_stats": {f"critic/{k}": v for k, v in sums.items()}}
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def prompt_batch(self, iteration: int) -> list[PromptExample]:
+        n, k = len(self.prompts), self.cfg.trainer.prompts_per_iter
+        per_epoch = max(1, n // k)
+        epoch, index = divmod(iteration, per_epoch)
+        order = epoch_order(n, self.cfg.trainer.seed, epoch)
+        return [self.prompts[i] for i in order[index * k:(index + 1) * k]]
+
+    def iterate(self) -> dict[str, float]:
+        self.batch_prompts = self.prompt_batch(self.iteration)
+        self._gen_tokens = 0
+        t0 = time.perf_counter()
+        data, times = self.executor.run({"prompts": self.batch_prompts})
+        resp: Responses = data["responses"]
+        metrics = {"reward/mean": float(data["scores"].mean()), "reward/std": float(data["scores"].std()
+                                                                                   if len(resp) > 1 else 0.0),
+                   "response/len_mean": sum(len(r) for r in resp.response_ids) / len(resp),
+                   "response/stop_frac": sum(f == "stop" for f in resp.finish_reason) / len(resp),
+                   "kl/coef": self.kl_ctl.value}
+        if "greedy_scores" in data:
+            metrics["reward/greedy_mean"] = float(data["greedy_scores"].mean())
+        metrics.update(data["actor_stats"])
+        metrics.update(data.get("critic_stats", {}))
+        metrics.update({f"reward/{k}": v for k, v in self.reward_fn.metrics().items()})
+        metrics.update({f"time/{k}": v for k, v in times.items()})
+        gen_time = sum(v for k, v in times.items() if k.startswith("actor_gen") or k == "actor_greedy")
+        metrics["perf/gen_tokens_per_s"] = self._gen_tokens / max(gen_time, 1e-9)
+        metrics["time/iteration"] = time.perf_counter() - t0
+        self.kl_ctl.update(metrics["kl/seq"], len(resp))
+        self.iteration += 1
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        folder = self.out / "checkpoints" / f"step_{self.iteration:06d}"
+        save_hf(self.actor, folder, self.tokenizer)
+        if self.critic is not None:
+            save_hf(self.critic, folder / "critic", self.tokenizer)
+            save_trainer_state(folder / "critic" / STATE_DIR, self.critic_opt, self.critic_sched,
+                               {"step": self.iteration})
+        save_trainer_state(folder / STATE_DIR, self.actor_opt, self.actor_sched,  # last: marks it complete
+                           {"step": self.iteration, "kl": self.kl_ctl.state_dict()})
+        prune_checkpoints(self.out, self.cfg.trainer.keep_checkpoints)
+        return folder
+
+    def sample_texts(self, prompts: list[PromptExample]) -> list[str]:
+        params = SamplingParams(greedy=True, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                stop_token_ids=tuple(self._stop_ids()))
+        with self.amp():
+            rollouts = generate(self.actor, [p.prompt_ids for p in prompts], params, self.device)
+        return self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+
+    def fit(self) -> RLResult:
+        tc = self.cfg.trainer
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.out / "config.yaml")
+        logger = MetricsLogger(self.out, tc.tensorboard, tc.wandb_project, config_to_dict(self.cfg),
+                               resume_step=self.start if self.resume_dir is not None else None)
+        shown = self.prompts[:tc.show_samples]
+        before = self.sample_texts(shown) if shown and self.resume_dir is None else []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.iterations, initial=self.start, disable=not tc.progress, unit="it",
+                   desc=self.cfg.algo.name, dynamic_ncols=True)
+        while self.iteration < tc.iterations:
+            metrics = self.iterate()
+            logger.log(self.iteration, metrics)
+            if tc.save_every and self.iteration % tc.save_every == 0 and self.iteration < tc.iterations:
+                self.save_checkpoint()
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['kl/token']:.4f}",
+                            gen_tok_s=f"{metrics['perf/gen_tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        logger.close()
+        final = self.out / "final"
+        save_hf(self.actor, final, self.tokenizer)
+        curve = plot_reward_curve(logger.path, self.out / "reward_curve.png") if tc.plot else None
+        if before:
+            after = self.sample_texts(shown)
+            (self.out / "samples.json").write_text(json.dumps(
+                [{"prompt": p.prompt, "before": b, "after": a} for p, b, a in zip(shown, before, after)], indent=1))
+            for p, b, a in zip(shown, before, after):
+                print(f"\nprompt: {p.prompt}\n  before: {b.strip()}\n  after:  {a.strip()}")
+        return RLResult(self.out, final, logger.path, curve, self.iteration)
+
+
+def plot_reward_curve(metrics_file: Path, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_file) if "reward/mean" in r]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["reward/mean"] for r in rows], label="reward (sampled)")
+    if rows and "reward/greedy_mean" in rows[0]:
+        ax.plot(steps, [r["reward/greedy_mean"] for r in rows], label="reward (greedy)", alpha=0.7)
+    if len(rows) >= 5:  # a moving average makes the trend readable through sampling noise
+        w = 5
+        avg = [sum(r["reward/mean"] for r in rows[max(0, i - w + 1):i + 1]) / min(w, i + 1) for i in range(len(rows))]
+        ax.plot(steps, avg, label=f"reward ({w}-iteration mean)", linewidth=2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward")
+    ax.set_title(f"{metrics_file.parent.name}: reward per iteration")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def train_rl(cfg: RLConfig) -> RLResult:
+    return RLTrainer(cfg).fit()
+
