@@ -1,4 +1,5 @@
-# make demo: set up .venv (pinned) and run the main job on the embedded default model.
+# make demo: set up .venv (pinned) and run the RLHF demo on the embedded default model
+# (reward model on preference pairs, then ReMax against it).
 # make test: set up .venv (pinned) and run the fast test suite.
 PYTHON ?= python3
 VENV := .venv
@@ -15,9 +16,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/remesh sft configs/sft_demo.yaml
 	$(VENV)/bin/remesh rm configs/rm_demo.yaml
-	@echo "demo outputs: runs/demo/sft/final and runs/demo/rm/final (HF folders), metrics.jsonl and tensorboard/ beside them"
+	$(VENV)/bin/remesh train configs/remax_demo.yaml
+	@echo "demo outputs: runs/demo/rm/final (reward model), runs/demo/remax/final (actor), runs/demo/remax/reward_curve.png, metrics.jsonl and tensorboard/ beside them"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
