@@ -140,3 +140,28 @@ def test_bad_rl_configs_name_the_problem(rl_workspace, tmp_path):
     cfg = _config(rl_workspace, "remax", "x", reward={"terms": [{"name": f"{tmp_path / 'nope.py'}:f"}]})
     with pytest.raises(Exception, match="nope.py"):
         RLTrainer(_load(rl_workspace, cfg, "bad_reward"))
+
+
+def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
+    """Unknown key, wrong type, missing model path, missing reward function file or reward model:
+    `remesh train` exits 2 with one line naming the culprit, before any training."""
+    from remesh.cli import main
+
+    cfg = _config(rl_workspace, "remax", "cli", rollout={"n_samples": 1})
+    good = rl_workspace / "cli_good.yaml"
+    good.write_text(yaml.safe_dump(cfg))
+    missing_fn = _config(rl_workspace, "remax", "cli", reward={"terms": [{"name": f"{tmp_path}/absent.py:score"}]})
+    missing_rm = _config(rl_workspace, "remax", "cli", reward={"model": str(tmp_path / "no_rm"), "terms": []})
+    (tmp_path / "fn.yaml").write_text(yaml.safe_dump(missing_fn))
+    (tmp_path / "rm.yaml").write_text(yaml.safe_dump(missing_rm))
+    cases = [
+        (["train", str(good), "algo.nmae=ppo"], "did you mean 'algo.name'"),
+        (["train", str(good), "rollout.temperature=hot"], "rollout.temperature: expected float"),
+        (["train", str(good), f"actor.path={tmp_path / 'no_model'}"], "no_model"),
+        (["train", str(tmp_path / "fn.yaml")], "absent.py"),
+        (["train", str(tmp_path / "rm.yaml")], "no_rm"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and expected in lines[0], (argv, lines)
