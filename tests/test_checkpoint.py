@@ -245,7 +245,7 @@ def test_default_model_hf_folder(default_model):
 
 
 @needs_smollm2
-@pytest.mark.slow  # transformers' own GGUF loader takes ~30 s on this file
+# transformers' own GGUF loader takes ~30 s on this file: the independent check of our q/k un-permutation
 def test_default_model_matches_transformers_gguf_loader(default_model):
     """Our SmolLM2 (GGUF read and q/k un-permuted by remesh) gives the logits of transformers'
     independent GGUF loader on the same file (fp32, atol 1e-4)."""
