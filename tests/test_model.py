@@ -459,3 +459,12 @@ def test_tensor_parallel_attention_shards(family):
             shard.wo = _shard_linear(attn.wo, cols=q_rows)
             total += shard(x, cos, sin, AttnContext.packed(lens))
     torch.testing.assert_close(total, ref, atol=1e-6, rtol=0)
+
+
+def test_default_logprob_chunk_is_a_memory_budget():
+    """0/None chunk size: as many tokens as fit 512 MiB of fp32 logits (hand-computed)."""
+    from remesh.model.logprobs import default_chunk_tokens
+
+    assert default_chunk_tokens(49152) == 512 * 1024**2 // (4 * 49152) == 2730
+    assert default_chunk_tokens(151936) == 883
+    assert default_chunk_tokens(10**12) == 1

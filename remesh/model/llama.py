@@ -194,7 +194,7 @@ class Transformer(nn.Module):
         return self.output(hidden)
 
     def token_logprobs(self, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
-                       chunk_tokens: int = 1024) -> Tensor:
+                       chunk_tokens: int | None = None) -> Tensor:
         """fp32 log p(targets[t] | position t) for hidden [N, dim], chunked over the vocabulary."""
         return token_logprobs(hidden, self.output.weight, targets, temperature, chunk_tokens)
 

@@ -68,14 +68,24 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None
 
 
+CHUNK_BYTES = 512 * 1024**2  # default bound on one chunk of fp32 logits
+
+
+def default_chunk_tokens(vocab_size: int, budget_bytes: int = CHUNK_BYTES) -> int:
+    """Tokens per chunk so that one chunk of fp32 logits stays within `budget_bytes`
+    (2730 tokens for a 49k vocabulary, 890 for 151k)."""
+    return max(1, budget_bytes // (4 * vocab_size))
+
+
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0,
-                   chunk_tokens: int = 1024) -> Tensor:
+                   chunk_tokens: int | None = None) -> Tensor:
     """log softmax(hidden @ weight.T / temperature)[t, targets[t]] in fp32, shape [N].
 
     hidden [N, dim], weight [vocab, dim], targets [N]. Peak extra memory is one chunk of
-    `chunk_tokens` x vocab fp32 logits, in the forward and in the backward pass.
+    `chunk_tokens` x vocab fp32 logits (default: `CHUNK_BYTES` worth), forward and backward.
     """
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
+    chunk = chunk_tokens or default_chunk_tokens(weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedTokenLogprobs.apply(hidden, weight, targets, 1.0 / temperature, max(1, chunk_tokens))
+        return _ChunkedTokenLogprobs.apply(hidden, weight, targets, 1.0 / temperature, max(1, chunk))

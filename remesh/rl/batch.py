@@ -82,7 +82,7 @@ def scatter_rows(values: Tensor, where: tuple[Tensor, Tensor], n_rows: int, widt
 
 
 def micro_logprobs(model: nn.Module, responses: Responses, idx: Sequence[int], device: torch.device,
-                   temperature: float = 1.0, chunk_tokens: int = 1024) -> Tensor:
+                   temperature: float = 1.0, chunk_tokens: int | None = None) -> Tensor:
     """log p(response token) for the samples `idx`, [len(idx), T] fp32 (differentiable)."""
     h, targets, where = micro_batch_hidden(model, responses, idx, device)
     lp = model.token_logprobs(h, targets, temperature, chunk_tokens)
@@ -103,7 +103,7 @@ def micro_batches(responses: Responses, idx: Sequence[int], token_budget: int) -
 
 @torch.no_grad()
 def all_logprobs(model: nn.Module, responses: Responses, device: torch.device, token_budget: int,
-                 temperature: float = 1.0, chunk_tokens: int = 1024) -> Tensor:
+                 temperature: float = 1.0, chunk_tokens: int | None = None) -> Tensor:
     out = torch.zeros(len(responses), responses.max_len, device=device)
     for mb in micro_batches(responses, list(range(len(responses))), token_budget):
         out[mb] = micro_logprobs(model, responses, mb, device, temperature, chunk_tokens)

@@ -13,7 +13,7 @@ from typing import Literal
 class ModelConfig:
     path: str = "default"  # HF folder, .gguf file, or "default" (embedded SmolLM2-135M-Instruct)
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter (and optimizer state) dtype
-    logprob_chunk_tokens: int = 1024  # tokens per chunk of full-vocabulary logits
+    logprob_chunk_tokens: int = 0  # tokens per chunk of full-vocabulary logits; 0: 512 MiB of fp32 logits
 
 
 @dataclass
