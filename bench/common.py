@@ -7,7 +7,10 @@ same object to bench/results/<name>.json (`finish` does both).
 Timing: `interleaved_times` runs the systems under comparison in turn, repetition by repetition,
 so that background load on a shared machine hits all of them alike, and notes for every call how
 many cores other processes kept busy meanwhile (from /proc), so that rounds disturbed by a
-concurrent job can be left out of the medians (and made up for by extra rounds).
+concurrent job can be left out of the medians (and made up for by extra rounds). A system that
+runs in a worker subprocess names its pid in `own_pids`, so that its CPU time counts as its own.
+A training loop that only calls back (a transformers/TRL `Trainer`) is driven one step at a time
+by `LoopStepper`, so that it can be interleaved too. Memory: `rss_bytes` / `peak_rss_bytes`.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import argparse
 import json
 import os
 import platform
+import resource
 import socket
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +39,16 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="fewer repetitions and smaller batches (smoke run)")
     p.add_argument("--device", default="cpu", help="cpu (fp32) or cuda (bf16 autocast)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (default: torch's, one per core). On a small shared machine "
+                        "another busy process slows multi-threaded CPU kernels by an order of magnitude "
+                        "(OpenMP threads wait for each other); --threads 1 is far less sensitive to that")
     if extra is not None:
         extra(p)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def cpu_model() -> str:
@@ -78,14 +90,21 @@ def synchronizer(device: str | torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _cpu_ticks() -> tuple[int, int, int]:
-    """(all CPUs' total ticks, all CPUs' busy ticks, this process's ticks) from /proc; zeros elsewhere."""
+def _proc_ticks(pid: int | str) -> int:
+    """utime + stime of a process (all its threads), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _cpu_ticks(own_pids: Sequence[int] = ()) -> tuple[int, int, int]:
+    """(all CPUs' total ticks, all CPUs' busy ticks, ticks of this process and of `own_pids`) from
+    /proc; zeros elsewhere."""
     try:
         with open("/proc/stat") as f:
             vals = [int(x) for x in f.readline().split()[1:9]]
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return sum(vals), sum(vals) - vals[3] - vals[4], int(fields[11]) + int(fields[12])  # utime + stime
+        own = _proc_ticks("self") + sum(_proc_ticks(p) for p in own_pids)
+        return sum(vals), sum(vals) - vals[3] - vals[4], own
     except (OSError, ValueError, IndexError):
         return 0, 0, 0
 
@@ -141,11 +160,16 @@ class Timings:
 
 def interleaved_times(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
                       device: str | torch.device = "cpu", max_foreign: float = 0.3,
-                      max_extra: int | None = None) -> Timings:
+                      max_extra: int | None = None, own_pids: Sequence[int] = (),
+                      measure: dict[str, Callable[[Any, float], float]] | None = None) -> Timings:
     """Time each function `reps` times, in turn (a, b, b, a, a, b, ...), after `warmup` untimed
     calls of each. A round where other processes kept more than `max_foreign` cores busy during
     some call is noted, and extra rounds (up to `max_extra`, default `reps`) are run until `reps`
-    clean rounds are in; medians then use the clean rounds (see `Timings.used`)."""
+    clean rounds are in; medians then use the clean rounds (see `Timings.used`).
+
+    `own_pids`: worker subprocesses whose CPU time is the benchmark's own, not foreign load.
+    `measure[name](result, wall_s) -> seconds`: what is recorded for a call of `name` (default: its
+    wall time), e.g. the time a worker measured itself, without the round trip to it."""
     sync = synchronizer(device)
     for _ in range(warmup):
         for fn in fns.values():
@@ -159,13 +183,113 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], reps: int, warmup: int 
         order = list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))
         for name, fn in order:
             sync()
-            c0, t0 = _cpu_ticks(), time.perf_counter()
-            fn()
+            c0, t0 = _cpu_ticks(own_pids), time.perf_counter()
+            out = fn()
             sync()
-            t.times[name].append(time.perf_counter() - t0)
-            t.foreign[name].append(foreign_cores(c0, _cpu_ticks()))
+            wall = time.perf_counter() - t0
+            t.foreign[name].append(foreign_cores(c0, _cpu_ticks(own_pids)))
+            t.times[name].append(measure[name](out, wall) if measure and name in measure else wall)
         r += 1
     return t
+
+
+class LoopStepper:
+    """Drives a training loop that only calls back (e.g. a transformers/TRL `Trainer`, whose
+    `train()` calls `on_step_end` after every optimizer step) one step at a time, so that it can be
+    timed interleaved with another system: `step()` lets the loop run until its next step ends.
+
+    `run_loop(hook)` must run the loop and call `hook()` at the end of every step; `hook()` blocks
+    until the next `step()` (or `close()`) and returns True when the loop should stop. The loop runs
+    in a worker thread, but never at the same time as the caller: `step()` waits for it.
+    """
+
+    def __init__(self, run_loop: Callable[[Callable[[], bool]], Any]):
+        self._run_loop = run_loop
+        self._go = threading.Semaphore(0)
+        self._done = threading.Semaphore(0)
+        self._stop = False
+        self._error: BaseException | None = None
+        self._finished = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    def _hook(self) -> bool:
+        self._done.release()
+        self._go.acquire()
+        return self._stop
+
+    def _main(self) -> None:
+        try:
+            self._run_loop(self._hook)
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            self._error = e
+        finally:
+            self._finished = True
+            self._done.release()
+
+    def step(self) -> None:
+        """Run the loop until the end of its next step (the first call also runs its set-up)."""
+        if self._finished:
+            raise RuntimeError(f"the training loop ended after {self.steps} steps") from self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name="LoopStepper", daemon=True)
+            self._thread.start()
+        else:
+            self._go.release()
+        self._done.acquire()
+        if self._finished:
+            raise RuntimeError(f"the training loop ended after {self.steps} steps") from self._error
+        self.steps += 1
+
+    def close(self, timeout: float | None = 600) -> None:
+        """Ask the loop to stop after the step it is in, and wait for it to finish."""
+        if self._thread is None or self._finished:
+            return
+        self._stop = True
+        self._go.release()
+        self._thread.join(timeout)
+        if self._error is not None:
+            raise RuntimeError("the training loop failed while stopping") from self._error
+
+
+def rl_trainer(cfg: Any, fixed_length: bool = False) -> Any:
+    """remesh's `RLTrainer(cfg)`; with `fixed_length`, one whose sampler ignores EOS, so that every
+    response (sampled or greedy) is exactly `rollout.max_new_tokens` long and the work per iteration
+    does not depend on when the model happens to stop. remesh has no config key for this: the
+    override returns no stop ids from `RLTrainer._stop_ids` (benchmark-only; remesh is unchanged)."""
+    from remesh.rl.trainer import RLTrainer
+
+    if not fixed_length:
+        return RLTrainer(cfg)
+    if not callable(getattr(RLTrainer, "_stop_ids", None)):
+        raise SystemExit("bench: RLTrainer._stop_ids is gone; update bench.common.rl_trainer's fixed-length override")
+
+    class FixedLengthRLTrainer(RLTrainer):
+        def _stop_ids(self) -> list[int]:
+            return []
+
+    return FixedLengthRLTrainer(cfg)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (VmRSS)."""
+    return _proc_status_kb("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        return _proc_status_kb("VmHWM") * 1024
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])  # "VmHWM:   123456 kB"
+    raise KeyError(key)
 
 
 def median(xs: list[float]) -> float:

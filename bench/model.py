@@ -196,6 +196,9 @@ def main() -> None:
                     "remesh_spread": t.spread("remesh"), "transformers_spread": t.spread("transformers"),
                     **t.summary(),
                 }
+                print(f"[{time.perf_counter() - t_start:.0f}s] {name} {kind}: remesh {tps['remesh']:.0f} tok/s, "
+                      f"transformers {tps['transformers']:.0f} tok/s, {ratio:.2f}x "
+                      f"({len(t.used())}/{t.rounds} rounds used)", file=sys.stderr, flush=True)
                 rows.append([name, kind, len(lens), n_tok, f"{n_tok / n_pad:.2f}", t.median_s("remesh"),
                              t.median_s("transformers"), tps["remesh"], tps["transformers"], f"{ratio:.2f}x",
                              f"{det[kind]['paired_ratio']:.2f}x", f"{len(t.used())}/{t.rounds}"])
