@@ -57,3 +57,12 @@ def test_executor_runs_in_dependency_order_and_passes_named_data():
     assert set(times) == {m.name for m in g.mfcs}
     with pytest.raises(ValueError, match="no handler"):
         OneProcessExecutor(g, {})
+
+
+@pytest.mark.parametrize("algo", ["ppo", "remax", "grpo"])
+def test_graph_without_reference_drops_ref_inf(algo):
+    """With no KL term the graph has no ref role and no train MFC waits for ref_logp."""
+    g = graph_for(algo, reference=False)
+    assert "ref" not in g.roles
+    assert all("ref_logp" not in m.inputs for m in g.mfcs)
+    assert [m.name for m in g.levels()[0]] == [m.name for m in graph_for(algo).levels()[0]]

@@ -85,6 +85,7 @@ def test_reward_rises(rl_workspace, algo):
         cfg[section].update(values)
     trainer = RLTrainer(_load(rl_workspace, cfg, algo))
     assert (trainer.critic is not None) == (algo == "ppo")  # only PPO has a critic in memory
+    assert trainer.ref is None and "ref_inf" not in [m.name for m in trainer.graph.mfcs]  # kl.coef=0: no reference
     result = trainer.fit()
     rows = read_metrics(result.metrics_file)
     rewards = [r["reward/mean"] for r in rows]

@@ -143,7 +143,15 @@ GRAPHS = {
 }
 
 
-def graph_for(algo: str) -> DataflowGraph:
+def without_reference(graph: DataflowGraph) -> DataflowGraph:
+    """The graph with no reference model: for runs without a KL term, ref_inf is pure waste."""
+    mfcs = [MFC(m.name, m.role, m.call, tuple(k for k in m.inputs if k != "ref_logp"), m.outputs, m.options)
+            for m in graph.mfcs if m.role != "ref"]
+    return DataflowGraph(graph.algo, mfcs)
+
+
+def graph_for(algo: str, reference: bool = True) -> DataflowGraph:
     if algo not in GRAPHS:
         raise ValueError(f"unknown algorithm {algo!r} (valid: {', '.join(GRAPHS)})")
-    return GRAPHS[algo]()
+    graph = GRAPHS[algo]()
+    return graph if reference else without_reference(graph)

@@ -57,14 +57,17 @@ class RLTrainer:
         self.out = Path(tc.output_dir)
         self.amp = autocast_context(tc.mixed_precision, self.device)
         torch.manual_seed(tc.seed)
-        self.graph = graph_for(cfg.algo.name)
+        # no KL term (coef 0, no adaptive target): no reference model in memory, no ref_inf call
+        self.graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
 
         initial = resolve_model_path(cfg.actor.path)
         self.resume_dir = resolve_resume(tc.resume, self.out) if tc.resume else None
         dtype = getattr(torch, cfg.actor.dtype)
         self.tokenizer = load_tokenizer(initial)
         self.actor = load_hf(self.resume_dir or initial, head="lm", dtype=dtype, device=self.device)
-        self.ref = load_hf(initial, head="lm", dtype=dtype, device=self.device).requires_grad_(False).eval()
+        self.ref = None
+        if "ref" in self.graph.roles:
+            self.ref = load_hf(initial, head="lm", dtype=dtype, device=self.device).requires_grad_(False).eval()
         self.critic = None
         if "critic" in self.graph.roles:
             critic_cfg = cfg.critic or cfg.actor
@@ -161,7 +164,8 @@ class RLTrainer:
         a, k = self.cfg.algo, self.cfg.kl
         resp: Responses = inputs["responses"]
         mask = resp.mask(self.device)
-        kl = kl_estimate(inputs["behaviour_logp"], inputs["ref_logp"], k.estimator) * mask
+        ref_logp = inputs.get("ref_logp", inputs["behaviour_logp"])  # no reference: zero KL
+        kl = kl_estimate(inputs["behaviour_logp"], ref_logp, k.estimator) * mask
         coef = self.kl_ctl.value if k.mode == "reward" else 0.0
         if a.name == "remax":
             name = "remax" if a.remax_variant == "paper" else "remax_reference"
@@ -175,7 +179,7 @@ class RLTrainer:
         batch = AdvantageInputs(scores=scores, greedy_scores=inputs.get("greedy_scores"),
                                 token_rewards=token_rewards(inputs["scores"], mask, kl, coef),
                                 values=inputs.get("values"), logp=inputs["behaviour_logp"],
-                                ref_logp=inputs["ref_logp"], mask=mask)
+                                ref_logp=ref_logp, mask=mask)
         adv_cfg = AdvantageConfig(gamma=a.gamma, lam=a.lam, group_size=self.cfg.rollout.n_samples,
                                   kl_coef=coef, remax_clip=a.remax_clip, whiten=a.whiten_advantages)
         adv, ret = compute_advantages(name, batch, adv_cfg)
@@ -196,7 +200,7 @@ class RLTrainer:
         resp: Responses = inputs["responses"]
         adv, _, kl = self._advantages(inputs)
         mask = resp.mask(self.device)
-        old_logp, ref_logp = inputs["behaviour_logp"], inputs["ref_logp"]
+        old_logp, ref_logp = inputs["behaviour_logp"], inputs.get("ref_logp")
         sums = {"loss": 0.0, "clipfrac": 0.0, "grad_norm": 0.0, "kl_loss": 0.0}
         mismatch: list[Tensor] = []
         self.actor.train()
@@ -217,7 +221,7 @@ class RLTrainer:
                         loss, st = ppo_policy_loss(logp, old_logp[micro], adv[micro], m, a.clip_low, a.clip_high,
                                                    a.loss_agg, resp.max_len)
                         clip = st["clipfrac"]
-                    if cfg.kl.mode == "loss" and self.kl_ctl.value:
+                    if cfg.kl.mode == "loss" and self.kl_ctl.value and ref_logp is not None:
                         kl_loss = aggregate(kl_estimate(logp, ref_logp[micro], cfg.kl.estimator), m, a.loss_agg,
                                             resp.max_len)
                         loss = loss + self.kl_ctl.value * kl_loss
