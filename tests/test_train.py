@@ -166,3 +166,15 @@ def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "remesh", *cases[0][0]], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and cases[0][1] in r.stderr
+
+
+def test_sft_under_bf16_autocast(workspace):
+    """trainer.mixed_precision=bf16 runs (CPU autocast here, CUDA on GPUs) and gives finite losses near fp32's."""
+    common = [f"data.train={workspace / 'sft.jsonl'}", "trainer.max_steps=2", "trainer.batch_size=4",
+              "trainer.eval_every=0", "data.eval_fraction=0"]
+    fp32 = train_sft(load_config(SFTConfig, None, _overrides(workspace, "fp32", *common)))
+    bf16 = train_sft(load_config(SFTConfig, None, _overrides(workspace, "bf16", *common,
+                                                              "trainer.mixed_precision=bf16")))
+    a = [r["train/loss"] for r in read_metrics(fp32.metrics_file)]
+    b = [r["train/loss"] for r in read_metrics(bf16.metrics_file)]
+    assert len(a) == len(b) == 2 and all(abs(x - y) < 0.05 * x for x, y in zip(a, b))
