@@ -97,7 +97,8 @@ def micro_values(critic: nn.Module, responses: Responses, idx: Sequence[int], de
 
 def micro_batches(responses: Responses, idx: Sequence[int], token_budget: int) -> list[list[int]]:
     """Token-budget micro-batches over the samples `idx` (lists of sample indices)."""
-    lengths = [responses.lengths()[i] for i in idx]
+    all_lengths = responses.lengths()
+    lengths = [all_lengths[i] for i in idx]
     return [[idx[k] for k in mb] for mb in balanced_micro_batches(lengths, token_budget)]
 
 

@@ -160,7 +160,11 @@ class RLTrainer:
                                          self.cfg.trainer.micro_batch_tokens)}
 
     def _advantages(self, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-        """(advantages, returns, per-token KL of the behaviour policy to the reference)."""
+        """(advantages, returns, per-token KL of the behaviour policy to the reference).
+
+        Each train MFC computes this from its own inputs (as ReaL's interfaces do), so that
+        actor_train and critic_train stay independent calls that a plan may place apart; it is
+        a few [B, T] tensor ops, negligible next to the forward passes."""
         a, k = self.cfg.algo, self.cfg.kl
         resp: Responses = inputs["responses"]
         mask = resp.mask(self.device)
