@@ -49,7 +49,7 @@ the rest of the step being training.
 Headline: grpo_speedup_vs_trl and rloo_speedup_vs_trl = TRL time / remesh time per iteration.
 
     python bench/vs_trl.py [--quick] [--device cuda] [--algos grpo,rloo] [--prompts 4] [--group 4]
-                           [--max-new-tokens 32] [--reps 5] [--beta 0] [--natural-eos] [--profile]
+                           [--max-new-tokens 32] [--reps 4] [--beta 0] [--natural-eos] [--profile]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ from remesh.rl.config import RLConfig  # noqa: E402
 
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "demo" / "prompts.jsonl"
 LR = 1e-6
+MAX_EXTRA = 2  # extra rounds at most when other processes disturbed some (keeps a full run near 10 min)
 
 
 # ---------------------------------------------------------------- remesh
@@ -217,7 +218,7 @@ def profile_remesh(trainer, label: str) -> dict[str, Any]:
 
 def run_algo(algo: str, a, device: str, reps: int, model_path: Path) -> dict[str, Any]:
     fixed = not a.natural_eos
-    max_steps = 1 + 2 * reps + 3  # warm-up, timed rounds and up to `reps` extra rounds, slack
+    max_steps = 1 + reps + MAX_EXTRA + 2  # warm-up, timed rounds, extra rounds for disturbed ones, slack
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         ours = rl_trainer(remesh_config(algo, device, a.prompts, a.group, a.max_new_tokens, a.beta, f"{tmp}/remesh"),
@@ -244,7 +245,8 @@ def run_algo(algo: str, a, device: str, reps: int, model_path: Path) -> dict[str
             ours_metrics.append(ours.iterate())
 
         try:
-            t = interleaved_times({"remesh": ours_step, "trl": stepper.step}, reps=reps, warmup=1, device=device)
+            t = interleaved_times({"remesh": ours_step, "trl": stepper.step}, reps=reps, warmup=1, device=device,
+                                  max_extra=MAX_EXTRA)
         finally:
             stepper.close()
         prof = profile_remesh(ours, algo) if a.profile else None
@@ -288,7 +290,7 @@ def main() -> None:
         p.add_argument("--prompts", type=int, default=0, help="prompts per step (default 4; 32 on CUDA)"),
         p.add_argument("--group", type=int, default=4, help="samples per prompt"),
         p.add_argument("--max-new-tokens", type=int, default=32),
-        p.add_argument("--reps", type=int, default=0, help="timed steps of each (default 5, quick 2)"),
+        p.add_argument("--reps", type=int, default=0, help="timed steps of each (default 4, quick 2)"),
         p.add_argument("--beta", type=float, default=0.0, help="KL coefficient in both (default 0: no KL)"),
         p.add_argument("--natural-eos", action="store_true", help="stop responses at EOS (default: fixed length)"),
         p.add_argument("--profile", action="store_true", help="cProfile one extra remesh iteration per algorithm")))
@@ -297,7 +299,7 @@ def main() -> None:
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
     args.prompts = args.prompts or ((32 if gpu else 4) // (2 if args.quick else 1))
-    reps = args.reps or (2 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 4)
     import trl
 
     model_path = resolve_model_path("default")
