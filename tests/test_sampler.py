@@ -85,7 +85,7 @@ def test_sample_frequencies_match_target(params):
     draws = 20000
     target = target_logprobs(logits, params)
     gen = torch.Generator().manual_seed(0)
-    tokens, logprobs = sample(logits.expand(draws, -1), params, gen)
+    tokens, logprobs = sample(logits.expand(draws, -1), params, generator=gen)
     freq = torch.bincount(tokens, minlength=6).float() / draws
     p = target.exp()[0]
     assert (freq[p == 0] == 0).all()  # removed tokens are never drawn
@@ -93,7 +93,7 @@ def test_sample_frequencies_match_target(params):
     assert (freq - p).abs().le(5 * (p * (1 - p) / draws).sqrt() + 1e-6).all(), (freq, p)
     torch.testing.assert_close(logprobs, target[0, tokens])
     # the same seed draws the same tokens
-    again, _ = sample(logits.expand(draws, -1), params, torch.Generator().manual_seed(0))
+    again, _ = sample(logits.expand(draws, -1), params, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)
 
 

@@ -65,13 +65,29 @@ def target_logprobs(logits: Tensor, params: SamplingParams) -> Tensor:
     return x.log_softmax(dim=-1)
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None
-           ) -> tuple[Tensor, Tensor]:
+def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """One token per row of (unnormalised) probs [B, V] from uniforms u [B] in [0, 1): the first
+    token whose cumulative mass exceeds u * total. Tokens with zero mass are never drawn."""
+    cdf = probs.float().cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
+    idx = idx.clamp_max(probs.shape[-1] - 1)
+    bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0  # rounding at u ~ 1: take the last live token
+    if bool(bad.any()):
+        last_live = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+        idx = torch.where(bad, last_live, idx)
+    return idx
+
+
+def sample(logits: Tensor, params: SamplingParams, uniforms: Tensor | None = None,
+           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Draw one token per row of logits [B, V] -> (tokens [B] int64, fp32 log-probs [B] of each
-    drawn token under `target_logprobs`)."""
+    drawn token under `target_logprobs`). Row b uses `uniforms[b]` (inverse CDF), or a fresh
+    uniform from `generator`; the engine passes each sequence's own uniform for the position."""
     logp = target_logprobs(logits, params)
     if params.greedy:
         tokens = logp.argmax(dim=-1)
     else:
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        if uniforms is None:
+            uniforms = torch.rand(logp.shape[0], generator=generator, device=logp.device)
+        tokens = inverse_cdf(logp.exp(), uniforms)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)

@@ -1,0 +1,184 @@
+"""Workload-aware choice of the drafting strategy, made before every decode step.
+
+goodput(strategy) = expected tokens emitted per sequence x live sequences / predicted step time
+
+- the step time is the verifier's forward (a function of the tokens it processes: live
+  sequences x (1 + draft nodes), read off `StepTimeModel`, calibrated on the running device
+  and updated after every step) plus the drafter's own time (measured per drafter);
+- the expected tokens are 1 + sum_k prod_{i<=k} alpha_i, where alpha_i is the drafter's
+  online acceptance rate at depth i given that depth i - 1 was accepted (`AcceptanceStats`).
+
+With many live sequences the verifier is compute-bound and each draft token costs nearly a
+full token, so "off" wins; as sequences finish (the long tail), extra tokens per sequence
+become almost free and longer drafts win.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Strategy:
+    drafter: str | None = None  # None: no speculation
+    depth: int = 0
+    width: int = 1
+
+    def __str__(self) -> str:
+        if self.drafter is None:
+            return "off"
+        return f"{self.drafter}:{self.depth}" + (f"x{self.width}" if self.width > 1 else "")
+
+
+OFF = Strategy()
+
+
+def parse_strategy(text: str) -> Strategy:
+    """'off', 'ngram:4', 'history:4x2', 'model:3' -> Strategy (the drafter name is checked by the engine)."""
+    text = text.strip()
+    if text == "off":
+        return OFF
+    name, _, shape = text.partition(":")
+    try:
+        depth_s, _, width_s = shape.partition("x")
+        depth, width = int(depth_s), int(width_s or 1)
+    except ValueError:
+        raise ValueError(f"speculation {text!r}: expected off, auto or DRAFTER:DEPTH[xWIDTH], e.g. ngram:4 "
+                         "or history:4x2") from None
+    if not name or depth < 1 or width < 1:
+        raise ValueError(f"speculation {text!r}: depth and width must be >= 1")
+    return Strategy(name, depth, width)
+
+
+class StepTimeModel:
+    """Seconds of one verifier forward as a function of the tokens it processes.
+
+    Keeps an exponential moving average per observed token count and interpolates linearly
+    between them (extrapolating with the last segment's slope), so it follows whatever shape
+    the device has: flat while weight reads dominate, then linear in the tokens.
+    """
+
+    def __init__(self, ema: float = 0.3):
+        self.ema = ema
+        self._t: list[int] = []
+        self._s: list[float] = []
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        i = bisect.bisect_left(self._t, tokens)
+        if i < len(self._t) and self._t[i] == tokens:
+            self._s[i] += self.ema * (seconds - self._s[i])
+        else:
+            self._t.insert(i, tokens)
+            self._s.insert(i, seconds)
+
+    @property
+    def calibrated(self) -> bool:
+        return len(self._t) >= 2
+
+    def predict(self, tokens: int) -> float:
+        t, s = self._t, self._s
+        if not t:
+            return float(tokens)  # uncalibrated: proportional to tokens
+        if len(t) == 1:
+            return s[0] * max(1.0, tokens / t[0])
+        i = bisect.bisect_left(t, tokens)
+        if i < len(t) and t[i] == tokens:
+            return s[i]
+        if i == 0:  # below the smallest point: no cheaper than it
+            return s[0]
+        if i == len(t):
+            i -= 1
+        lo, hi = i - 1, i
+        slope = max(0.0, (s[hi] - s[lo]) / (t[hi] - t[lo]))
+        return max(s[lo], s[lo] + slope * (tokens - t[lo]))
+
+
+@dataclass
+class AcceptanceStats:
+    """alpha[i]: P(draft token at depth i + 1 accepted | its parent was), per (drafter, width),
+    as a running mean that forgets slowly (the policy and the history change during RL)."""
+
+    prior: float = 0.5
+    prior_weight: float = 2.0
+    min_rate: float = 0.02  # learning rate floor: about the last 50 observations count
+    _rate: dict[tuple[str, int], list[list[float]]] = field(default_factory=dict)
+
+    def alphas(self, drafter: str, width: int, depth: int) -> list[float]:
+        table = self._rate.get((drafter, width), [])
+        return [table[i][0] if i < len(table) else self.prior for i in range(depth)]
+
+    def observe(self, drafter: str, width: int, offered_depth: int, accepted: int) -> None:
+        """One sequence's verification: its draft reached `offered_depth` (0: the drafter had no
+        proposal, counted as a miss at depth 1) and the first `accepted` levels were accepted."""
+        table = self._rate.setdefault((drafter, width), [])
+        for i in range(min(accepted + 1, max(offered_depth, 1))):
+            while len(table) <= i:
+                table.append([self.prior, self.prior_weight])
+            hit = 1.0 if accepted > i else 0.0
+            entry = table[i]
+            entry[1] += 1
+            entry[0] += max(1.0 / entry[1], self.min_rate) * (hit - entry[0])
+
+    def expected_accepted(self, drafter: str, width: int, depth: int) -> float:
+        total, reach = 0.0, 1.0
+        for a in self.alphas(drafter, width, depth):
+            reach *= a
+            total += reach
+        return total
+
+    def by_position(self) -> dict[str, list[float]]:
+        return {f"{d}" + (f"x{w}" if w > 1 else ""): [round(e[0], 3) for e in t] for (d, w), t in self._rate.items()}
+
+
+@dataclass
+class AdaptivePolicy:
+    """Chooses the strategy of maximum predicted goodput among the candidates."""
+
+    drafters: dict[str, int]  # drafter name -> max width it supports (1: chains only)
+    node_count: dict[str, object] = field(default_factory=dict)  # name -> fn(depth, width) -> nodes
+    depths: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    widths: tuple[int, ...] = (1, 2, 4)
+    explore_every: int = 32  # steps between probes of the least recently used drafter
+    step_time: StepTimeModel = field(default_factory=StepTimeModel)
+    acceptance: AcceptanceStats = field(default_factory=AcceptanceStats)
+    _draft_cost: dict[str, float] = field(default_factory=dict)  # seconds per sequence per depth level
+    _last_used: dict[str, int] = field(default_factory=dict)
+    _steps: int = 0
+
+    def candidates(self) -> list[Strategy]:
+        out = [OFF]
+        for name, max_width in self.drafters.items():
+            for w in self.widths:
+                if w <= max_width:
+                    out.extend(Strategy(name, d, w) for d in self.depths)
+        return out
+
+    def nodes(self, s: Strategy) -> int:
+        if s.drafter is None:
+            return 0
+        fn = self.node_count.get(s.drafter)
+        return fn(s.depth, s.width) if fn else s.depth * s.width
+
+    def goodput(self, s: Strategy, batch: int) -> float:
+        """Predicted tokens per second with `batch` live sequences."""
+        if s.drafter is None:
+            return batch / max(self.step_time.predict(batch), 1e-9)
+        emitted = 1.0 + self.acceptance.expected_accepted(s.drafter, s.width, s.depth)
+        t = self.step_time.predict(batch * (1 + self.nodes(s)))
+        t += self._draft_cost.get(s.drafter, 0.0) * batch * s.depth
+        return batch * emitted / max(t, 1e-9)
+
+    def choose(self, batch: int) -> Strategy:
+        self._steps += 1
+        if self.drafters and self._steps % self.explore_every == 0:
+            stale = min(self.drafters, key=lambda n: self._last_used.get(n, -1))
+            return Strategy(stale, 2, 1)
+        return max(self.candidates(), key=lambda s: self.goodput(s, batch))
+
+    def observe_draft(self, s: Strategy, seconds: float, batch: int) -> None:
+        """A drafter's measured time for one step: kept as seconds per sequence per depth level."""
+        self._last_used[s.drafter] = self._steps
+        per = seconds / max(batch * s.depth, 1)
+        old = self._draft_cost.get(s.drafter)
+        self._draft_cost[s.drafter] = per if old is None else old + 0.3 * (per - old)

@@ -1,0 +1,329 @@
+"""Drafters: cheap guesses of the next tokens, verified losslessly by the target (speculative.py).
+
+None needs training:
+- `NGramDrafter` (prompt lookup): continues the sequence's own text after the last earlier
+  occurrence of its trailing n-gram;
+- `HistoryDrafter`: the same lookup over a group's shared history: earlier rollouts of the
+  same prompt (RL revisits prompts every epoch) and the sibling samples being generated next
+  to it (GRPO/RLOO draw several per prompt). Branches where the history disagrees become a tree;
+- `ModelDrafter`: a small model with the same tokenizer, or the policy's own first layers
+  (`first_layers`), with its own KV cache; it samples a chain (q is kept for the acceptance
+  test) or proposes its top-w tokens at the root.
+
+The engine talks to a drafter through `SeqView`s and calls `propose`, then `observe` with the
+tokens each sequence emitted, and `finish` when a sequence ends.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from remesh.model.attention import AttnContext
+from remesh.rollout.sampling import SamplingParams, target_logprobs
+from remesh.rollout.speculative import Draft
+
+
+@dataclass
+class SeqView:
+    """What a drafter may read of one running sequence."""
+
+    seq_id: int  # unique within one generate call
+    slot: int  # KV-cache slot (ModelDrafter mirrors the engine's slots)
+    group: tuple[int, ...]  # the prompt's token ids: samples and epochs of one prompt share it
+    tokens: list[int]  # prompt + response so far (the last one not yet in the target's cache)
+    prompt_len: int
+
+
+class Drafter:
+    name = "drafter"
+    stochastic = False  # True: drafts carry q and are verified with min(1, p/q)
+
+    def propose(self, seqs: list[SeqView], depth: int, width: int) -> list[Draft]:
+        raise NotImplementedError
+
+    def max_nodes(self, depth: int, width: int) -> int:
+        """Upper bound of a draft's size for this shape (the verifier's tokens per sequence - 1)."""
+        return depth * width
+
+    def observe(self, seq: SeqView, new_tokens: list[int]) -> None:
+        """`new_tokens` were appended to `seq.tokens` (already included in it)."""
+
+    def finish(self, seq: SeqView) -> None:
+        """`seq` ended; its tokens are final."""
+
+    def start(self, n_slots: int, max_len: int) -> None:
+        """A generate call begins with this many slots."""
+
+
+def _continuations(index: dict[tuple[int, ...], list[tuple[int, int]]], seqs: dict[int, list[int]],
+                   tokens: list[int], exclude: tuple[int, int] | None, max_n: int, depth: int, width: int,
+                   max_matches: int = 32) -> Draft:
+    """Look up the longest trailing n-gram of `tokens` (n <= max_n) in `index` (n-gram -> (seq, end)),
+    and build a draft tree from what followed its most recent occurrences: up to `width`
+    distinct first tokens (most frequent first), each continued by the most recent continuation."""
+    for n in range(min(max_n, len(tokens)), 0, -1):
+        hits = index.get(tuple(tokens[-n:]))
+        if not hits:
+            continue
+        conts: list[list[int]] = []
+        for sid, end in reversed(hits[-max_matches:]):  # most recent first
+            if (sid, end) == exclude:
+                continue
+            cont = seqs[sid][end + 1:end + 1 + depth]
+            if cont:
+                conts.append(cont)
+        if not conts:
+            continue
+        counts: dict[int, int] = defaultdict(int)
+        for c in conts:
+            counts[c[0]] += 1
+        firsts = sorted(counts, key=lambda t: -counts[t])[:width]  # stable: ties keep recency order
+        out = Draft.empty()
+        for f in firsts:
+            branch = next(c for c in conts if c[0] == f)
+            parent = 0
+            for t in branch:
+                out.tokens.append(t)
+                out.parents.append(parent)
+                parent = len(out.tokens)
+        return out
+    return Draft.empty()
+
+
+class NGramDrafter(Drafter):
+    """Prompt lookup: the continuation of the trailing n-gram's last earlier occurrence in the
+    sequence itself (prompt and response), from an n-gram index kept up to date as it grows."""
+
+    name = "ngram"
+
+    def __init__(self, max_n: int = 3):
+        self.max_n = max_n
+        self._index: dict[int, _Group] = {}  # seq_id -> index of its own tokens
+
+    def start(self, n_slots: int, max_len: int) -> None:
+        self._index.clear()
+
+    def _own(self, s: SeqView) -> _Group:
+        g = self._index.get(s.seq_id)
+        if g is None:
+            g = self._index[s.seq_id] = _Group(self.max_n)
+            g.add(s.tokens)
+        return g
+
+    def propose(self, seqs: list[SeqView], depth: int, width: int) -> list[Draft]:
+        out = []
+        for s in seqs:
+            g = self._own(s)
+            out.append(_continuations(g.index, g.seqs, s.tokens, None, self.max_n, depth, width))
+        return out
+
+    def observe(self, seq: SeqView, new_tokens: list[int]) -> None:
+        g = self._index.get(seq.seq_id)
+        if g is not None:  # else indexed in full on first use
+            g.extend(0, new_tokens)
+
+    def finish(self, seq: SeqView) -> None:
+        self._index.pop(seq.seq_id, None)
+
+
+class HistoryDrafter(Drafter):
+    """N-gram lookup over each prompt's history: its earlier rollouts (kept across generate
+    calls, up to `keep_per_group` per prompt and `max_groups` prompts) and its running siblings."""
+
+    name = "history"
+
+    def __init__(self, max_n: int = 4, keep_per_group: int = 16, max_groups: int = 4096):
+        self.max_n, self.keep, self.max_groups = max_n, keep_per_group, max_groups
+        self._groups: OrderedDict[tuple[int, ...], _Group] = OrderedDict()
+        self._running: dict[int, tuple[_Group, int]] = {}  # seq_id -> (group, id in the group)
+
+    def _group(self, key: tuple[int, ...]) -> _Group:
+        g = self._groups.get(key)
+        if g is None:
+            g = self._groups[key] = _Group(self.max_n)
+            while len(self._groups) > self.max_groups:
+                self._groups.popitem(last=False)
+        self._groups.move_to_end(key)
+        return g
+
+    def start(self, n_slots: int, max_len: int) -> None:
+        self._running.clear()
+
+    def _register(self, s: SeqView) -> tuple[_Group, int]:
+        if s.seq_id not in self._running:
+            g = self._group(s.group)
+            self._running[s.seq_id] = (g, g.add(s.tokens[s.prompt_len:]))
+        return self._running[s.seq_id]
+
+    def propose(self, seqs: list[SeqView], depth: int, width: int) -> list[Draft]:
+        out = []
+        for s in seqs:
+            g, sid = self._register(s)
+            resp = s.tokens[s.prompt_len:]
+            # look up the response's tail; fall back to the prompt's tail for the first tokens
+            query = resp if resp else s.tokens[-self.max_n:]
+            own_end = (sid, len(g.seqs[sid]) - 1) if resp else None
+            out.append(_continuations(g.index, g.seqs, query, own_end, self.max_n, depth, width))
+        return out
+
+    def observe(self, seq: SeqView, new_tokens: list[int]) -> None:
+        if seq.seq_id in self._running:  # else registered (with every token so far) now
+            g, sid = self._running[seq.seq_id]
+            g.extend(sid, new_tokens)
+        else:
+            self._register(seq)
+
+    def finish(self, seq: SeqView) -> None:
+        entry = self._running.pop(seq.seq_id, None)
+        if entry is not None:
+            entry[0].retire(entry[1], self.keep)
+
+
+class _Group:
+    """Responses of one prompt and an index of their n-grams (n-gram -> [(seq id, end position)])."""
+
+    def __init__(self, max_n: int):
+        self.max_n = max_n
+        self.seqs: dict[int, list[int]] = {}
+        self.index: dict[tuple[int, ...], list[tuple[int, int]]] = defaultdict(list)
+        self.finished: list[int] = []
+        self._next = 0
+
+    def add(self, tokens: list[int]) -> int:
+        sid = self._next
+        self._next += 1
+        self.seqs[sid] = []
+        self.extend(sid, tokens)
+        return sid
+
+    def extend(self, sid: int, tokens: list[int]) -> None:
+        seq = self.seqs[sid]
+        for t in tokens:
+            seq.append(t)
+            end = len(seq) - 1
+            for n in range(1, min(self.max_n, len(seq)) + 1):
+                self.index[tuple(seq[end - n + 1:])].append((sid, end))
+
+    def retire(self, sid: int, keep: int) -> None:
+        self.finished.append(sid)
+        if len(self.finished) > keep:  # forget the oldest response and its index entries
+            old = self.finished.pop(0)
+            dead = self.seqs.pop(old)
+            for end in range(len(dead)):
+                for n in range(1, min(self.max_n, end + 1) + 1):
+                    key = tuple(dead[end - n + 1:end + 1])
+                    hits = [h for h in self.index[key] if h[0] != old]
+                    if hits:
+                        self.index[key] = hits
+                    else:
+                        del self.index[key]
+
+
+def first_layers(model: nn.Module, n_layers: int) -> nn.Module:
+    """The policy's own first `n_layers` layers, final norm and head: a draft model that shares
+    the policy's weights (no extra memory for parameters, always in sync after updates)."""
+    total = len(model.layers)
+    if not 1 <= n_layers < total:
+        raise ValueError(f"a self-draft needs 1 <= n_layers < {total}, got {n_layers}")
+    draft = copy.copy(model)  # shallow: shares every parameter tensor
+    draft._modules = dict(model._modules)
+    draft.layers = nn.ModuleDict({k: v for k, v in list(model.layers.items())[:n_layers]})
+    draft.args = copy.copy(model.args)
+    draft.args.n_layers = n_layers
+    return draft
+
+
+class ModelDrafter(Drafter):
+    """A draft model with its own KV cache, slot for slot with the engine's. `width` > 1 proposes
+    the draft's top-`width` tokens at the root (point masses) and continues the best one greedily;
+    `width` == 1 samples a chain from the draft's own sampling distribution (q kept)."""
+
+    name = "model"
+
+    def __init__(self, model: nn.Module, params: SamplingParams | None = None, name: str = "model"):
+        self.model, self.name = model, name
+        self.params = params or SamplingParams()
+        self.generator: torch.Generator | None = None
+        self.cache = None
+        self._fed: dict[int, list[int]] = {}  # slot -> tokens whose K/V are in the draft cache
+
+    @property
+    def stochastic(self) -> bool:  # the chain form samples from q; greedy targets use point masses
+        return not self.params.greedy
+
+    def max_nodes(self, depth: int, width: int) -> int:
+        return depth + width - 1
+
+    def start(self, n_slots: int, max_len: int) -> None:
+        ref = next(self.model.parameters())
+        if self.cache is None or self.cache.n_slots < n_slots or self.cache.max_len < max_len:
+            self.cache = self.model.new_kv_cache(n_slots, max_len, device=ref.device)
+        self._fed = {}
+        self.generator = torch.Generator(device=ref.device)
+        self.generator.manual_seed(self.params.seed + 7919)
+
+    def set_params(self, params: SamplingParams) -> None:
+        self.params = params
+
+    def _forward(self, slots: list[int], chunks: list[list[int]]) -> Tensor:
+        """Feed each slot its chunk of new tokens; return the logits at each chunk's last token."""
+        device = self.cache.k.device
+        starts = [len(self._fed[s]) for s in slots]
+        ctx = AttnContext.with_cache(self.cache, slots, starts, [len(c) for c in chunks])
+        tokens = torch.tensor([t for c in chunks for t in c], device=device)
+        positions = torch.cat([torch.arange(s, s + len(c), device=device) for s, c in zip(starts, chunks)])
+        h = self.model(tokens, positions, ctx)
+        for s, c in zip(slots, chunks):
+            self._fed[s].extend(c)
+        return self.model.logits(h[ctx.cu_seqlens[1:].long() - 1])
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[SeqView], depth: int, width: int) -> list[Draft]:
+        slots = [s.slot for s in seqs]
+        chunks = []
+        for s in seqs:  # roll the draft cache back to what still agrees with the sequence, feed the rest
+            fed = self._fed.setdefault(s.slot, [])
+            keep = 0
+            limit = min(len(fed), len(s.tokens) - 1)
+            while keep < limit and fed[keep] == s.tokens[keep]:
+                keep += 1
+            del fed[keep:]
+            chunks.append(s.tokens[keep:])
+        logits = self._forward(slots, chunks)
+        drafts = [Draft.empty() for _ in seqs]
+        qs: list[list[Tensor]] = [[] for _ in seqs]
+        chain_params = self.params if width == 1 else SamplingParams(greedy=True)
+        for step in range(depth):
+            logp = target_logprobs(logits, chain_params)
+            if step == 0 and width > 1:  # root: the draft's top-w tokens, point masses
+                top = target_logprobs(logits, self.params).topk(width, dim=-1).indices.tolist()
+                for d, cands in zip(drafts, top):
+                    d.tokens.extend(cands)
+                    d.parents.extend([0] * len(cands))
+                nxt = [c[0] for c in top]
+            else:
+                if chain_params.greedy:
+                    nxt = logp.argmax(dim=-1).tolist()
+                else:
+                    probs = logp.exp()
+                    nxt = torch.multinomial(probs, 1, generator=self.generator).squeeze(1).tolist()
+                    for b in range(len(seqs)):
+                        qs[b].append(probs[b])
+                for d, t in zip(drafts, nxt):
+                    # a chain hangs off its previous token; with a wide root, off the top candidate (node 1)
+                    d.parents.append(1 if width > 1 and step == 1 else len(d.tokens))
+                    d.tokens.append(t)
+            if step + 1 < depth:
+                logits = self._forward(slots, [[t] for t in nxt])
+        if width == 1 and not chain_params.greedy:
+            for d, q in zip(drafts, qs):
+                d.q = torch.stack(q)
+        return drafts
+
+    def finish(self, seq: SeqView) -> None:
+        self._fed.pop(seq.slot, None)

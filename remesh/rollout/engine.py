@@ -1,0 +1,411 @@
+"""The rollout engine: continuous batching over a slot KV cache, with lossless speculative decoding.
+
+One `generate` call:
+1. queues every (prompt, sample) pair; a slot freed by a finished sequence is refilled at once;
+2. prefills newly admitted prompts in one packed forward, each distinct prompt once, and copies
+   its cache rows into its siblings' slots (a GRPO group shares one prefill);
+3. decodes: before every step the strategy (off, or a drafter with depth and width) is chosen,
+   by the adaptive policy (spec "auto") or fixed; the drafts of all live sequences are scored
+   in one forward with tree attention masks, verified (speculative.py), and the KV cache is
+   compacted so that the accepted path sits where plain decoding would have written it.
+
+Every sequence draws its randomness from its own stream (seeded by seed, prompt and sample
+index), one uniform per emitted position, so that with point-mass drafters (n-gram, history)
+the output is token for token what plain sampling gives, whatever the batch composition or
+the drafting strategy: speculation changes the speed, never the samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from remesh.model.attention import AttnContext
+from remesh.rollout.adaptive import OFF, AdaptivePolicy, Strategy, parse_strategy
+from remesh.rollout.drafters import Drafter, HistoryDrafter, ModelDrafter, NGramDrafter, SeqView
+from remesh.rollout.sampling import SamplingParams, sample, target_logprobs
+from remesh.rollout.speculative import Draft, tree_mask, verify
+
+
+@dataclass
+class Rollout:
+    prompt_index: int  # index into the prompts list
+    sample_index: int  # 0..n-1
+    prompt_ids: list[int]
+    response_ids: list[int]  # includes the stop token when finish_reason == "stop"
+    logprobs: list[float]  # behaviour log-prob of each response token
+    finish_reason: str  # "stop" | "length"
+
+
+def greedy(params: SamplingParams) -> SamplingParams:
+    """A copy of `params` that decodes greedily, one sample per prompt."""
+    import dataclasses
+
+    return dataclasses.replace(params, greedy=True, n=1)
+
+
+@dataclass
+class StepRecord:
+    live: int  # sequences in the step
+    strategy: str
+    emitted: int  # tokens emitted by the step
+    seconds: float
+
+
+@dataclass
+class GenerationStats:
+    sequences: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    calibration_seconds: float = 0.0
+    steps: list[StepRecord] = field(default_factory=list)
+    # strategy family ("ngram", "history:x2", ...) -> [accepted, offered] per depth
+    acceptance: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def acceptance_by_position(self) -> dict[str, list[float]]:
+        return {k: [round(a / o, 3) if o else 0.0 for a, o in v] for k, v in self.acceptance.items()}
+
+    def strategy_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.steps:
+            out[s.strategy] = out.get(s.strategy, 0) + 1
+        return out
+
+    def summary(self) -> dict:
+        return {"sequences": self.sequences, "tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_s": round(self.tokens_per_s, 2), "steps": len(self.steps),
+                "tokens_per_step": round(self.tokens / max(len(self.steps), 1), 2),
+                "prefill_seconds": round(self.prefill_seconds, 3),
+                "calibration_seconds": round(self.calibration_seconds, 3),
+                "acceptance_by_position": self.acceptance_by_position(), "strategies": self.strategy_counts()}
+
+    def timeline(self, phases: int = 8) -> list[str]:
+        """The strategies chosen over time, in up to `phases` equal runs of steps."""
+        n = len(self.steps)
+        lines = []
+        for k in range(min(phases, n)):
+            a, b = k * n // min(phases, n), (k + 1) * n // min(phases, n)
+            counts: dict[str, int] = {}
+            for s in self.steps[a:b]:
+                counts[s.strategy] = counts.get(s.strategy, 0) + 1
+            lines.append(f"steps {a}-{b - 1}: live {self.steps[a].live}..{self.steps[b - 1].live}, "
+                         + ", ".join(f"{s} x{c}" for s, c in sorted(counts.items(), key=lambda kv: -kv[1])))
+        return lines
+
+
+class _Seq:
+    __slots__ = ("seq_id", "prompt_index", "sample_index", "prompt", "response", "logprobs", "reason", "slot",
+                 "cache_len", "uniforms")
+
+    def __init__(self, seq_id: int, prompt_index: int, sample_index: int, prompt: list[int], uniforms: Tensor):
+        self.seq_id, self.prompt_index, self.sample_index = seq_id, prompt_index, sample_index
+        self.prompt = prompt
+        self.response: list[int] = []
+        self.logprobs: list[float] = []
+        self.reason: str | None = None
+        self.slot = -1
+        self.cache_len = 0  # tokens in the cache; the last response token is not yet
+        self.uniforms = uniforms  # one per response position
+
+    def view(self) -> SeqView:
+        return SeqView(self.seq_id, self.slot, tuple(self.prompt), self.prompt + self.response, len(self.prompt))
+
+
+def _stream_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    return (seed * 0x9E3779B1 + prompt_index * 0x85EBCA77 + sample_index * 0xC2B2AE3D + 1) % (2 ** 63)
+
+
+class RolloutEngine:
+    """Generates with `model`. `spec`: "off", "auto" (adaptive) or a fixed strategy such as
+    "ngram:4", "history:4x2" or "model:3" (the last needs `draft_model`). The engine keeps its KV
+    cache, the drafters' history and the policy's statistics across calls, as RL needs."""
+
+    def __init__(self, model: nn.Module, spec: str = "off", draft_model: nn.Module | None = None,
+                 max_batch: int = 64, calibrate: bool = True):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch, self.calibrate = model, max_batch, calibrate
+        self.drafters: dict[str, Drafter] = {"ngram": NGramDrafter(), "history": HistoryDrafter()}
+        if draft_model is not None:
+            self.drafters["model"] = ModelDrafter(draft_model)
+        self.spec = spec.strip()
+        self.fixed: Strategy | None = None
+        if self.spec != "auto":
+            self.fixed = parse_strategy(self.spec)
+            if self.fixed.drafter is not None and self.fixed.drafter not in self.drafters:
+                hint = " (give a draft model)" if self.fixed.drafter == "model" else ""
+                raise ValueError(f"speculation {spec!r}: unknown drafter {self.fixed.drafter!r}{hint}; "
+                                 f"known: {', '.join(self.drafters)}")
+        self.policy = AdaptivePolicy(
+            drafters={n: 2 if n == "model" else 4 for n in self.drafters},  # widest tree per drafter
+            node_count={n: d.max_nodes for n, d in self.drafters.items()})
+        self.cache = None
+        self.stats = GenerationStats()
+
+    # ---------------------------------------------------------------- public
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Rollout]:
+        """Sample `params.n` responses per prompt; rollouts ordered by (prompt_index, sample_index).
+        The result depends on `params.seed` only, not on `max_batch` or the drafting strategy
+        (up to floating-point ties)."""
+        prompts = [[int(t) for t in p] for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+        if not prompts:
+            return []
+        device = next(self.model.parameters()).device
+        n_seqs = len(prompts) * params.n
+        n_slots = min(self.max_batch, n_seqs)
+        max_nodes = self._max_nodes()
+        self._ensure_cache(n_slots, max(len(p) for p in prompts) + params.max_new_tokens + max_nodes + 1, device)
+        for d in self.drafters.values():
+            d.start(n_slots, self.cache.max_len)
+            if isinstance(d, ModelDrafter):
+                d.set_params(params)
+        self.generator = torch.Generator().manual_seed(params.seed + 104729)  # extra uniforms of p/q tests
+        self.stats = stats = GenerationStats(sequences=n_seqs)
+        queue: deque[tuple[int, list[int]]] = deque((i, list(range(params.n))) for i in range(len(prompts)))
+        free = list(range(n_slots - 1, -1, -1))
+        live: list[_Seq] = []
+        done: list[_Seq] = []
+        seq_ids = iter(range(n_seqs))
+        bar = _progress(n_seqs) if progress else None
+        was_training = self.model.training
+        self.model.eval()
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                if self.fixed is None and self.calibrate and not self.policy.step_time.calibrated:
+                    self._calibrate(n_slots, max_nodes, device)
+                while queue or live:
+                    admitted: list[_Seq] = []
+                    while queue and free:
+                        i, samples = queue[0]
+                        take, rest = samples[:len(free)], samples[len(free):]
+                        for j in take:
+                            g = torch.Generator().manual_seed(_stream_seed(params.seed, i, j))
+                            s = _Seq(next(seq_ids), i, j, prompts[i], torch.rand(params.max_new_tokens, generator=g))
+                            s.slot = free.pop()
+                            admitted.append(s)
+                        if rest:
+                            queue[0] = (i, rest)
+                        else:
+                            queue.popleft()
+                    if admitted:
+                        self._prefill(admitted, params, device)
+                        live.extend(admitted)
+                    else:
+                        strategy = self.fixed if self.fixed is not None else self.policy.choose(len(live))
+                        self._step(live, strategy, params, device)
+                    for s in [s for s in live if s.reason is not None]:
+                        live.remove(s)
+                        free.append(s.slot)
+                        done.append(s)
+                        for d in self.drafters.values():
+                            d.finish(s.view())
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(tok_s=f"{sum(len(x.response) for x in done + live) / (time.perf_counter() - t0):.1f}",
+                                            live=len(live))
+        finally:
+            self.model.train(was_training)
+            if bar is not None:
+                bar.close()
+        stats.seconds = time.perf_counter() - t0
+        stats.tokens = sum(len(s.response) for s in done)
+        done.sort(key=lambda s: (s.prompt_index, s.sample_index))
+        return [Rollout(s.prompt_index, s.sample_index, list(s.prompt), s.response, s.logprobs, s.reason)
+                for s in done]
+
+    # ---------------------------------------------------------------- internals
+    def _max_nodes(self) -> int:
+        if self.fixed is not None:
+            if self.fixed.drafter is None:
+                return 0
+            return self.drafters[self.fixed.drafter].max_nodes(self.fixed.depth, self.fixed.width)
+        return max(self.policy.nodes(s) for s in self.policy.candidates())
+
+    def _ensure_cache(self, n_slots: int, max_len: int, device: torch.device) -> None:
+        c = self.cache
+        if c is None or c.n_slots < n_slots or c.max_len < max_len or c.k.device != device:
+            self.cache = self.model.new_kv_cache(n_slots, max_len, device=device)
+
+    def _calibrate(self, n_slots: int, max_nodes: int, device: torch.device) -> None:
+        """Time verifier forwards of 1 .. n_slots x (1 + max_nodes) tokens: the step-time model's
+        starting points (every real step refines it)."""
+        t0 = time.perf_counter()
+        total = n_slots * (1 + max_nodes)
+        sizes = sorted({min(2 ** k, total) for k in range(total.bit_length() + 1)} | {n_slots})
+        for tokens in sizes:
+            b = min(n_slots, tokens)
+            per = max(1, tokens // b)
+            ctx = AttnContext.with_cache(self.cache, list(range(b)), [0] * b, [per] * b)
+            ids = torch.zeros(b * per, dtype=torch.long, device=device)
+            pos = torch.arange(per, device=device).repeat(b)
+            best = float("inf")
+            for _ in range(2):
+                t = time.perf_counter()
+                self.model.logits(self.model(ids, pos, ctx))
+                _sync(device)
+                best = min(best, time.perf_counter() - t)
+            self.policy.step_time.observe(b * per, best)
+        self.stats.calibration_seconds = time.perf_counter() - t0
+
+    def _prefill(self, seqs: list[_Seq], params: SamplingParams, device: torch.device) -> None:
+        t0 = time.perf_counter()
+        first: dict[int, _Seq] = {}
+        for s in seqs:
+            first.setdefault(s.prompt_index, s)
+        heads = list(first.values())
+        lens = [len(s.prompt) for s in heads]
+        tokens = torch.tensor([t for s in heads for t in s.prompt], device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lens])
+        ctx = AttnContext.with_cache(self.cache, [s.slot for s in heads], [0] * len(heads), lens)
+        h = self.model(tokens, positions, ctx)
+        logits = self.model.logits(h[ctx.cu_seqlens[1:].long() - 1])
+        row = {s.prompt_index: r for r, s in enumerate(heads)}
+        siblings = [s for s in seqs if first[s.prompt_index] is not s]
+        if siblings:  # share the prefill: copy the cache rows into the other samples' slots
+            dst = torch.tensor([s.slot for s in siblings], device=device)
+            src = torch.tensor([first[s.prompt_index].slot for s in siblings], device=device)
+            width = max(lens)
+            self.cache.k[:, dst, :, :width] = self.cache.k[:, src, :, :width]
+            self.cache.v[:, dst, :, :width] = self.cache.v[:, src, :, :width]
+        logits = logits[torch.tensor([row[s.prompt_index] for s in seqs], device=device)]
+        tok, lp = sample(logits, params, torch.stack([s.uniforms[0] for s in seqs]))
+        for s, t, l in zip(seqs, tok.tolist(), lp.tolist()):
+            s.cache_len = len(s.prompt)
+            self._emit(s, [t], [l], params)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float], params: SamplingParams) -> int:
+        """Append emitted tokens up to a stop token or the length limit; returns how many were kept."""
+        kept = 0
+        for t, lp in zip(tokens, logprobs):
+            s.response.append(t)
+            s.logprobs.append(lp)
+            kept += 1
+            if t in params.stop_token_ids:
+                s.reason = "stop"
+                break
+            if len(s.response) >= params.max_new_tokens:
+                s.reason = "length"
+                break
+        view = None
+        for d in self.drafters.values():
+            view = view or s.view()
+            d.observe(view, tokens[:kept])
+        return kept
+
+    def _step(self, live: list[_Seq], strategy: Strategy, params: SamplingParams, device: torch.device) -> None:
+        t0 = time.perf_counter()
+        drafts: list[Draft] | None = None
+        draft_s = 0.0
+        if strategy.drafter is not None:
+            views = [s.view() for s in live]
+            drafts = self.drafters[strategy.drafter].propose(views, strategy.depth, strategy.width)
+            # a sequence can emit at most its remaining budget: deeper nodes are wasted work
+            drafts = [_prune(d, params.max_new_tokens - len(s.response) - 1) for d, s in zip(drafts, live)]
+            draft_s = time.perf_counter() - t0
+            if not any(len(d) for d in drafts):  # nothing proposed: a plain step, counted as misses
+                for d in drafts:
+                    self._record_acceptance(strategy, 0, 0)
+                    self.policy.acceptance.observe(strategy.drafter, strategy.width, 0, 0)
+                drafts = None
+        t1 = time.perf_counter()
+        n_nodes = max(len(d) for d in drafts) if drafts else 0
+        n = 1 + n_nodes
+        b = len(live)
+        cache_lens = [s.cache_len for s in live]
+        if drafts is None:
+            ids = torch.tensor([s.response[-1] for s in live], device=device)
+            ctx = AttnContext.with_cache(self.cache, [s.slot for s in live], cache_lens, [1] * b)
+            logits = self.model.logits(self.model(ids, torch.tensor(cache_lens, device=device), ctx))
+            tok, lp = sample(logits, params, torch.stack([s.uniforms[len(s.response)] for s in live]))
+            emitted = 0
+            for s, t, l in zip(live, tok.tolist(), lp.tolist()):
+                s.cache_len += 1
+                emitted += self._emit(s, [t], [l], params)
+        else:
+            ids, pos = [], []
+            for s, d in zip(live, drafts):
+                pad = n_nodes - len(d)
+                ids += [s.response[-1]] + d.tokens + [0] * pad
+                pos += [s.cache_len + x for x in d.depths()] + [s.cache_len] * pad
+            ctx = AttnContext.with_cache(self.cache, [s.slot for s in live], cache_lens, [n] * b,
+                                         mask=tree_mask(drafts, n_nodes, device))
+            hidden = self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), ctx)
+            logp = target_logprobs(self.model.logits(hidden), params).view(b, n, -1).cpu()
+            moves: list[tuple[int, int, int]] = []  # (slot, from, to) cache positions of accepted nodes
+            emitted = 0
+            for s, d, lp_rows in zip(live, drafts, logp):
+                v = verify(lp_rows, d, s.uniforms[len(s.response):], self.generator)
+                for k, node in enumerate(v.path, start=1):
+                    if node != k:
+                        moves.append((s.slot, s.cache_len + node, s.cache_len + k))
+                offered = max(d.depths()) if len(d) else 0
+                self._record_acceptance(strategy, offered, len(v.path))
+                self.policy.acceptance.observe(strategy.drafter, strategy.width, offered, len(v.path))
+                s.cache_len += 1 + len(v.path)
+                emitted += self._emit(s, v.tokens, v.logprobs, params)
+            if moves:
+                slot, src, dst = (torch.tensor(x, device=device) for x in zip(*moves))
+                self.cache.k[:, slot, :, dst] = self.cache.k[:, slot, :, src]
+                self.cache.v[:, slot, :, dst] = self.cache.v[:, slot, :, src]
+        _sync(device)
+        verify_s = time.perf_counter() - t1
+        used = strategy if drafts is not None else OFF
+        self.policy.step_time.observe(b * n, verify_s)
+        if strategy.drafter is not None:  # its cost counts even when it proposed nothing
+            self.policy.observe_draft(strategy, draft_s, b)
+        self.stats.steps.append(StepRecord(b, str(used), emitted, time.perf_counter() - t0))
+
+    def _record_acceptance(self, strategy: Strategy, offered: int, accepted: int) -> None:
+        key = strategy.drafter + (f"x{strategy.width}" if strategy.width > 1 else "")
+        table = self.stats.acceptance.setdefault(key, [])
+        for i in range(min(accepted + 1, max(offered, 1))):
+            while len(table) <= i:
+                table.append([0, 0])
+            table[i][1] += 1
+            table[i][0] += int(accepted > i)
+
+
+def _prune(d: Draft, max_depth: int) -> Draft:
+    """Drop the draft nodes deeper than `max_depth`."""
+    if not len(d):
+        return d
+    depths = d.depths()
+    if max(depths) <= max_depth:
+        return d
+    keep = [i for i in range(1, len(d) + 1) if depths[i] <= max_depth]
+    new_index = {0: 0, **{old: new for new, old in enumerate(keep, start=1)}}
+    q = d.q[[i - 1 for i in keep]] if d.q is not None and keep else None
+    return Draft([d.tokens[i - 1] for i in keep], [new_index[d.parents[i - 1]] for i in keep], q)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generate", unit="seq", dynamic_ncols=True)
+
+
+def generate(model: nn.Module, prompts: list[list[int]], params: SamplingParams, device=None, max_batch: int = 64,
+             spec: str = "off") -> list[Rollout]:
+    """One-shot generation (a fresh engine; keep a `RolloutEngine` to reuse history and calibration)."""
+    if device is not None and torch.device(device) != next(model.parameters()).device:
+        raise ValueError(f"the model is on {next(model.parameters()).device}, not on {device}")
+    return RolloutEngine(model, spec=spec, max_batch=max_batch, calibrate=False).generate(prompts, params)

@@ -1,0 +1,301 @@
+"""Speculative decoding: the acceptance rules by hand, exactness of the output distribution
+(chi-square against the target's exact distribution), and the engine's speculative paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from remesh.model import AttnContext
+from remesh.rollout import RolloutEngine, SamplingParams, greedy, target_logprobs
+from remesh.rollout import speculative
+from remesh.rollout.adaptive import AcceptanceStats, AdaptivePolicy, StepTimeModel, Strategy, parse_strategy
+from remesh.rollout.drafters import Drafter, HistoryDrafter, NGramDrafter, SeqView, first_layers
+from remesh.rollout.speculative import Draft, tree_mask, verify
+from tests.models import tiny_model
+from tests.test_sampler import PROMPTS, peaky_model
+
+
+def logp_rows(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows).log()
+
+
+# 1. the acceptance rules by hand ------------------------------------------------------------
+
+def test_point_mass_chain_accepts_when_the_target_draws_the_draft():
+    p = [0.5, 0.3, 0.2]
+    logp = logp_rows(p, [0.1, 0.1, 0.8])  # root, then the draft node
+    draft = Draft.chain([1])
+    # u = 0.6 falls in token 1's CDF interval [0.5, 0.8): accepted; bonus from the leaf with u = 0.85
+    v = verify(logp, draft, torch.tensor([0.6, 0.85]))
+    assert v.path == [1] and v.tokens == [1, 2]
+    assert v.logprobs == pytest.approx([math.log(0.3), math.log(0.8)])
+    # u = 0.1 draws token 0: the draft is rejected and token 0 emitted
+    v = verify(logp, draft, torch.tensor([0.1, 0.85]))
+    assert v.path == [] and v.tokens == [0] and v.logprobs == pytest.approx([math.log(0.5)])
+
+
+def test_point_mass_tree_accepts_the_matching_branch():
+    logp = logp_rows([0.5, 0.3, 0.2], [1 / 3] * 3, [0.9, 0.05, 0.05], [0.2, 0.2, 0.6])
+    # root -> {token 2 (node 1), token 0 (node 2)}; node 2 -> token 1 (node 3)
+    draft = Draft([2, 0, 1], [0, 0, 2])
+    v = verify(logp, draft, torch.tensor([0.2, 0.25, 0.5]))  # root draws 0 -> node 2; node 2 draws 0 != 1
+    assert v.path == [2] and v.tokens == [0, 0]
+    assert v.logprobs == pytest.approx([math.log(0.5), math.log(0.9)])
+
+
+def test_sampled_draft_rule_min_p_over_q_then_residual():
+    p, q = [0.5, 0.5], [0.9, 0.1]
+    logp = logp_rows(p, [0.5, 0.5])
+    draft = Draft.chain([0], q=torch.tensor([q]))
+    accepted, n = 0, 4000
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        v = verify(logp, draft, torch.rand(2, generator=gen), gen)
+        if v.path:
+            accepted += 1
+        else:  # the residual max(0, p - q) = [0, 0.4] holds token 1 only
+            assert v.tokens == [1]
+    assert accepted / n == pytest.approx(0.5 / 0.9, abs=0.03)
+
+
+def test_tree_mask_and_draft_validation():
+    d = Draft([7, 8, 9], [0, 0, 1])
+    m = tree_mask([d, Draft.chain([4])], 3)
+    assert m[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
+    assert m[1].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]  # padding: self only
+    assert d.depths() == [0, 1, 1, 2]
+    with pytest.raises(ValueError, match="parents must come first"):
+        Draft([1, 2], [0, 2])
+
+
+# 2. exactness: the first 3 tokens' joint distribution equals the target's ----------------------
+
+V = 6
+PROMPT = [1, 4, 2]
+
+
+def exact_joint(model, params: SamplingParams) -> torch.Tensor:
+    """P(t1, t2, t3 | PROMPT) under the sampling distribution, by enumerating every prefix."""
+    seqs = [PROMPT + [a, b] for a in range(V) for b in range(V)]
+    with torch.no_grad():
+        h = model(torch.tensor([t for s in seqs for t in s]), torch.arange(len(PROMPT) + 2).repeat(len(seqs)),
+                  AttnContext.packed([len(s) for s in seqs]))
+        lp = target_logprobs(model.logits(h), params).view(len(seqs), len(PROMPT) + 2, V)
+    p1 = lp[0, len(PROMPT) - 1].exp()  # [V]
+    p2 = lp[::V, len(PROMPT)].exp()  # [V (t1), V (t2)]
+    p3 = lp[:, len(PROMPT) + 1].exp().view(V, V, V)  # [t1, t2, t3]
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test, cells with expected count < 5 pooled into one."""
+    n = counts.sum()
+    expected = probs.flatten().double() * n
+    counts = counts.flatten().double()
+    small = expected < 5
+    exp_cells = torch.cat([expected[~small], expected[small].sum()[None]])
+    obs_cells = torch.cat([counts[~small], counts[small].sum()[None]])
+    keep = exp_cells > 0
+    stat = float(((obs_cells[keep] - exp_cells[keep]) ** 2 / exp_cells[keep]).sum())
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def sampled_joint(engine: RolloutEngine, params: SamplingParams) -> torch.Tensor:
+    counts = torch.zeros(V, V, V)
+    for r in engine.generate([PROMPT], params):
+        counts[tuple(r.response_ids[:3])] += 1
+    return counts
+
+
+def spec_models():
+    target = tiny_model("llama", vocab_size=V, seed=0)
+    draft = tiny_model("llama", vocab_size=V, seed=5)  # deliberately different
+    with torch.no_grad():
+        target.output.weight.mul_(5.0)  # far from uniform, so that draft and target disagree
+        draft.output.weight.mul_(5.0)
+    return target.eval(), draft.eval()
+
+
+SETTINGS = {"t1": dict(temperature=1.0), "t0.7-top_p0.9": dict(temperature=0.7, top_p=0.9)}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("spec", ["model:3", "model:2x3", "off"], ids=["chain", "tree", "plain"])
+def test_speculative_output_distribution_is_the_targets(spec, setting):
+    target, draft = spec_models()
+    params = SamplingParams(max_new_tokens=3, n=6000, seed=11, **SETTINGS[setting])
+    engine = RolloutEngine(target, spec=spec, draft_model=draft, max_batch=6000)
+    counts = sampled_joint(engine, params)
+    exact = exact_joint(target, params)
+    assert chi_square_pvalue(counts, exact) > 1e-3
+    if spec != "off":  # the drafts were really used, and really differ from the target
+        acc = engine.stats.acceptance_by_position()
+        assert 0.05 < next(iter(acc.values()))[0] < 0.95
+
+
+def test_lossy_rule_fails_the_same_check(monkeypatch):
+    """Control: resampling from p instead of the residual max(0, p - q) after a rejection is the
+    classic bug; the chi-square check above must catch it."""
+    monkeypatch.setattr(speculative, "residual", lambda p, q: p.clone())
+    target, draft = spec_models()
+    params = SamplingParams(max_new_tokens=3, n=6000, seed=11, temperature=1.0)
+    counts = sampled_joint(RolloutEngine(target, spec="model:3", draft_model=draft, max_batch=6000), params)
+    assert chi_square_pvalue(counts, exact_joint(target, params)) < 1e-6
+
+
+# 3. the engine's speculative paths -----------------------------------------------------------
+
+SPECS = ["ngram:3", "history:3x2", "model:3", "model:2x2", "auto"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_greedy_speculative_equals_greedy_plain(spec):
+    model = peaky_model("llama").eval()
+    params = greedy(SamplingParams(max_new_tokens=12))
+    plain = RolloutEngine(model).generate(PROMPTS, params)
+    fast = RolloutEngine(model, spec=spec, draft_model=first_layers(model, 1), max_batch=3).generate(PROMPTS, params)
+    assert [r.response_ids for r in fast] == [r.response_ids for r in plain]
+    assert [r.logprobs for r in fast] == [[0.0] * 12] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("spec", ["ngram:3", "history:2x3", "model:2x2", "auto"])
+def test_point_mass_speculation_gives_plain_samples(spec):
+    """Each sequence draws one uniform per position, so point-mass drafts leave the samples as they
+    are; the batch size does not change them either (continuous batching)."""
+    model = peaky_model("llama").eval()
+    params = SamplingParams(max_new_tokens=10, n=3, seed=3, temperature=0.8, top_p=0.9)
+    plain = RolloutEngine(model).generate(PROMPTS, params)
+    if spec == "auto":  # auto may pick the stochastic model chain: use point-mass drafters only
+        fast = RolloutEngine(model, spec=spec, max_batch=5).generate(PROMPTS, params)
+    else:
+        fast = RolloutEngine(model, spec=spec, draft_model=first_layers(model, 1), max_batch=5).generate(
+            PROMPTS, params)
+    assert [r.response_ids for r in fast] == [r.response_ids for r in plain]
+    torch.testing.assert_close(torch.tensor([x for r in fast for x in r.logprobs]),
+                               torch.tensor([x for r in plain for x in r.logprobs]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spec", ["model:3", "history:3x2"])
+def test_speculative_logprobs_match_teacher_forcing(spec):
+    model = tiny_model("llama")
+    params = SamplingParams(temperature=0.7, max_new_tokens=8, n=2, seed=1)
+    rollouts = RolloutEngine(model, spec=spec, draft_model=first_layers(model, 1)).generate(PROMPTS, params)
+    seqs = [r.prompt_ids + r.response_ids for r in rollouts]
+    with torch.no_grad():
+        h = model(torch.tensor([t for s in seqs for t in s]), torch.cat([torch.arange(len(s)) for s in seqs]),
+                  AttnContext.packed([len(s) for s in seqs]))
+        idx, targets, start = [], [], 0
+        for r, s in zip(rollouts, seqs):
+            idx += range(start + len(r.prompt_ids) - 1, start + len(s) - 1)
+            targets += r.response_ids
+            start += len(s)
+        ref = model.token_logprobs(h[idx], torch.tensor(targets), temperature=0.7)
+    torch.testing.assert_close(torch.tensor([x for r in rollouts for x in r.logprobs]), ref, atol=1e-4, rtol=0)
+
+
+class OracleDrafter(Drafter):
+    """Proposes a wrong token first and the true greedy token second at the root, then the true
+    continuation under the second branch: the accepted path is never node 1, 2, 3, ..., so the
+    engine must move the accepted keys/values into place."""
+
+    name = "oracle"
+
+    def __init__(self, truth: dict[tuple[int, ...], list[int]]):
+        self.truth = truth
+
+    def propose(self, seqs, depth, width):
+        out = []
+        for s in seqs:
+            future = self.truth[s.group][len(s.tokens) - s.prompt_len:][:depth]
+            if not future:
+                out.append(Draft.empty())
+                continue
+            wrong = (future[0] + 1) % 97
+            out.append(Draft([wrong] + future, [0, 0] + list(range(2, len(future) + 1))))
+        return out
+
+
+def test_tree_acceptance_off_the_first_branch_compacts_the_cache():
+    model = peaky_model("llama").eval()
+    params = greedy(SamplingParams(max_new_tokens=12))
+    plain = RolloutEngine(model).generate(PROMPTS, params)
+    truth = {tuple(r.prompt_ids): r.response_ids for r in plain}
+    engine = RolloutEngine(model, spec="history:3")
+    engine.drafters["oracle"] = OracleDrafter(truth)
+    engine.fixed = Strategy("oracle", 3, 2)
+    out = engine.generate(PROMPTS, params)
+    assert [r.response_ids for r in out] == [r.response_ids for r in plain]
+    assert engine.stats.acceptance_by_position()["oraclex2"][:3] == [1.0, 1.0, 1.0]
+    assert len(engine.stats.steps) <= 4  # 12 tokens, 4 per step (3 accepted + 1 bonus)
+
+
+# 4. drafters ---------------------------------------------------------------------------------
+
+def view(tokens, prompt_len, seq_id=0, group=(1,)):
+    return SeqView(seq_id, 0, tuple(group), list(tokens), prompt_len)
+
+
+def test_ngram_prompt_lookup():
+    d = NGramDrafter(max_n=2)
+    # trailing bigram (5, 6) occurred before, followed by 7 8 9
+    draft = d.propose([view([5, 6, 7, 8, 9, 3, 5, 6], 3)], depth=3, width=1)[0]
+    assert draft.tokens == [7, 8, 9] and draft.parents == [0, 1, 2]
+    assert len(d.propose([view([1, 2, 3], 2, seq_id=1)], 3, 1)[0]) == 0  # nothing to look up
+
+
+def test_history_drafter_uses_earlier_rollouts_and_builds_trees():
+    d = HistoryDrafter(max_n=2)
+    prompt = [9, 9]
+    for sid, resp in enumerate([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 5, 7]]):  # an earlier epoch's rollouts
+        s = view(prompt + resp, 2, seq_id=sid, group=prompt)
+        d.observe(s, resp)
+        d.finish(s)
+    d.start(4, 64)  # a new generate call keeps the history
+    draft = d.propose([view(prompt + [1, 2], 2, seq_id=0, group=prompt)], depth=2, width=2)[0]
+    # after (1, 2): "5" twice (most recent 5 7), "3" once -> two branches, most frequent first
+    assert draft.tokens == [5, 7, 3, 4] and draft.parents == [0, 1, 0, 3]
+    other = d.propose([view([8] + [1, 2], 1, seq_id=1, group=(8,))], depth=2, width=2)[0]
+    assert len(other) == 0  # another prompt has no history
+
+
+# 5. the adaptive policy ----------------------------------------------------------------------
+
+def test_step_time_model_interpolates_and_extrapolates():
+    m = StepTimeModel()
+    m.observe(10, 1.0)
+    m.observe(30, 2.0)
+    assert m.predict(20) == pytest.approx(1.5)
+    assert m.predict(50) == pytest.approx(3.0)  # last slope
+    assert m.predict(5) == pytest.approx(1.0)  # never cheaper than the smallest measured
+
+
+def test_expected_accepted_tokens():
+    s = AcceptanceStats(prior=0.5, prior_weight=0.0, min_rate=0.0)
+    for accepted in (2, 2, 1, 0):  # depth-3 drafts
+        s.observe("ngram", 1, 3, accepted)
+    # alpha1 = 3/4, alpha2 = 2/3 (of the 3 that reached depth 2), alpha3 = 0/2
+    assert s.alphas("ngram", 1, 3) == pytest.approx([0.75, 2 / 3, 0.0])
+    assert s.expected_accepted("ngram", 1, 3) == pytest.approx(0.75 + 0.5)
+
+
+def test_policy_speculates_in_the_long_tail_and_not_at_large_batch():
+    policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(1, 2, 4), widths=(1,))
+    for t, s in [(1, 0.1), (3, 0.1), (8, 0.15), (64, 0.8), (320, 4.0)]:  # flat while memory-bound, then linear
+        policy.step_time.observe(t, s)
+    for _ in range(50):
+        policy.acceptance.observe("ngram", 1, 4, 2)  # alpha = 1, 1, 0, 0
+    assert policy.choose(1) == Strategy("ngram", 2, 1)  # 3 tokens for the price of one
+    assert policy.choose(64) == Strategy()  # compute-bound: drafts cost as much as they bring
+
+
+def test_parse_strategy_errors():
+    assert str(parse_strategy("history:4x2")) == "history:4x2"
+    with pytest.raises(ValueError, match="DRAFTER:DEPTH"):
+        parse_strategy("ngram")
+    with pytest.raises(ValueError, match="unknown drafter 'model'.*draft model"):
+        RolloutEngine(tiny_model("llama"), spec="model:3")
