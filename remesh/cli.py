@@ -5,6 +5,7 @@
     remesh train configs/remax_demo.yaml       # RL: PPO, ReMax, GRPO, RLOO, REINFORCE++
     remesh train configs/sft_demo.yaml          # picks the trainer from the config's `kind`
     remesh convert model.gguf out_dir/          # GGUF or HF folder -> HF folder
+    remesh generate default data/demo/prompts.jsonl --spec auto --n 4   # rollout engine
 """
 
 from __future__ import annotations
@@ -97,7 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--shard-gb", type=float, default=2.0, help="max safetensors shard size in GiB")
+    g = sub.add_parser("generate", help="sample responses with the rollout engine (speculative decoding)")
+    g.add_argument("model", help="HF folder, .gguf file or 'default'")
+    g.add_argument("prompts", help="JSONL file with a 'prompt' field per row")
+    g.add_argument("--out", default="generations.jsonl")
+    g.add_argument("--spec", default="auto", help="off | auto | ngram:K | history:KxW | model:K[xW]")
+    g.add_argument("--draft-model", help="for --spec model:K: an HF folder, or self:N (the model's first N layers)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-batch", type=int, default=64)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto")
     return p
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from remesh.generate import GenerateArgs, run_generate
+
+    fields = GenerateArgs.__dataclass_fields__
+    try:
+        run_generate(GenerateArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    except ValueError as e:  # bad sampling or speculation options
+        raise ConfigError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(_kind_of(args.config, args.overrides), args.config, args.overrides)
         elif args.command == "convert":
             _convert(args.src, args.dst, args.dtype, args.shard_gb)
+        elif args.command == "generate":
+            _generate(args)
     except (ConfigError, DataError, CheckpointError, GGUFError, FileNotFoundError) as e:
         print(f"remesh: error: {e}", file=sys.stderr)
         return 2

@@ -67,6 +67,17 @@ class RolloutConfig:
     max_new_tokens: int = 48
     n_samples: int = 1  # responses per prompt (the group size of GRPO / RLOO)
     max_batch: int = 64  # sequences decoded together
+    spec: str = "auto"  # speculative decoding: off, auto (adaptive) or fixed, e.g. ngram:4, history:4x2, model:3
+    draft_model: str | None = None  # for the "model" drafter: an HF folder, or self:N (the actor's first N layers)
+
+    def __post_init__(self) -> None:
+        from remesh.rollout.adaptive import parse_strategy
+
+        if self.spec != "auto":
+            parse_strategy(self.spec)
+        if self.draft_model is not None and self.draft_model.startswith("self:"):
+            if not self.draft_model[5:].isdigit() or int(self.draft_model[5:]) < 1:
+                raise ValueError(f"draft_model {self.draft_model!r}: expected self:N with N >= 1 layers")
 
 
 @dataclass

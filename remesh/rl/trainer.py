@@ -28,7 +28,8 @@ from remesh.dataflow.graph import MFC, graph_for
 from remesh.reward import build_reward_fn
 from remesh.rl.batch import Responses, all_logprobs, all_values, micro_batches, micro_logprobs, micro_values
 from remesh.rl.config import RLConfig
-from remesh.rollout import SamplingParams, generate
+from remesh.rollout import RolloutEngine, SamplingParams
+from remesh.rollout.drafters import first_layers
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
 from remesh.train.state import (STATE_DIR, load_trainer_state, prune_checkpoints, resolve_resume,
@@ -65,6 +66,8 @@ class RLTrainer:
         dtype = getattr(torch, cfg.actor.dtype)
         self.tokenizer = load_tokenizer(initial)
         self.actor = load_hf(self.resume_dir or initial, head="lm", dtype=dtype, device=self.device)
+        self.engine = RolloutEngine(self.actor, spec=cfg.rollout.spec, max_batch=cfg.rollout.max_batch,
+                                    draft_model=self._draft_model(dtype))
         self.ref = None
         if "ref" in self.graph.roles:
             self.ref = load_hf(initial, head="lm", dtype=dtype, device=self.device).requires_grad_(False).eval()
@@ -105,6 +108,15 @@ class RLTrainer:
         })
         self.iteration = self.start
         self._gen_tokens = 0
+        self._spec_stats: dict[str, dict[str, float]] = {}
+
+    def _draft_model(self, dtype: torch.dtype):
+        spec = self.cfg.rollout.draft_model
+        if spec is None:
+            return None
+        if spec.startswith("self:"):  # shares the actor's weights, so it follows every update
+            return first_layers(self.actor, int(spec[5:]))
+        return load_hf(resolve_model_path(spec), head="lm", dtype=dtype, device=self.device).requires_grad_(False)
 
     # ---- MFC handlers -------------------------------------------------------------------------
     def _sampling(self, greedy: bool) -> SamplingParams:
@@ -124,8 +136,10 @@ class RLTrainer:
         prompts: list[PromptExample] = inputs["prompts"]
         greedy = bool(mfc.option("greedy", False))
         with self.amp():
-            rollouts = generate(self.actor, [p.prompt_ids for p in prompts], self._sampling(greedy), self.device,
-                                max_batch=self.cfg.rollout.max_batch)
+            rollouts = self.engine.generate([p.prompt_ids for p in prompts], self._sampling(greedy))
+        st = self.engine.stats
+        self._spec_stats[mfc.name] = {"tokens_per_step": st.tokens / max(len(st.steps), 1),
+                                      "spec_step_frac": sum(r.strategy != "off" for r in st.steps) / max(len(st.steps), 1)}
         responses = Responses([r.prompt_index for r in rollouts], [r.prompt_ids for r in rollouts],
                               [r.response_ids for r in rollouts], [r.finish_reason for r in rollouts])
         self._gen_tokens += sum(len(r.response_ids) for r in rollouts)
@@ -301,6 +315,8 @@ class RLTrainer:
         metrics.update({f"time/{k}": v for k, v in times.items()})
         gen_time = sum(v for k, v in times.items() if k.startswith("actor_gen") or k == "actor_greedy")
         metrics["perf/gen_tokens_per_s"] = self._gen_tokens / max(gen_time, 1e-9)
+        for name, st in self._spec_stats.items():  # how much the speculative decoding helped
+            metrics.update({f"perf/{name}/{k}": v for k, v in st.items()})
         metrics["time/iteration"] = time.perf_counter() - t0
         self.kl_ctl.update(metrics["kl/seq"], len(resp))
         self.iteration += 1
@@ -322,7 +338,7 @@ class RLTrainer:
         params = SamplingParams(greedy=True, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 stop_token_ids=tuple(self._stop_ids()))
         with self.amp():
-            rollouts = generate(self.actor, [p.prompt_ids for p in prompts], params, self.device)
+            rollouts = self.engine.generate([p.prompt_ids for p in prompts], params)
         return self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
 
     def fit(self) -> RLResult:

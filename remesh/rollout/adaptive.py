@@ -146,12 +146,14 @@ class AdaptivePolicy:
     _last_used: dict[str, int] = field(default_factory=dict)
     _steps: int = 0
 
+    max_nodes: int = 16  # draft tokens per sequence at most (bounds the verifier's work and the cache)
+
     def candidates(self) -> list[Strategy]:
         out = [OFF]
         for name, max_width in self.drafters.items():
             for w in self.widths:
                 if w <= max_width:
-                    out.extend(Strategy(name, d, w) for d in self.depths)
+                    out.extend(s for d in self.depths if self.nodes(s := Strategy(name, d, w)) <= self.max_nodes)
         return out
 
     def nodes(self, s: Strategy) -> int:

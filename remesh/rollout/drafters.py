@@ -178,6 +178,11 @@ class HistoryDrafter(Drafter):
         else:
             self._register(seq)
 
+    def remember(self, prompt: list[int], response: list[int]) -> None:
+        """Add a finished response of `prompt` to its history (e.g. rollouts of a previous run)."""
+        g = self._group(tuple(prompt))
+        g.retire(g.add(list(response)), self.keep)
+
     def finish(self, seq: SeqView) -> None:
         entry = self._running.pop(seq.seq_id, None)
         if entry is not None:

@@ -120,6 +120,9 @@ class _Seq:
         return SeqView(self.seq_id, self.slot, tuple(self.prompt), self.prompt + self.response, len(self.prompt))
 
 
+CALIBRATION_MAX_TOKENS = 1024
+
+
 def _stream_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return (seed * 0x9E3779B1 + prompt_index * 0x85EBCA77 + sample_index * 0xC2B2AE3D + 1) % (2 ** 63)
 
@@ -243,8 +246,9 @@ class RolloutEngine:
         """Time verifier forwards of 1 .. n_slots x (1 + max_nodes) tokens: the step-time model's
         starting points (every real step refines it)."""
         t0 = time.perf_counter()
-        total = n_slots * (1 + max_nodes)
-        sizes = sorted({min(2 ** k, total) for k in range(total.bit_length() + 1)} | {n_slots})
+        # up to 1024 tokens (beyond, the model extrapolates linearly and real steps correct it)
+        total = min(n_slots * (1 + max_nodes), CALIBRATION_MAX_TOKENS)
+        sizes = sorted({min(2 ** k, total) for k in range(total.bit_length() + 1)} | {min(n_slots, total)})
         for tokens in sizes:
             b = min(n_slots, tokens)
             per = max(1, tokens // b)
@@ -252,7 +256,7 @@ class RolloutEngine:
             ids = torch.zeros(b * per, dtype=torch.long, device=device)
             pos = torch.arange(per, device=device).repeat(b)
             best = float("inf")
-            for _ in range(2):
+            for _ in range(2 if tokens <= 256 else 1):
                 t = time.perf_counter()
                 self.model.logits(self.model(ids, pos, ctx))
                 _sync(device)

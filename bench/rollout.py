@@ -1,0 +1,112 @@
+"""Rollout engine throughput: plain decoding, each fixed drafting strategy, and adaptive, on the
+default model, for several batch sizes, on a long-tailed workload with a previous epoch's
+rollouts in the history drafter.
+
+Workload: the first B demo prompts (chat-templated), one sample each, temperature 1.0 (as RL
+samples), natural EOS up to --max-new-tokens, so response lengths spread widely and the batch
+drains into a long tail. Before timing, one epoch (seed 0) is generated and given to every
+engine's history drafter; round r then samples with seed 1 + r, and its rollouts join every
+engine's history (RL revisits prompts every epoch). All strategies use point-mass drafters, so
+they generate exactly the same tokens: only the speed differs (checked).
+
+Per batch size: tokens/s of every strategy (median over rounds, interleaved), and the long-tail
+phase (steps with at most B/4 live sequences): adaptive vs plain tokens/s there.
+
+Headline (JSON): adaptive_vs_best_fixed_min, adaptive_vs_plain_min (min over batch sizes), and
+longtail_speedup (adaptive / plain over the long-tail phase, median over batch sizes >= 4).
+
+    python bench/rollout.py [--quick] [--device cuda] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import finish, median, parse_args, print_table  # noqa: E402
+from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path  # noqa: E402
+from remesh.data.datasets import load_prompt_dataset  # noqa: E402
+from remesh.rollout import RolloutEngine, SamplingParams  # noqa: E402
+
+PROMPTS = Path(__file__).resolve().parent.parent / "data" / "demo" / "prompts.jsonl"
+FIXED = ("ngram:2", "ngram:4", "history:2", "history:4", "history:4x2")
+
+
+def tail_rate(engine: RolloutEngine, batch: int) -> tuple[int, float]:
+    """(tokens, seconds) of the decode steps with at most batch / 4 live sequences."""
+    steps = [s for s in engine.stats.steps if s.live <= max(1, batch // 4)]
+    return sum(s.emitted for s in steps), sum(s.seconds for s in steps)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], lambda p: (
+        p.add_argument("--sizes", default=""),
+        p.add_argument("--max-new-tokens", type=int, default=48),
+        p.add_argument("--reps", type=int, default=0, help="timed rounds (default 2, quick 1)")))
+    device = torch.device(args.device)
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 8, 32] if args.quick else [1, 4, 16, 64])
+    reps = args.reps or (1 if args.quick else 2)
+    folder = resolve_model_path("default")
+    tok = load_tokenizer(folder)
+    model = load_hf(folder, head="lm", device=device).requires_grad_(False).eval()
+    prompts = [p.prompt_ids for p in load_prompt_dataset(PROMPTS, tok, max_prompt_len=256)[0]]
+    eos = model.args.extra.get("eos_token_id")
+    stop = tuple(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}))
+    names = ["off", *FIXED, "auto"]
+    t_start = time.perf_counter()
+    per_size = {}
+    for b in sizes:
+        batch = prompts[:b]
+        params = lambda seed: SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=seed,  # noqa: E731
+                                             stop_token_ids=stop)
+        history = RolloutEngine(model, max_batch=b).generate(batch, params(0))  # the previous epoch
+        engines = {n: RolloutEngine(model, spec=n, max_batch=b) for n in names}
+        for e in engines.values():
+            for r in history:
+                e.drafters["history"].remember(r.prompt_ids, r.response_ids)
+        engines["auto"].generate(batch[:1], params(999))  # calibrates the step-time model (untimed)
+        tps = {n: [] for n in names}
+        tail = {n: [] for n in names}
+        lengths = []
+        for r in range(reps):
+            outs = {}
+            order = names if r % 2 == 0 else names[::-1]
+            for n in order:
+                outs[n] = engines[n].generate(batch, params(1 + r))
+                st = engines[n].stats
+                tps[n].append(st.tokens / (st.seconds - st.calibration_seconds))
+                tokens, secs = tail_rate(engines[n], b)
+                tail[n].append(tokens / secs if secs > 0 else float("nan"))
+            ref = [o.response_ids for o in outs["off"]]
+            assert all([o.response_ids for o in outs[n]] == ref for n in names), "strategies generated different tokens"
+            lengths = [len(x) for x in ref]
+        med = {n: median(v) for n, v in tps.items()}
+        best_fixed = max(med[n] for n in ("off", *FIXED))
+        per_size[b] = {"tokens_per_s": med, "tokens_per_s_all": tps, "tail_tokens_per_s": {n: median(v) for n, v in tail.items()},
+                       "adaptive_vs_best_fixed": med["auto"] / best_fixed, "adaptive_vs_plain": med["auto"] / med["off"],
+                       "best_fixed": max(("off", *FIXED), key=lambda n: med[n]),
+                       "longtail_speedup": median(tail["auto"]) / median(tail["off"]),
+                       "response_len": {"min": min(lengths), "median": median(lengths), "max": max(lengths)},
+                       "auto_strategies": engines["auto"].stats.strategy_counts(),
+                       "auto_timeline": engines["auto"].stats.timeline(),
+                       "acceptance_by_position": engines["auto"].stats.acceptance_by_position()}
+        print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.1f}" for n in names) + " tokens/s", flush=True)
+
+    print_table(["batch", *names, "auto/best", "auto/off", "tail auto/off"],
+                [[b, *[d["tokens_per_s"][n] for n in names], d["adaptive_vs_best_fixed"], d["adaptive_vs_plain"],
+                  d["longtail_speedup"]] for b, d in per_size.items()])
+    tails = [d["longtail_speedup"] for b, d in per_size.items() if b >= 4] or [d["longtail_speedup"] for d in per_size.values()]
+    headline = {"adaptive_vs_best_fixed_min": round(min(d["adaptive_vs_best_fixed"] for d in per_size.values()), 3),
+                "adaptive_vs_plain_min": round(min(d["adaptive_vs_plain"] for d in per_size.values()), 3),
+                "longtail_speedup": round(median(tails), 3)}
+    finish("rollout" + ("_quick" if args.quick else ""), headline, {str(b): d for b, d in per_size.items()},
+           device=device, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
+           temperature=1.0, dtype="fp32" if device.type == "cpu" else "fp32", wall_s=round(time.perf_counter() - t_start, 1))
+
+
+if __name__ == "__main__":
+    main()

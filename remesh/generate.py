@@ -1,0 +1,75 @@
+"""`remesh generate`: sample responses for a prompts file with the rollout engine, write JSONL,
+and print what the speculative decoding did (tokens/s, acceptance by position, strategies)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class GenerateArgs:
+    model: str  # HF folder, .gguf file or "default"
+    prompts: str  # JSONL with a "prompt" field per row (chat-templated when the tokenizer has one)
+    out: str = "generations.jsonl"
+    spec: str = "auto"
+    draft_model: str | None = None  # HF folder, or self:N
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    max_new_tokens: int = 64
+    n: int = 1
+    seed: int = 0
+    max_batch: int = 64
+    max_prompt_len: int = 512
+    dtype: str = "float32"
+    device: str = "auto"
+
+
+def run_generate(a: GenerateArgs) -> dict:
+    from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path
+    from remesh.data.datasets import load_prompt_dataset
+    from remesh.rollout import RolloutEngine, SamplingParams
+    from remesh.rollout.drafters import first_layers
+    from remesh.train.trainer import pick_device
+
+    device = pick_device(a.device)
+    folder = resolve_model_path(a.model)
+    tokenizer = load_tokenizer(folder)
+    model = load_hf(folder, head="lm", dtype=getattr(torch, a.dtype), device=device).requires_grad_(False)
+    draft = None
+    if a.draft_model and a.draft_model.startswith("self:"):
+        draft = first_layers(model, int(a.draft_model[5:]))
+    elif a.draft_model:
+        draft = load_hf(resolve_model_path(a.draft_model), head="lm", dtype=getattr(torch, a.dtype),
+                        device=device).requires_grad_(False)
+    prompts, _ = load_prompt_dataset(a.prompts, tokenizer, max_prompt_len=a.max_prompt_len)
+    eos = model.args.extra.get("eos_token_id")
+    stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
+                            max_new_tokens=a.max_new_tokens, n=a.n, seed=a.seed, stop_token_ids=tuple(sorted(stop)))
+    engine = RolloutEngine(model, spec=a.spec, draft_model=draft, max_batch=a.max_batch)
+    rollouts = engine.generate([p.prompt_ids for p in prompts], params, progress=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for r in rollouts:
+            f.write(json.dumps({"prompt_index": r.prompt_index, "sample_index": r.sample_index,
+                                "prompt": prompts[r.prompt_index].prompt, "response": tokenizer.decode(
+                                    r.response_ids, skip_special_tokens=True),
+                                "response_ids": r.response_ids, "logprobs": r.logprobs,
+                                "finish_reason": r.finish_reason}) + "\n")
+    st = engine.stats
+    summary = st.summary()
+    print(f"remesh: {st.sequences} sequences, {st.tokens} tokens in {st.seconds:.2f} s "
+          f"({st.tokens_per_s:.1f} tokens/s, {summary['tokens_per_step']} tokens per decode step) -> {out}")
+    for name, rates in summary["acceptance_by_position"].items():
+        print(f"remesh: acceptance by position, {name}: " + " ".join(f"{x:.2f}" for x in rates))
+    print("remesh: strategies over time:")
+    for line in st.timeline():
+        print(f"  {line}")
+    return summary
