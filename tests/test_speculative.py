@@ -299,3 +299,27 @@ def test_parse_strategy_errors():
         parse_strategy("ngram")
     with pytest.raises(ValueError, match="unknown drafter 'model'.*draft model"):
         RolloutEngine(tiny_model("llama"), spec="model:3")
+
+
+# 6. remesh generate --------------------------------------------------------------------------
+
+def test_generate_command_writes_jsonl_and_summary(tmp_path, capsys):
+    import json
+
+    from remesh.checkpoint import save_hf
+    from remesh.cli import main
+    from tests.tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    save_hf(tiny_model("llama", vocab_size=len(tok)), tmp_path / "model", tok)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"item {i} is"}) + "\n" for i in range(3)))
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", str(tmp_path / "model"), str(tmp_path / "p.jsonl"), "--out", str(out), "--n", "2",
+                 "--max-new-tokens", "6", "--spec", "history:2x2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(i, j) for i in range(3) for j in range(2)]
+    assert all(len(r["response_ids"]) == len(r["logprobs"]) <= 6 and isinstance(r["response"], str) for r in rows)
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "strategies over time" in printed
+    assert main(["generate", str(tmp_path / "model"), str(tmp_path / "p.jsonl"), "--spec", "model:3"]) == 2
+    assert "unknown drafter 'model'" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def target_logprobs(logits: Tensor, params: SamplingParams) -> Tensor:
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     """One token per row of (unnormalised) probs [B, V] from uniforms u [B] in [0, 1): the first
     token whose cumulative mass exceeds u * total. Tokens with zero mass are never drawn."""
-    cdf = probs.float().cumsum(dim=-1)
+    cdf = probs.double().cumsum(dim=-1)  # fp64: the sum over a large vocabulary drifts in fp32
     idx = torch.searchsorted(cdf, (u.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
     idx = idx.clamp_max(probs.shape[-1] - 1)
     bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0  # rounding at u ~ 1: take the last live token
