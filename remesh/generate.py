@@ -34,19 +34,14 @@ def run_generate(a: GenerateArgs) -> dict:
     from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path
     from remesh.data.datasets import load_prompt_dataset
     from remesh.rollout import RolloutEngine, SamplingParams
-    from remesh.rollout.drafters import first_layers
+    from remesh.rollout.drafters import load_draft_model
     from remesh.train.trainer import pick_device
 
     device = pick_device(a.device)
     folder = resolve_model_path(a.model)
     tokenizer = load_tokenizer(folder)
     model = load_hf(folder, head="lm", dtype=getattr(torch, a.dtype), device=device).requires_grad_(False)
-    draft = None
-    if a.draft_model and a.draft_model.startswith("self:"):
-        draft = first_layers(model, int(a.draft_model[5:]))
-    elif a.draft_model:
-        draft = load_hf(resolve_model_path(a.draft_model), head="lm", dtype=getattr(torch, a.dtype),
-                        device=device).requires_grad_(False)
+    draft = load_draft_model(a.draft_model, model, getattr(torch, a.dtype))
     prompts, _ = load_prompt_dataset(a.prompts, tokenizer, max_prompt_len=a.max_prompt_len)
     eos = model.args.extra.get("eos_token_id")
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}

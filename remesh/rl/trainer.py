@@ -29,7 +29,7 @@ from remesh.reward import build_reward_fn
 from remesh.rl.batch import Responses, all_logprobs, all_values, micro_batches, micro_logprobs, micro_values
 from remesh.rl.config import RLConfig
 from remesh.rollout import RolloutEngine, SamplingParams
-from remesh.rollout.drafters import first_layers
+from remesh.rollout.drafters import load_draft_model
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
 from remesh.train.state import (STATE_DIR, load_trainer_state, prune_checkpoints, resolve_resume,
@@ -67,7 +67,7 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(initial)
         self.actor = load_hf(self.resume_dir or initial, head="lm", dtype=dtype, device=self.device)
         self.engine = RolloutEngine(self.actor, spec=cfg.rollout.spec, max_batch=cfg.rollout.max_batch,
-                                    draft_model=self._draft_model(dtype))
+                                    draft_model=load_draft_model(cfg.rollout.draft_model, self.actor, dtype))
         self.ref = None
         if "ref" in self.graph.roles:
             self.ref = load_hf(initial, head="lm", dtype=dtype, device=self.device).requires_grad_(False).eval()
@@ -109,14 +109,6 @@ class RLTrainer:
         self.iteration = self.start
         self._gen_tokens = 0
         self._spec_stats: dict[str, dict[str, float]] = {}
-
-    def _draft_model(self, dtype: torch.dtype):
-        spec = self.cfg.rollout.draft_model
-        if spec is None:
-            return None
-        if spec.startswith("self:"):  # shares the actor's weights, so it follows every update
-            return first_layers(self.actor, int(spec[5:]))
-        return load_hf(resolve_model_path(spec), head="lm", dtype=dtype, device=self.device).requires_grad_(False)
 
     # ---- MFC handlers -------------------------------------------------------------------------
     def _sampling(self, greedy: bool) -> SamplingParams:

@@ -243,6 +243,19 @@ def first_layers(model: nn.Module, n_layers: int) -> nn.Module:
     return draft
 
 
+def load_draft_model(spec: str | None, policy: nn.Module, dtype: torch.dtype) -> nn.Module | None:
+    """The "model" drafter's model from its spec: None, self:N (the policy's first N layers) or a
+    checkpoint (HF folder, .gguf or "default"), loaded frozen next to the policy."""
+    if spec is None:
+        return None
+    if spec.startswith("self:"):  # shares the policy's weights, so it follows every update
+        return first_layers(policy, int(spec[5:]))
+    from remesh.checkpoint import load_hf, resolve_model_path
+
+    device = next(policy.parameters()).device
+    return load_hf(resolve_model_path(spec), head="lm", dtype=dtype, device=device).requires_grad_(False)
+
+
 class ModelDrafter(Drafter):
     """A draft model with its own KV cache, slot for slot with the engine's. `width` > 1 proposes
     the draft's top-`width` tokens at the root (point masses) and continues the best one greedily;
