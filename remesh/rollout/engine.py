@@ -321,9 +321,8 @@ class RolloutEngine:
             drafts = [_prune(d, params.max_new_tokens - len(s.response) - 1) for d, s in zip(drafts, live)]
             draft_s = time.perf_counter() - t0
             if not any(len(d) for d in drafts):  # nothing proposed: a plain step, counted as misses
-                for d in drafts:
+                for _ in drafts:
                     self._record_acceptance(strategy, 0, 0)
-                    self.policy.acceptance.observe(strategy.drafter, strategy.width, 0, 0)
                 drafts = None
         t1 = time.perf_counter()
         n_nodes = max(len(d) for d in drafts) if drafts else 0
@@ -358,7 +357,6 @@ class RolloutEngine:
                         moves.append((s.slot, s.cache_len + node, s.cache_len + k))
                 offered = max(d.depths()) if len(d) else 0
                 self._record_acceptance(strategy, offered, len(v.path))
-                self.policy.acceptance.observe(strategy.drafter, strategy.width, offered, len(v.path))
                 s.cache_len += 1 + len(v.path)
                 emitted += self._emit(s, v.tokens, v.logprobs, params)
             if moves:
@@ -374,6 +372,8 @@ class RolloutEngine:
         self.stats.steps.append(StepRecord(b, str(used), emitted, time.perf_counter() - t0))
 
     def _record_acceptance(self, strategy: Strategy, offered: int, accepted: int) -> None:
+        """One sequence's verification, into the policy's running rates and this call's counts."""
+        self.policy.acceptance.observe(strategy.drafter, strategy.width, offered, accepted)
         key = strategy.drafter + (f"x{strategy.width}" if strategy.width > 1 else "")
         table = self.stats.acceptance.setdefault(key, [])
         for i in range(min(accepted + 1, max(offered, 1))):
