@@ -17,6 +17,7 @@ Headline (JSON): adaptive_vs_best_fixed_min, adaptive_vs_plain_min (min over bat
 longtail_speedup (adaptive / plain over the long-tail phase, median over batch sizes >= 4).
 
     python bench/rollout.py [--quick] [--device cuda] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
+                            [--temperature 1.0]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--sizes", default=""),
         p.add_argument("--max-new-tokens", type=int, default=48),
+        p.add_argument("--temperature", type=float, default=1.0),
         p.add_argument("--reps", type=int, default=0, help="timed rounds (default 2, quick 1)")))
     device = torch.device(args.device)
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 8, 32] if args.quick else [1, 4, 16, 64])
@@ -62,7 +64,7 @@ def main() -> None:
     per_size = {}
     for b in sizes:
         batch = prompts[:b]
-        params = lambda seed: SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=seed,  # noqa: E731
+        params = lambda seed: SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=seed,  # noqa: E731
                                              stop_token_ids=stop)
         history = RolloutEngine(model, max_batch=b).generate(batch, params(0))  # the previous epoch
         engines = {n: RolloutEngine(model, spec=n, max_batch=b) for n in names}
@@ -106,9 +108,10 @@ def main() -> None:
     headline = {"adaptive_vs_best_fixed_min": round(min(d["adaptive_vs_best_fixed"] for d in per_size.values()), 3),
                 "adaptive_vs_plain_min": round(min(d["adaptive_vs_plain"] for d in per_size.values()), 3),
                 "longtail_speedup": round(median(tails), 3)}
-    finish("rollout" + ("_quick" if args.quick else ""), headline, {str(b): d for b, d in per_size.items()},
+    name = "rollout" + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}") + ("_quick" if args.quick else "")
+    finish(name, headline, {str(b): d for b, d in per_size.items()},
            device=device, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
-           temperature=1.0, dtype="fp32" if device.type == "cpu" else "fp32", wall_s=round(time.perf_counter() - t_start, 1))
+           temperature=args.temperature, dtype="fp32", wall_s=round(time.perf_counter() - t_start, 1))
 
 
 if __name__ == "__main__":

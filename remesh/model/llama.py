@@ -195,7 +195,10 @@ class Transformer(nn.Module):
 
     def token_logprobs(self, hidden: Tensor, targets: Tensor, temperature: float = 1.0,
                        chunk_tokens: int | None = None) -> Tensor:
-        """fp32 log p(targets[t] | position t) for hidden [N, dim], chunked over the vocabulary."""
+        """fp32 log p(targets[t] | position t) for hidden [N, dim], chunked over the vocabulary.
+        A head that computes its own (a vocabulary-parallel one) is asked instead."""
+        if hasattr(self.output, "token_logprobs"):
+            return self.output.token_logprobs(hidden, targets, temperature)
         return token_logprobs(hidden, self.output.weight, targets, temperature, chunk_tokens)
 
     def values(self, hidden: Tensor) -> Tensor:
@@ -205,5 +208,9 @@ class Transformer(nn.Module):
                      device: torch.device | str | None = None) -> KVCache:
         ref = next(self.parameters())
         a = self.args
-        return KVCache.allocate(a.n_layers, n_slots, max_len, a.n_kv_heads, a.head_dim, dtype or ref.dtype,
+        # kv heads from the weights: a tensor-parallel shard holds fewer than the config says;
+        # indexed by global layer id, so a pipeline stage's layers keep their own rows
+        layer = next(iter(self.layers.values()))
+        kv_heads = layer.attention.wk.weight.shape[0] // a.head_dim
+        return KVCache.allocate(a.n_layers, n_slots, max_len, kv_heads, a.head_dim, dtype or ref.dtype,
                                 device or ref.device)

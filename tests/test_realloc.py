@@ -1,0 +1,80 @@
+"""Parameter reallocation on gloo (4 CPU processes), and bounded failure of a distributed job."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from remesh.plan.layout import Layout, ShardSpec
+from remesh.runtime.launch import DistributedJobError, spawn
+from remesh.runtime.realloc import reallocate, transfer_plan
+from tests.models import tiny_model
+from tests.test_plan import _random_layout
+
+
+def _realloc_random_pairs(rank: int, world: int, family: str, pairs: int) -> list[str]:
+    model = tiny_model(family, vocab_size=96)  # same seed on every rank: the full parameters
+    full = {n: p.detach() for n, p in model.named_parameters()}
+    spec = ShardSpec(model.args)
+    rng = random.Random(1)
+    checked = []
+    for _ in range(pairs):
+        src, dst = _random_layout(rng, world), _random_layout(rng, world)
+        shards = {n: t.clone() for n, t in spec.shard_state(full, src, rank).items()} if rank in src.ranks else None
+        # a small bucket forces several rounds of messages
+        out, stats = reallocate(spec, src, dst, shards, bucket_bytes=4096)
+        expected = spec.shard_state(full, dst, rank) if rank in dst.ranks else {}
+        assert out.keys() == expected.keys(), (src, dst)
+        for n, t in out.items():
+            assert torch.equal(t, expected[n]), (str(src), str(dst), n)  # bitwise
+        plan_bytes = sum(t.numel for t in transfer_plan(spec, src, dst) if t.src != t.dst) * 4
+        assert stats.bytes_sent == plan_bytes
+        checked.append(f"{src}->{dst}")
+    return checked
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reallocation_is_bitwise_exact_for_random_layout_pairs(family):
+    results = spawn(_realloc_random_pairs, 4, args=(family, 12), timeout_s=200)
+    assert results[0] == results[3] and len(results[0]) == 12
+    # the pairs cover overlapping and disjoint meshes, and tp / pp changes
+    pairs = [p.split("->") for p in results[0]]
+    layouts = [(Layout.parse(a), Layout.parse(b)) for a, b in pairs]
+    assert any(not set(a.ranks) & set(b.ranks) for a, b in layouts)
+    assert any(set(a.ranks) & set(b.ranks) for a, b in layouts)
+    assert any(a.tp != b.tp for a, b in layouts) and any(a.pp != b.pp for a, b in layouts)
+
+
+def _raise_mid_iteration(rank: int, world: int) -> None:
+    dist.barrier()
+    if rank == 1:
+        raise RuntimeError("reward function failed on sample 7")
+    dist.barrier()  # the others wait here for rank 1, which never comes
+
+
+def _die_mid_iteration(rank: int, world: int) -> None:
+    dist.barrier()
+    if rank == 2:
+        os._exit(3)
+    dist.barrier()
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_raises_ends_the_job_with_its_error():
+    t0 = time.monotonic()
+    with pytest.raises(DistributedJobError, match="rank 1 raised:(.|\n)*reward function failed on sample 7") as e:
+        spawn(_raise_mid_iteration, 3, timeout_s=90, collective_timeout_s=60)
+    assert e.value.rank == 1
+    assert time.monotonic() - t0 < 60  # the others are stopped at once, not after a collective timeout
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_dies_ends_the_job():
+    with pytest.raises(DistributedJobError, match="rank 2 died \\(exit code 3\\)"):
+        spawn(_die_mid_iteration, 3, timeout_s=90, collective_timeout_s=60)
