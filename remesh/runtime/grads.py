@@ -1,0 +1,62 @@
+"""Gradients of a model trained under a layout: data-parallel summation and the global norm.
+
+With each data-parallel replica computing its share of a mini-batch's loss (each divided by the
+mini-batch's global unit count, as the one-process trainer does), `sync_gradients` sums the
+replicas' gradients: the update equals the one-process update. `clip_grad_norm` computes the
+norm of the whole model's gradient from local shards: tensor-parallel shards add their squares
+across the tp group, parameters that tp replicates count once, pipeline stages add theirs.
+(A tied embedding split over first and last pipeline stage is not handled yet: pipeline-parallel
+training is not built.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from remesh.plan.layout import Layout, ShardSpec
+
+
+def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None) -> None:
+    """Sum every parameter's gradient over the data-parallel group, in one flat all-reduce."""
+    if dp_group is None:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=dp_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, spec: ShardSpec, layout: Layout, rank: int,
+                   tp_group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None) -> float:
+    """Scale gradients so that the whole model's gradient norm is at most `max_norm` (inf: no
+    clipping); returns the norm before clipping, identical on every rank of the layout."""
+    _, _, tp_rank = layout.coord(rank)
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum()
+        info = spec.param(name, layout.pp)
+        if info.tp_dim is not None:
+            sharded += sq
+        elif tp_rank == 0:  # the same on every tp rank: count it once
+            replicated += sq
+    total = sharded + replicated
+    for group in (tp_group, pp_group):
+        if group is not None:
+            dist.all_reduce(total, group=group)
+    norm = float(total.sqrt())
+    if max_norm != float("inf") and norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
