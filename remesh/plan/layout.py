@@ -125,12 +125,16 @@ class Layout:
         return tuple(self.rank_at(p, d, t) for p in range(self.pp))
 
     def groups(self) -> list[tuple[int, ...]]:
-        """Every tp, dp and pp group of the mesh (size > 1), for creating process groups up front."""
+        """Every tp, dp and pp group of the mesh (size > 1), and the (first stage, last stage)
+        pairs that sum a tied embedding's gradient, for creating process groups up front."""
         out: set[tuple[int, ...]] = set()
         for r in self.ranks:
             for g in (self.tp_group(r), self.dp_group(r), self.pp_group(r)):
                 if len(g) > 1:
                     out.add(g)
+            if self.pp > 1:
+                _, d, t = self.coord(r)
+                out.add((self.rank_at(0, d, t), self.rank_at(self.pp - 1, d, t)))
         return sorted(out)
 
 
@@ -189,7 +193,12 @@ class ShardSpec:
         per = self.args.n_layers // pp
         return range(stage * per, (stage + 1) * per)
 
+    def canonical(self, name: str) -> str:
+        """A tied LM head is the embedding: its parameter goes by the embedding's name."""
+        return "tok_embeddings.weight" if name == "output.weight" and name not in self.shapes else name
+
     def param(self, name: str, pp: int) -> ParamShard:
+        name = self.canonical(name)
         shape = self.shapes[name]
         if (m := _LAYER.match(name)) is not None:
             stages: tuple[int, ...] = (int(m[1]) // (self.args.n_layers // pp),)

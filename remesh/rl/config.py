@@ -104,6 +104,8 @@ class RLTrainerConfig:
     progress: bool = True
     show_samples: int = 3  # prompts whose responses are printed before and after training
     plot: bool = True  # reward curve PNG
+    nproc: int = 1  # local processes for a run with a plan (under torchrun: its world size instead)
+    job_timeout_s: float = 3600.0  # a planned run on local processes is stopped after this long
 
 
 @dataclass
@@ -122,6 +124,9 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
+    # execution plan: None (one process), colocated, split, a plan YAML file, or the one-line form
+    # "actor_gen=d2@0-1 actor_train=d1t2@0-1 ..."; checked against the graph before processes start
+    plan: str | None = None
 
     def __post_init__(self) -> None:
         if self.algo.name in ("grpo", "rloo") and self.rollout.n_samples < 2:

@@ -21,6 +21,7 @@ from remesh.algorithms import (AdaptiveKLController, AdvantageConfig, AdvantageI
                                aggregate, compute_advantages, kl_estimate, masked_mean, masked_sum,
                                policy_gradient_loss, ppo_policy_loss, token_rewards, value_loss)
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
+from remesh.checkpoint.hf import load_hf_config
 from remesh.config import config_to_dict, dump_config
 from remesh.data import PromptExample, load_prompt_dataset
 from remesh.dataflow.executor import OneProcessExecutor
@@ -52,6 +53,12 @@ class RLResult:
 
 class RLTrainer:
     def __init__(self, cfg: RLConfig):
+        self._setup_common(cfg)
+        self._setup_models()
+        self.executor = OneProcessExecutor(self.graph, self._handlers())
+
+    def _setup_common(self, cfg: RLConfig) -> None:
+        """What every process of a run holds alike: config, graph, tokenizer, prompts, KL control."""
         self.cfg = cfg
         tc = cfg.trainer
         self.device = pick_device(tc.device)
@@ -60,55 +67,61 @@ class RLTrainer:
         torch.manual_seed(tc.seed)
         # no KL term (coef 0, no adaptive target): no reference model in memory, no ref_inf call
         self.graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
-
-        initial = resolve_model_path(cfg.actor.path)
+        self.initial = resolve_model_path(cfg.actor.path)
         self.resume_dir = resolve_resume(tc.resume, self.out) if tc.resume else None
+        self.tokenizer = load_tokenizer(self.initial)
+        self._config_eos = load_hf_config(self.initial, "lm").extra.get("eos_token_id")
+        self.prompts, report = load_prompt_dataset(cfg.data.train, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                                                   skip_bad_rows=cfg.data.skip_bad_rows)
+        if report.skipped:
+            print(f"remesh: {report.summary()}")
+        self.steps_per_iter = cfg.algo.ppo_epochs * cfg.algo.mini_batches
+        self.total_steps = tc.iterations * self.steps_per_iter
+        k = cfg.kl
+        self.kl_ctl = AdaptiveKLController(k.coef, k.target, k.horizon) if k.target else FixedKLController(k.coef)
+        self.start = 0
+        self.iteration = 0
+        self._gen_tokens = 0
+        self._spec_stats: dict[str, dict[str, float]] = {}
+
+    def _setup_models(self) -> None:
+        """Every role's whole model on this process, optimizers, and the resumed state."""
+        cfg, tc = self.cfg, self.cfg.trainer
         dtype = getattr(torch, cfg.actor.dtype)
-        self.tokenizer = load_tokenizer(initial)
-        self.actor = load_hf(self.resume_dir or initial, head="lm", dtype=dtype, device=self.device)
+        self.actor = load_hf(self.resume_dir or self.initial, head="lm", dtype=dtype, device=self.device)
         self.engine = RolloutEngine(self.actor, spec=cfg.rollout.spec, max_batch=cfg.rollout.max_batch,
                                     draft_model=load_draft_model(cfg.rollout.draft_model, self.actor, dtype))
         self.ref = None
         if "ref" in self.graph.roles:
-            self.ref = load_hf(initial, head="lm", dtype=dtype, device=self.device).requires_grad_(False).eval()
+            self.ref = load_hf(self.initial, head="lm", dtype=dtype, device=self.device).requires_grad_(False).eval()
         self.critic = None
         if "critic" in self.graph.roles:
             critic_cfg = cfg.critic or cfg.actor
             source = self.resume_dir / "critic" if self.resume_dir else resolve_model_path(critic_cfg.path)
             self.critic = load_hf(source, head="value", dtype=getattr(torch, critic_cfg.dtype), device=self.device)
         self.reward_fn = build_reward_fn(cfg.reward, self.device)
-
-        self.prompts, report = load_prompt_dataset(cfg.data.train, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                                                   skip_bad_rows=cfg.data.skip_bad_rows)
-        if report.skipped:
-            print(f"remesh: {report.summary()}")
-        self.steps_per_iter = cfg.algo.ppo_epochs * cfg.algo.mini_batches
-        total_steps = tc.iterations * self.steps_per_iter
         self.actor_opt = build_optimizer(self.actor, cfg.actor_optim)
-        self.actor_sched = build_scheduler(self.actor_opt, total_steps, cfg.actor_optim)
+        self.actor_sched = build_scheduler(self.actor_opt, self.total_steps, cfg.actor_optim)
         if self.critic is not None:
             self.critic_opt = build_optimizer(self.critic, cfg.critic_optim)
-            self.critic_sched = build_scheduler(self.critic_opt, total_steps, cfg.critic_optim)
-        k = cfg.kl
-        self.kl_ctl = AdaptiveKLController(k.coef, k.target, k.horizon) if k.target else FixedKLController(k.coef)
-        self.start = 0
+            self.critic_sched = build_scheduler(self.critic_opt, self.total_steps, cfg.critic_optim)
         if self.resume_dir is not None:
             progress = load_trainer_state(self.resume_dir / STATE_DIR, self.actor_opt, self.actor_sched)
             if self.critic is not None:
                 load_trainer_state(self.resume_dir / "critic" / STATE_DIR, self.critic_opt, self.critic_sched)
             self.kl_ctl.load_state_dict(progress["kl"])
             self.start = progress["step"]
-        self.executor = OneProcessExecutor(self.graph, {
+        self.iteration = self.start
+
+    def _handlers(self) -> dict:
+        return {
             ("actor", "generate"): self._generate,
             ("ref", "inference"): self._ref_logprobs,
             ("reward", "inference"): self._score,
             ("critic", "inference"): self._values,
             ("actor", "train_step"): self._train_actor,
             ("critic", "train_step"): self._train_critic,
-        })
-        self.iteration = self.start
-        self._gen_tokens = 0
-        self._spec_stats: dict[str, dict[str, float]] = {}
+        }
 
     # ---- MFC handlers -------------------------------------------------------------------------
     def _sampling(self, greedy: bool) -> SamplingParams:
@@ -120,15 +133,16 @@ class RLTrainer:
 
     def _stop_ids(self) -> list[int]:
         """The tokenizer's eos plus the model config's eos id(s) (chat models often have both)."""
-        config_eos = self.actor.args.extra.get("eos_token_id")
+        config_eos = self._config_eos
         ids = {self.tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])}
         return sorted(i for i in ids if i is not None)
 
     def _generate(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
         prompts: list[PromptExample] = inputs["prompts"]
         greedy = bool(mfc.option("greedy", False))
-        with self.amp():
-            rollouts = self.engine.generate([p.prompt_ids for p in prompts], self._sampling(greedy))
+        with self.amp():  # prompt_keys: a data-parallel instance's prompts are part of the batch
+            rollouts = self.engine.generate([p.prompt_ids for p in prompts], self._sampling(greedy),
+                                            prompt_keys=inputs.get("prompt_keys"))
         st = self.engine.stats
         self._spec_stats[mfc.name] = {"tokens_per_step": st.tokens / max(len(st.steps), 1),
                                       "spec_step_frac": sum(r.strategy != "off" for r in st.steps) / max(len(st.steps), 1)}
@@ -201,6 +215,23 @@ class RLTrainer:
         k = self.cfg.algo.mini_batches
         return [order[i::k] for i in range(k) if order[i::k]]
 
+    # hooks a data-parallel trainer overrides (remesh/rl/planned.py): one process computes the
+    # whole mini-batch, sums nothing, and steps with torch's own clipping
+    def _share(self, idx: list[int]) -> list[int]:
+        """The samples of a mini-batch that this process computes."""
+        return idx
+
+    def _reduce_sums(self, sums: dict[str, float], mismatch: Tensor) -> tuple[dict[str, float], float, float]:
+        """Per-process partial sums -> totals; logprob mismatch -> (max, mean)."""
+        return sums, float(mismatch.max()), float(mismatch.mean())
+
+    def _optimizer_step(self, model: torch.nn.Module, opt: Any, sched: Any, grad_clip: float | None) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc_clip(grad_clip))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return float(norm)
+
     def _units(self, mask: Tensor, idx: list[int]) -> float:
         """What a mini-batch's loss is averaged over, so micro-batch losses add up exactly."""
         return float(mask[idx].sum()) if self.cfg.algo.loss_agg == "token_mean" else float(len(idx))
@@ -217,7 +248,7 @@ class RLTrainer:
         for epoch in range(a.ppo_epochs):
             for mb_i, mb in enumerate(self._minibatches(len(resp), epoch)):
                 units = self._units(mask, mb)
-                for micro in micro_batches(resp, mb, cfg.trainer.micro_batch_tokens):
+                for micro in micro_batches(resp, self._share(mb), cfg.trainer.micro_batch_tokens):
                     with self.amp():
                         logp = micro_logprobs(self.actor, resp, micro, self.device, cfg.rollout.temperature,
                                               cfg.actor.logprob_chunk_tokens)
@@ -240,15 +271,13 @@ class RLTrainer:
                     (loss * weight).backward()
                     sums["loss"] += float(loss.detach()) * weight / self.steps_per_iter
                     sums["clipfrac"] += clip * weight / self.steps_per_iter
-                norm = torch.nn.utils.clip_grad_norm_(self.actor.parameters(), tc_clip(cfg.actor_optim.grad_clip))
-                sums["grad_norm"] += float(norm) / self.steps_per_iter
-                self.actor_opt.step()
-                self.actor_sched.step()
-                self.actor_opt.zero_grad(set_to_none=True)
+                norm = self._optimizer_step(self.actor, self.actor_opt, self.actor_sched, cfg.actor_optim.grad_clip)
+                sums["grad_norm"] += norm / self.steps_per_iter
         diffs = torch.cat(mismatch) if mismatch else torch.zeros(1)
+        sums, diff_max, diff_mean = self._reduce_sums(sums, diffs)
         stats = {f"actor/{k}": v for k, v in sums.items()}
         stats.update({"actor/lr": self.actor_sched.get_last_lr()[0],
-                      "logprob_mismatch/max": float(diffs.max()), "logprob_mismatch/mean": float(diffs.mean()),
+                      "logprob_mismatch/max": diff_max, "logprob_mismatch/mean": diff_mean,
                       "kl/seq": float(masked_sum(kl, mask, dim=1).mean()),
                       "kl/token": float(masked_mean(kl, mask)),
                       "advantage/mean": float(masked_mean(adv, mask))})
@@ -264,7 +293,7 @@ class RLTrainer:
         for epoch in range(a.ppo_epochs):
             for mb in self._minibatches(len(resp), epoch):
                 units = self._units(mask, mb)
-                for micro in micro_batches(resp, mb, cfg.trainer.micro_batch_tokens):
+                for micro in micro_batches(resp, self._share(mb), cfg.trainer.micro_batch_tokens):
                     with self.amp():
                         values = micro_values(self.critic, resp, micro, self.device)
                     loss, st = value_loss(values, old_values[micro], returns[micro], mask[micro], a.value_clip,
@@ -273,11 +302,10 @@ class RLTrainer:
                     (loss * weight).backward()
                     sums["loss"] += float(loss.detach()) * weight / self.steps_per_iter
                     sums["clipfrac"] += st["vf_clipfrac"] * weight / self.steps_per_iter
-                norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), tc_clip(cfg.critic_optim.grad_clip))
-                sums["grad_norm"] += float(norm) / self.steps_per_iter
-                self.critic_opt.step()
-                self.critic_sched.step()
-                self.critic_opt.zero_grad(set_to_none=True)
+                norm = self._optimizer_step(self.critic, self.critic_opt, self.critic_sched,
+                                            cfg.critic_optim.grad_clip)
+                sums["grad_norm"] += norm / self.steps_per_iter
+        sums, _, _ = self._reduce_sums(sums, torch.zeros(1))
         return {"critic_stats": {f"critic/{k}": v for k, v in sums.items()}}
 
     # ---- loop ----------------------------------------------------------------------------------
@@ -293,6 +321,13 @@ class RLTrainer:
         self._gen_tokens = 0
         t0 = time.perf_counter()
         data, times = self.executor.run({"prompts": self.batch_prompts})
+        metrics = self._metrics(data, times)
+        metrics["time/iteration"] = time.perf_counter() - t0
+        self.kl_ctl.update(metrics["kl/seq"], len(data["responses"]))
+        self.iteration += 1
+        return metrics
+
+    def _metrics(self, data: dict[str, Any], times: dict[str, float]) -> dict[str, float]:
         resp: Responses = data["responses"]
         metrics = {"reward/mean": float(data["scores"].mean()), "reward/std": float(data["scores"].std()
                                                                                    if len(resp) > 1 else 0.0),
@@ -309,9 +344,6 @@ class RLTrainer:
         metrics["perf/gen_tokens_per_s"] = self._gen_tokens / max(gen_time, 1e-9)
         for name, st in self._spec_stats.items():  # how much the speculative decoding helped
             metrics.update({f"perf/{name}/{k}": v for k, v in st.items()})
-        metrics["time/iteration"] = time.perf_counter() - t0
-        self.kl_ctl.update(metrics["kl/seq"], len(resp))
-        self.iteration += 1
         return metrics
 
     def save_checkpoint(self) -> Path:
@@ -395,5 +427,9 @@ def plot_reward_curve(metrics_file: Path, path: Path) -> Path:
 
 
 def train_rl(cfg: RLConfig) -> RLResult:
+    if cfg.plan is not None:
+        from remesh.rl.planned import train_planned
+
+        return train_planned(cfg)
     return RLTrainer(cfg).fit()
 

@@ -11,6 +11,13 @@ goodput(strategy) = expected tokens emitted per sequence x live sequences / pred
 With many live sequences the verifier is compute-bound and each draft token costs nearly a
 full token, so "off" wins; as sequences finish (the long tail), extra tokens per sequence
 become almost free and longer drafts win.
+
+The prediction leaves out costs that no model of the forward sees (building tree masks, the
+per-sequence verification walk, cache compaction) and starts from optimistic acceptance
+priors. So each step's realised goodput (tokens emitted / wall time of the whole step) is
+compared with what was predicted for it, and the ratio, kept per drafter ("off" included) and
+per live-batch size class, scales that drafter's future predictions: a systematic error is
+corrected after a few steps, for every depth and width at once.
 """
 
 from __future__ import annotations
@@ -145,6 +152,9 @@ class AdaptivePolicy:
     _draft_cost: dict[str, float] = field(default_factory=dict)  # seconds per sequence per depth level
     _last_used: dict[str, int] = field(default_factory=dict)
     _steps: int = 0
+    correction_ema: float = 0.3
+    _correction: dict[tuple[str, int], float] = field(default_factory=dict)  # (drafter, batch class) -> ratio
+    _predicted: tuple[Strategy, int, float] | None = None  # the last choice and its predicted goodput
 
     max_nodes: int = 16  # draft tokens per sequence at most (bounds the verifier's work and the cache)
 
@@ -162,8 +172,8 @@ class AdaptivePolicy:
         fn = self.node_count.get(s.drafter)
         return fn(s.depth, s.width) if fn else s.depth * s.width
 
-    def goodput(self, s: Strategy, batch: int) -> float:
-        """Predicted tokens per second with `batch` live sequences."""
+    def predicted_goodput(self, s: Strategy, batch: int) -> float:
+        """Tokens per second with `batch` live sequences, from the step-time and acceptance models."""
         if s.drafter is None:
             return batch / max(self.step_time.predict(batch), 1e-9)
         emitted = 1.0 + self.acceptance.expected_accepted(s.drafter, s.width, s.depth)
@@ -171,12 +181,31 @@ class AdaptivePolicy:
         t += self._draft_cost.get(s.drafter, 0.0) * batch * s.depth
         return batch * emitted / max(t, 1e-9)
 
+    def goodput(self, s: Strategy, batch: int) -> float:
+        """The prediction, scaled by how the drafter's realised goodput compared with its
+        predictions at this batch size class."""
+        return self.predicted_goodput(s, batch) * self._correction.get((s.drafter or "off", _batch_class(batch)), 1.0)
+
+    def observe_step(self, s: Strategy, batch: int, emitted: int, seconds: float) -> None:
+        """A finished step: realised goodput against the prediction for it."""
+        if seconds <= 0:
+            return
+        last = self._predicted
+        predicted = last[2] if last is not None and last[:2] == (s, batch) else self.predicted_goodput(s, batch)
+        key = (s.drafter or "off", _batch_class(batch))
+        ratio = (emitted / seconds) / max(predicted, 1e-9)
+        old = self._correction.get(key)
+        self._correction[key] = ratio if old is None else old + self.correction_ema * (ratio - old)
+
     def choose(self, batch: int) -> Strategy:
         self._steps += 1
         if self.drafters and self._steps % self.explore_every == 0:
             stale = min(self.drafters, key=lambda n: self._last_used.get(n, -1))
-            return Strategy(stale, 2, 1)
-        return max(self.candidates(), key=lambda s: self.goodput(s, batch))
+            best = Strategy(stale, 2, 1)
+        else:
+            best = max(self.candidates(), key=lambda s: self.goodput(s, batch))
+        self._predicted = (best, batch, self.predicted_goodput(best, batch))  # before this step updates the models
+        return best
 
     def observe_draft(self, s: Strategy, seconds: float, batch: int) -> None:
         """A drafter's measured time for one step: kept as seconds per sequence per depth level."""
@@ -184,3 +213,8 @@ class AdaptivePolicy:
         per = seconds / max(batch * s.depth, 1)
         old = self._draft_cost.get(s.drafter)
         self._draft_cost[s.drafter] = per if old is None else old + 0.3 * (per - old)
+
+
+def _batch_class(batch: int) -> int:
+    """1, 2, 3-4, 5-8, ...: live-batch sizes whose steps behave alike share a correction."""
+    return max(batch - 1, 0).bit_length()

@@ -155,11 +155,17 @@ class RolloutEngine:
         self.stats = GenerationStats()
 
     # ---------------------------------------------------------------- public
-    def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False) -> list[Rollout]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False,
+                 prompt_keys: list[int] | None = None) -> list[Rollout]:
         """Sample `params.n` responses per prompt; rollouts ordered by (prompt_index, sample_index).
         The result depends on `params.seed` only, not on `max_batch` or the drafting strategy
-        (up to floating-point ties)."""
+        (up to floating-point ties). `prompt_keys` (default 0..N-1) are the prompts' indices in
+        the whole batch: they seed the sequences' random streams and become `prompt_index`, so
+        that data-parallel instances, each given part of a batch, sample what one would."""
         prompts = [[int(t) for t in p] for p in prompts]
+        keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
+        if len(keys) != len(prompts) or len(set(keys)) != len(keys):
+            raise ValueError(f"prompt_keys: need {len(prompts)} distinct keys, got {prompt_keys}")
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
@@ -195,8 +201,8 @@ class RolloutEngine:
                         i, samples = queue[0]
                         take, rest = samples[:len(free)], samples[len(free):]
                         for j in take:
-                            g = torch.Generator().manual_seed(_stream_seed(params.seed, i, j))
-                            s = _Seq(next(seq_ids), i, j, prompts[i], torch.rand(params.max_new_tokens, generator=g))
+                            g = torch.Generator().manual_seed(_stream_seed(params.seed, keys[i], j))
+                            s = _Seq(next(seq_ids), keys[i], j, prompts[i], torch.rand(params.max_new_tokens, generator=g))
                             s.slot = free.pop()
                             admitted.append(s)
                         if rest:
@@ -369,7 +375,10 @@ class RolloutEngine:
         self.policy.step_time.observe(b * n, verify_s)
         if strategy.drafter is not None:  # its cost counts even when it proposed nothing
             self.policy.observe_draft(strategy, draft_s, b)
-        self.stats.steps.append(StepRecord(b, str(used), emitted, time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        if self.fixed is None:
+            self.policy.observe_step(used, b, emitted, seconds)
+        self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
 
     def _record_acceptance(self, strategy: Strategy, offered: int, accepted: int) -> None:
         """One sequence's verification, into the policy's running rates and this call's counts."""

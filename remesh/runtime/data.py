@@ -43,10 +43,11 @@ def _object_device() -> torch.device | None:
 
 
 def redistribute(items: dict[int, Any] | None, lengths: dict[int, int] | None, src: Layout, dst: Layout,
-                 groups: ProcessGroups) -> dict[int, Any]:
+                 groups: ProcessGroups, replicate: bool = False) -> dict[int, Any]:
     """Collective over the ranks of src and dst. `items`/`lengths`: on a holder rank of src, its
     replica's samples and their token counts (None elsewhere). Returns, on every rank of dst,
-    the samples of its replica, by id ({} on ranks outside dst)."""
+    the samples of its replica, by id ({} on ranks outside dst); with `replicate`, every rank
+    of dst gets every sample."""
     rank = dist.get_rank()
     if rank not in src.ranks and rank not in dst.ranks:
         return {}
@@ -73,7 +74,7 @@ def redistribute(items: dict[int, Any] | None, lengths: dict[int, int] | None, s
             info = box[0]
     all_lengths = {sid: n for part in info.values() for sid, n in part.items()}
     holder_of = {sid: h for h, part in info.items() for sid in part}
-    assignment = balance_by_tokens(all_lengths, dst.dp)
+    assignment = [sorted(all_lengths)] * dst.dp if replicate else balance_by_tokens(all_lengths, dst.dp)
     # 3. samples to their consumer ranks, one message per (holder, receiver) pair
     received: dict[int, Any] = {}
     for r in sorted(dst.ranks):

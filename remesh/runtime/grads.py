@@ -4,9 +4,8 @@ With each data-parallel replica computing its share of a mini-batch's loss (each
 mini-batch's global unit count, as the one-process trainer does), `sync_gradients` sums the
 replicas' gradients: the update equals the one-process update. `clip_grad_norm` computes the
 norm of the whole model's gradient from local shards: tensor-parallel shards add their squares
-across the tp group, parameters that tp replicates count once, pipeline stages add theirs.
-(A tied embedding split over first and last pipeline stage is not handled yet: pipeline-parallel
-training is not built.)
+across the tp group, parameters that tp replicates count once, pipeline stages add theirs, and a
+tied embedding held by the first and the last stage counts once.
 """
 
 from __future__ import annotations
@@ -37,14 +36,16 @@ def clip_grad_norm(model: nn.Module, max_norm: float, spec: ShardSpec, layout: L
                    tp_group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None) -> float:
     """Scale gradients so that the whole model's gradient norm is at most `max_norm` (inf: no
     clipping); returns the norm before clipping, identical on every rank of the layout."""
-    _, _, tp_rank = layout.coord(rank)
+    stage, _, tp_rank = layout.coord(rank)
     sharded = torch.zeros((), dtype=torch.float64)
     replicated = torch.zeros((), dtype=torch.float64)
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum()
         info = spec.param(name, layout.pp)
+        if stage != info.stages[0]:  # a tied embedding's last-stage copy (its gradient already summed)
+            continue
+        sq = p.grad.detach().double().pow(2).sum()
         if info.tp_dim is not None:
             sharded += sq
         elif tp_rank == 0:  # the same on every tp rank: count it once

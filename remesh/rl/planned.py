@@ -1,0 +1,467 @@
+"""RL under an execution plan, on every rank of a torch.distributed job (ReaL's runtime).
+
+Every rank walks the algorithm's graph in the same order and takes part only in what concerns
+it, so MFCs on disjoint meshes run concurrently. For each MFC:
+
+1. its inputs move from their producers' meshes (`runtime/data.py`): an inference or generate
+   call gets its data-parallel replica's share, balanced by tokens; a train call gets the whole
+   batch on every rank (advantages need group and batch statistics), and each data-parallel
+   rank then computes its token-balanced share of every mini-batch;
+2. the role's parameters are put into the MFC's layout: trainable roles keep their training
+   copy in the train call's layout (the optimizer owns it) and are reallocated into another
+   layout before a call that needs one (`runtime/realloc.py`), the copy dropped after the
+   iteration; frozen roles (ref, reward) are built once in their call's layout;
+3. the one-process trainer's handler runs on the local model and data (the RL math is the same
+   code); gradients are summed over dp and clipped by the global norm (`runtime/grads.py`).
+
+Generation seeds every sequence by its prompt's index in the whole batch, so a plan samples
+what one process samples. At the end of an iteration, the ranks exchange their statistics, so
+metrics and the KL controller are identical everywhere; rank 0 logs them.
+
+Supported so far: dp and tp for every call, rule-based rewards and reward models (dp only).
+Pipeline stages are accepted by the plan layer but not yet by this runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from remesh.checkpoint import load_hf, resolve_model_path, save_hf
+from remesh.checkpoint.hf import load_hf_config
+from remesh.config import config_to_dict, dump_config
+from remesh.dataflow.graph import EXTERNAL_INPUTS, MFC, graph_for
+from remesh.model.llama import Transformer
+from remesh.plan.layout import Layout, ShardSpec
+from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
+from remesh.reward import build_reward_fn
+from remesh.rl.batch import Responses
+from remesh.rl.config import RLConfig
+from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve
+from remesh.rollout import RolloutEngine, SamplingParams
+from remesh.runtime.data import balance_by_tokens, holder_rank, redistribute
+from remesh.runtime.grads import clip_grad_norm, sync_gradients
+from remesh.runtime.groups import ProcessGroups
+from remesh.runtime.launch import default_backend, init_distributed, spawn
+from remesh.runtime.parallelize import build_local_model
+from remesh.runtime.realloc import ReallocStats, reallocate
+from remesh.train.metrics import MetricsLogger
+from remesh.train.optim import build_optimizer, build_scheduler
+from remesh.train.trainer import pick_device
+
+_RESPONSE_KEYS = ("responses", "greedy_responses")
+_TOKEN_KEYS = ("behaviour_logp", "ref_logp", "values")  # per response token
+_SCALAR_KEYS = ("scores", "greedy_scores")  # per sample
+
+
+class PlannedRLTrainer(RLTrainer):
+    def __init__(self, cfg: RLConfig, plan: str):
+        if not dist.is_initialized():
+            raise RuntimeError("a planned run needs torch.distributed: start it with torchrun or `remesh train ... "
+                               "trainer.nproc=N`")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._setup_common(cfg)
+        if self.resume_dir is not None:
+            raise ValueError("trainer.resume is not supported under an execution plan yet")
+        self.plan_spec = plan
+        self._setup_models()
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _role_source(self, role: str) -> tuple[str, str, torch.dtype]:
+        cfg = self.cfg
+        if role in ("actor", "ref"):
+            return str(self.initial), "lm", getattr(torch, cfg.actor.dtype)
+        if role == "critic":
+            c = cfg.critic or cfg.actor
+            return str(resolve_model_path(c.path)), "value", getattr(torch, c.dtype)
+        return str(cfg.reward.model), "value", torch.float32
+
+    def _setup_models(self) -> None:
+        cfg = self.cfg
+        roles = self.graph.roles
+        self.args = {r: load_hf_config(self._role_source(r)[0], self._role_source(r)[1]) for r in roles
+                     if r != "reward" or cfg.reward.model}
+        if "reward" not in self.args:  # rule-based: any architecture will do for validation
+            self.args["reward"] = self.args["actor"]
+        self._all_realloc_logs: list[str] = []
+        self.plan: ExecutionPlan = check_plan(cfg, self.world)
+        self.groups = ProcessGroups.for_layouts(list(self.plan.layouts.values()))
+        self.specs = {r: ShardSpec(a, getattr(torch, cfg.actor.dtype)) for r, a in self.args.items()}
+        self.train_layout = {m.role: self.plan.layouts[m.name] for m in self.graph.mfcs if m.call == "train_step"}
+        self.models: dict[tuple[str, Layout], Transformer] = {}  # (role, layout) -> this rank's local model
+        self.engines: dict[Layout, RolloutEngine] = {}
+        self.realloc_log: list[str] = []
+        self._built: set[tuple[str, Layout]] = set()  # other-layout copies made this iteration
+        full: dict[str, dict[str, Tensor]] = {}
+
+        def build(role: str, layout: Layout) -> Transformer:
+            if role not in full:
+                path, head, dtype = self._role_source(role)
+                full[role] = {n: p.detach() for n, p in load_hf(path, head=head, dtype=dtype).named_parameters()}
+            shards = {n: t.clone() for n, t in self.specs[role].shard_state(full[role], layout, self.rank).items()}
+            tp_group = self.groups.get(layout.tp_group(self.rank))
+            return build_local_model(self.args[role], layout, self.rank, shards, tp_group, self.device)
+
+        self.actor = self.critic = self.ref = None
+        for role, layout in self.train_layout.items():
+            if self.rank in layout.ranks:
+                model = build(role, layout)
+                self.models[(role, layout)] = model
+                opt_cfg = cfg.actor_optim if role == "actor" else cfg.critic_optim
+                opt = build_optimizer(model, opt_cfg)
+                setattr(self, role, model)
+                setattr(self, f"{role}_opt", opt)
+                setattr(self, f"{role}_sched", build_scheduler(opt, self.total_steps, opt_cfg))
+        for m in self.graph.mfcs:
+            lay = self.plan.layouts[m.name]
+            if m.role in ("ref", "reward") and self.rank in lay.ranks and (m.role, lay) not in self.models:
+                if m.role == "reward":
+                    self.models[(m.role, lay)] = None  # the reward function loads its own (dp only)
+                    self.reward_fn = build_reward_fn(cfg.reward, self.device)
+                else:
+                    self.models[(m.role, lay)] = build(m.role, lay).requires_grad_(False).eval()
+        full.clear()
+        self.store: dict[str, dict[int, Any]] = {}  # key -> sample id -> item, on holder ranks
+
+    # ---- per MFC -------------------------------------------------------------------------------
+    def _model_for(self, mfc: MFC, layout: Layout) -> Transformer | None:
+        """The role's model in `layout` on this rank, reallocating a trainable role's training
+        copy when the layouts differ (collective over both meshes; None on other ranks)."""
+        role = mfc.role
+        src = self.train_layout[role]
+        # the same decision on every rank (a rank outside `layout` must still send its part)
+        if layout == src or (role, layout) in self._built:
+            return self.models.get((role, layout)) if self.rank in layout.ranks else None
+        self._built.add((role, layout))
+        spec = self.specs[role]
+        shards = None
+        if self.rank in src.ranks:
+            shards = {spec.canonical(n): p.detach() for n, p in self.models[(role, src)].named_parameters()}
+        out, stats = reallocate(spec, src, layout, shards, group=None, device=self.device)
+        self._log_realloc(role, src, layout, stats)
+        if self.rank not in layout.ranks:
+            return None
+        model = build_local_model(self.args[role], layout, self.rank, out, self.groups.get(layout.tp_group(self.rank)),
+                                  self.device).requires_grad_(False)
+        self.models[(role, layout)] = model
+        return model
+
+    def _log_realloc(self, role: str, src: Layout, dst: Layout, stats: ReallocStats) -> None:
+        if self.rank == min(set(src.ranks) | set(dst.ranks)):
+            self.realloc_log.append(f"{role}: {stats.describe(src, dst)}")
+
+    def _gather_inputs(self, mfc: MFC, layout: Layout) -> dict[int, dict[str, Any]] | None:
+        """This rank's samples of the MFC's inputs, by producer key set; collective over the
+        producers' and the MFC's meshes."""
+        by_producer: dict[str, list[str]] = {}
+        for key in mfc.inputs:
+            if key in EXTERNAL_INPUTS:
+                continue
+            by_producer.setdefault(self.graph.producer(key).name, []).append(key)
+        samples: dict[str, dict[int, dict[str, Any]]] = {"sampled": {}, "greedy": {}}
+        groups: dict[tuple[str, str], list[str]] = {}  # (producer, sample space) -> keys
+        for producer, keys in by_producer.items():
+            for key in keys:
+                groups.setdefault((producer, "greedy" if key.startswith("greedy") else "sampled"), []).append(key)
+        for (producer, space), keys in sorted(groups.items()):
+            src = self.plan.layouts[producer]
+            items = lengths = None
+            if self.rank in {holder_rank(src, d) for d in range(src.dp)}:
+                items = {sid: {k: self.store[k][sid] for k in keys} for sid in self.store[keys[0]]}
+                lengths = {sid: self._length(sid, space) for sid in items}
+            got = redistribute(items, lengths, src, layout, self.groups, replicate=mfc.call == "train_step")
+            for sid, item in got.items():
+                samples[space].setdefault(sid, {}).update(item)
+        return {k: v for k, v in samples.items() if v} if self.rank in layout.ranks else None
+
+    def _length(self, sid: int, space: str) -> int:
+        key = "greedy_responses" if space == "greedy" else "responses"
+        r = self.store.get(key, {}).get(sid)
+        return len(r["prompt_ids"]) + len(r["response_ids"]) if r else 1
+
+    def _batch_inputs(self, mfc: MFC, samples: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+        """Per-sample items -> the batch form the handlers take (Responses, padded [B, T])."""
+        inputs: dict[str, Any] = {}
+        for space in ("sampled", "greedy"):  # sampled first: its Responses pad the token keys
+            if space not in samples:
+                continue
+            items = samples[space]
+            ids = sorted(items)
+            rkey = "greedy_responses" if space == "greedy" else "responses"
+            first = items[ids[0]]
+            if rkey in first:
+                inputs[rkey] = Responses([items[i][rkey]["prompt_index"] for i in ids],
+                                         [items[i][rkey]["prompt_ids"] for i in ids],
+                                         [items[i][rkey]["response_ids"] for i in ids],
+                                         [items[i][rkey]["finish_reason"] for i in ids])
+            resp = inputs.get(rkey) or inputs.get("responses")
+            for key in first:
+                if key in _TOKEN_KEYS:
+                    inputs[key] = resp.pad([items[i][key] for i in ids], self.device)
+                elif key in _SCALAR_KEYS:
+                    inputs[key] = torch.tensor([items[i][key] for i in ids], device=self.device)
+            inputs[f"_ids_{space}"] = ids
+        return inputs
+
+    def _store_outputs(self, mfc: MFC, out: dict[str, Any], inputs: dict[str, Any]) -> None:
+        n = 1 if mfc.option("greedy", False) else self.cfg.rollout.n_samples
+        for key, value in out.items():
+            if key in _RESPONSE_KEYS:
+                resp: Responses = value
+                seen: dict[int, int] = {}
+                ids = []
+                for p in resp.prompt_index:  # samples of a prompt are consecutive, in sample order
+                    ids.append(p * n + seen.get(p, 0))
+                    seen[p] = seen.get(p, 0) + 1
+                inputs[f"_ids_{'greedy' if key.startswith('greedy') else 'sampled'}"] = ids
+                self.store[key] = {sid: {"prompt_index": resp.prompt_index[j], "prompt_ids": resp.prompt_ids[j],
+                                         "response_ids": resp.response_ids[j], "finish_reason": resp.finish_reason[j]}
+                                   for j, sid in enumerate(ids)}
+        for key, value in out.items():
+            space = "greedy" if key.startswith("greedy") else "sampled"
+            if key in _TOKEN_KEYS:  # trimmed to each response's length
+                ids = inputs[f"_ids_{space}"]
+                resp = out.get("responses") or inputs["responses"]
+                self.store[key] = {sid: value[j, :len(resp.response_ids[j])].tolist() for j, sid in enumerate(ids)}
+            elif key in _SCALAR_KEYS:
+                self.store[key] = {sid: float(v) for sid, v in zip(inputs[f"_ids_{space}"], value.tolist())}
+            elif key.endswith("_stats"):
+                self.store[key] = {0: value}
+
+    def _prepare(self, mfc: MFC) -> tuple[Any, Transformer | None]:
+        """Inputs and parameters of a call, in its layout (collectives over the meshes involved)."""
+        layout = self.plan.layouts[mfc.name]
+        samples = self._gather_inputs(mfc, layout)
+        model = self._model_for(mfc, layout) if mfc.role in self.train_layout else None
+        return samples, model
+
+    def _execute(self, mfc: MFC, samples: Any, model: Transformer | None) -> float:
+        layout = self.plan.layouts[mfc.name]
+        if self.rank not in layout.ranks:
+            return 0.0
+        t0 = time.perf_counter()
+        self._layout, self._dp_rank = layout, layout.coord(self.rank)[1]
+        inputs = self._batch_inputs(mfc, samples or {})
+        if mfc.call == "generate":
+            share = balance_by_tokens({i: len(p.prompt_ids) for i, p in enumerate(self.batch_prompts)},
+                                      layout.dp)[self._dp_rank]
+            inputs = {"prompts": [self.batch_prompts[i] for i in share], "prompt_keys": share}
+            self.engine = self.engines.get(layout) or RolloutEngine(model, spec=self.cfg.rollout.spec,
+                                                                    max_batch=self.cfg.rollout.max_batch)
+            self.engine.model = model
+            self.engines[layout] = self.engine
+        elif mfc.role == "ref":
+            self.ref = self.models[("ref", layout)]
+        elif mfc.role == "critic" and mfc.call == "inference":
+            self.critic = model
+        handler = self._handlers()[(mfc.role, mfc.call)]
+        out = handler(mfc, {k: v for k, v in inputs.items() if not k.startswith("_")} if mfc.call != "generate"
+                      else inputs)
+        if mfc.role == "critic" and mfc.call == "inference":
+            self.critic = self.models.get(("critic", self.train_layout["critic"]))
+        holder = self.rank == holder_rank(layout, self._dp_rank)
+        if holder or mfc.call == "train_step":
+            self._store_outputs(mfc, out, inputs)
+        if mfc.call == "train_step" and self.rank == layout.ranks[0]:
+            self._train_batch = inputs  # the whole batch: metrics are computed from it
+        return time.perf_counter() - t0
+
+    # ---- hooks of the one-process trainer: data parallelism inside a train call ----------------
+    def _share(self, idx: list[int]) -> list[int]:
+        resp_len = self._train_lengths
+        return balance_by_tokens({i: resp_len[i] for i in idx}, self._layout.dp)[self._dp_rank]
+
+    def _train_actor(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
+        self._train_lengths = inputs["responses"].lengths()
+        return super()._train_actor(mfc, inputs)
+
+    def _train_critic(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
+        self._train_lengths = inputs["responses"].lengths()
+        return super()._train_critic(mfc, inputs)
+
+    def _reduce_sums(self, sums: dict[str, float], mismatch: Tensor) -> tuple[dict[str, float], float, float]:
+        group = self.groups.get(self._layout.dp_group(self.rank))
+        keys = [k for k in sums if k != "grad_norm"]  # the norm is already global
+        t = torch.tensor([sums[k] for k in keys] + [float(mismatch.sum()), float(mismatch.numel())],
+                         dtype=torch.float64)
+        mx = torch.tensor([float(mismatch.max()) if mismatch.numel() else 0.0], dtype=torch.float64)
+        if group is not None:
+            dist.all_reduce(t, group=group)
+            dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+        out = dict(sums)
+        out.update({k: float(v) for k, v in zip(keys, t[:len(keys)])})
+        return out, float(mx), float(t[-2] / max(float(t[-1]), 1.0))
+
+    def _optimizer_step(self, model, opt, sched, grad_clip) -> float:
+        layout = self._layout
+        role = "actor" if model is self.actor else "critic"
+        sync_gradients(model, self.groups.get(layout.dp_group(self.rank)))
+        norm = clip_grad_norm(model, grad_clip if grad_clip else float("inf"), self.specs[role], layout, self.rank,
+                              self.groups.get(layout.tp_group(self.rank)), self.groups.get(layout.pp_group(self.rank)))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return norm
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def iterate(self) -> dict[str, float]:
+        self.batch_prompts = self.prompt_batch(self.iteration)
+        self._gen_tokens = 0
+        self._spec_stats = {}
+        self.store = {}
+        self._train_batch = None
+        t0 = time.perf_counter()
+        times: dict[str, float] = {}
+        for level in self.graph.levels():
+            # every call of a level gets its data and parameters first, then they all compute: calls
+            # on disjoint meshes overlap instead of waiting on each other's reallocations
+            ready = {m.name: self._prepare(m) for m in level}
+            times.update({m.name: self._execute(m, *ready[m.name]) for m in level})
+        # drop the copies built for this iteration's calls: parameters change in the train calls
+        for key in self._built:
+            self.models.pop(key, None)
+        self._built.clear()
+        mine = {"times": times, "gen_tokens": self._gen_tokens, "spec": self._spec_stats, "realloc": self.realloc_log,
+                "stats": {k: v[0] for k, v in self.store.items() if k.endswith("_stats")},
+                "reward_metrics": self.reward_fn.metrics() if getattr(self, "reward_fn", None) else {},
+                "batch": self._train_batch_summary()}
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        metrics = self._merge(everyone)
+        self._all_realloc_logs = [line for e in everyone for line in e["realloc"]]
+        self.realloc_log = []
+        metrics["time/iteration"] = time.perf_counter() - t0
+        self.kl_ctl.update(metrics["kl/seq"], metrics.pop("_n_samples"))
+        self.iteration += 1
+        return metrics
+
+    def _train_batch_summary(self) -> dict[str, Any] | None:
+        b = self._train_batch
+        if b is None or self.rank != self.plan.layouts["actor_train"].ranks[0]:
+            return None
+        resp: Responses = b["responses"]
+        return {"scores": b["scores"].cpu(), "greedy_scores": b["greedy_scores"].cpu() if "greedy_scores" in b else None,
+                "lengths": [len(r) for r in resp.response_ids], "finish": list(resp.finish_reason)}
+
+    def _merge(self, everyone: list[dict[str, Any]]) -> dict[str, float]:
+        batch = next(e["batch"] for e in everyone if e["batch"] is not None)
+        scores = batch["scores"]
+        metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+                   "response/len_mean": sum(batch["lengths"]) / len(batch["lengths"]),
+                   "response/stop_frac": sum(f == "stop" for f in batch["finish"]) / len(batch["finish"]),
+                   "kl/coef": self.kl_ctl.value, "_n_samples": len(batch["lengths"])}
+        if batch["greedy_scores"] is not None:
+            metrics["reward/greedy_mean"] = float(batch["greedy_scores"].mean())
+        for e in everyone:
+            for stats in e["stats"].values():
+                metrics.update(stats)
+            metrics.update({f"reward/{k}": v for k, v in e["reward_metrics"].items()})
+        names = everyone[0]["times"].keys()
+        times = {n: max(e["times"][n] for e in everyone) for n in names}  # the slowest rank of each call
+        metrics.update({f"time/{k}": v for k, v in times.items()})
+        gen_time = sum(v for k, v in times.items() if k.startswith("actor_gen") or k == "actor_greedy")
+        metrics["perf/gen_tokens_per_s"] = sum(e["gen_tokens"] for e in everyone) / max(gen_time, 1e-9)
+        return metrics
+
+    def full_actor(self) -> Transformer | None:
+        """The whole actor on rank 0 (a reallocation to one rank); None elsewhere."""
+        target = Layout((0,))
+        src = self.train_layout["actor"]
+        spec = self.specs["actor"]
+        shards = None
+        if self.rank in src.ranks:
+            shards = {spec.canonical(n): p.detach() for n, p in self.actor.named_parameters()}
+        out, stats = reallocate(spec, src, target, shards, device=self.device)
+        self._log_realloc("actor", src, target, stats)
+        return build_local_model(self.args["actor"], target, 0, out) if self.rank == 0 else None
+
+    def _greedy_texts(self, model: Transformer, prompts: list) -> list[str]:
+        params = SamplingParams(greedy=True, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                stop_token_ids=tuple(self._stop_ids()))
+        with self.amp():
+            out = RolloutEngine(model, calibrate=False).generate([p.prompt_ids for p in prompts], params)
+        return self.tokenizer.batch_decode([r.response_ids for r in out], skip_special_tokens=True)
+
+    def fit(self) -> RLResult:
+        tc = self.cfg.trainer
+        lead = self.rank == 0
+        logger = bar = None
+        if lead:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.out / "config.yaml")
+            (self.out / "plan.yaml").write_text(self.plan.to_yaml())
+            print(f"remesh: plan on {self.world} ranks: {self.plan.one_line()}", flush=True)
+            logger = MetricsLogger(self.out, tc.tensorboard, tc.wandb_project, config_to_dict(self.cfg))
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tc.iterations, disable=not tc.progress, unit="it", desc=f"{self.cfg.algo.name} (plan)",
+                       dynamic_ncols=True)
+        shown = self.prompts[:tc.show_samples] if lead else []
+        before = self._greedy_texts(load_hf(self.initial, head="lm").to(self.device), shown) if shown else []
+        while self.iteration < tc.iterations:
+            metrics = self.iterate()
+            if lead:
+                if self.iteration == 1:  # the first iteration's reallocations, from every rank that led one
+                    for line in self._all_realloc_logs:
+                        print(f"remesh: {line}", flush=True)
+                logger.log(self.iteration, metrics)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/token', 0.0):.4f}",
+                                gen_tok_s=f"{metrics['perf/gen_tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+        final = self.full_actor()  # collective: every rank sends its part to rank 0
+        if not lead:
+            return RLResult(self.out, self.out / "final", self.out / "metrics.jsonl", None, self.iteration)
+        bar.close()
+        logger.close()
+        save_hf(final, self.out / "final", self.tokenizer)
+        curve = plot_reward_curve(logger.path, self.out / "reward_curve.png") if tc.plot else None
+        if before:
+            after = self._greedy_texts(final, shown)
+            (self.out / "samples.json").write_text(json.dumps(
+                [{"prompt": p.prompt, "before": b, "after": a} for p, b, a in zip(shown, before, after)], indent=1))
+            for p, b, a in zip(shown, before, after):
+                print(f"\nprompt: {p.prompt}\n  before: {b.strip()}\n  after:  {a.strip()}")
+        return RLResult(self.out, self.out / "final", logger.path, curve, self.iteration)
+
+
+def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
+    """Validate the run's plan without any process group (fails before processes start)."""
+    graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
+    actor = load_hf_config(resolve_model_path(cfg.actor.path), "lm")
+    args = {"actor": actor, "ref": actor, "reward": actor}
+    if cfg.reward.model:
+        args["reward"] = load_hf_config(cfg.reward.model, "value")
+    if "critic" in graph.roles:
+        args["critic"] = load_hf_config(resolve_model_path((cfg.critic or cfg.actor).path), "value")
+    plan = validate(resolve_plan(cfg.plan, graph, world_size), graph, args, world_size)
+    for m in graph.mfcs:  # what this runtime does not run yet
+        lay = plan.layouts[m.name]
+        if lay.pp > 1:
+            raise ValueError(f"plan: {m.name}={lay}: pipeline stages are not supported by the RL runtime yet")
+        if m.call == "generate" and lay.tp > 1 and cfg.rollout.spec == "auto":
+            raise ValueError(f"plan: {m.name}={lay}: tensor-parallel generation needs a fixed rollout.spec "
+                             f"(auto times steps per rank and could choose differently on each)")
+        if m.role == "reward" and cfg.reward.model and lay.tp > 1:
+            raise ValueError(f"plan: {m.name}={lay}: a reward model runs data-parallel only (tp=1) for now")
+    return plan
+
+
+def _planned_worker(rank: int, world: int, cfg: RLConfig) -> RLResult:
+    return PlannedRLTrainer(cfg, cfg.plan).fit()
+
+
+def train_planned(cfg: RLConfig) -> RLResult:
+    """Under torchrun: this process's part of the job. Otherwise: `trainer.nproc` local
+    processes (gloo on CPU), started here; rank 0's result is returned."""
+    if "WORLD_SIZE" in os.environ:
+        init_distributed(default_backend(pick_device(cfg.trainer.device)))
+        check_plan(cfg, dist.get_world_size())
+        return PlannedRLTrainer(cfg, cfg.plan).fit()
+    check_plan(cfg, cfg.trainer.nproc)
+    return spawn(_planned_worker, cfg.trainer.nproc, args=(cfg,), timeout_s=cfg.trainer.job_timeout_s)[0]
