@@ -23,11 +23,16 @@ def _realloc_random_pairs(rank: int, world: int, family: str, pairs: int) -> lis
     spec = ShardSpec(model.args)
     rng = random.Random(1)
     checked = []
-    for _ in range(pairs):
+    for i in range(pairs):
         src, dst = _random_layout(rng, world), _random_layout(rng, world)
         shards = {n: t.clone() for n, t in spec.shard_state(full, src, rank).items()} if rank in src.ranks else None
-        # a small bucket forces several rounds of messages
-        out, stats = reallocate(spec, src, dst, shards, bucket_bytes=4096)
+        # a small bucket forces several rounds; every other pair sends contiguous pieces directly
+        out, stats = reallocate(spec, src, dst, shards, bucket_bytes=4096, direct_min_bytes=0 if i % 2 else 2**20,
+                                alias_local=i % 3 == 0)
+        if i % 3 == 0 and shards is not None:  # a whole shard kept on its rank is the source tensor itself
+            kept = [n for n, t in out.items() if n in shards and t.shape == shards[n].shape
+                    and torch.equal(t, shards[n]) and t.data_ptr() == shards[n].data_ptr()]
+            assert stats.bytes_aliased == sum(out[n].numel() for n in kept) * 4
         expected = spec.shard_state(full, dst, rank) if rank in dst.ranks else {}
         assert out.keys() == expected.keys(), (src, dst)
         for n, t in out.items():

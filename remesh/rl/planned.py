@@ -143,7 +143,8 @@ class PlannedRLTrainer(RLTrainer):
         shards = None
         if self.rank in src.ranks:
             shards = {spec.canonical(n): p.detach() for n, p in self.models[(role, src)].named_parameters()}
-        out, stats = reallocate(spec, src, layout, shards, group=None, device=self.device)
+        # read-only copy, used before the training copy next changes: shards it holds whole are aliased
+        out, stats = reallocate(spec, src, layout, shards, group=None, device=self.device, alias_local=True)
         self._log_realloc(role, src, layout, stats)
         if self.rank not in layout.ranks:
             return None

@@ -7,10 +7,11 @@ replicas that hold it (dp replicas, tp peers of a replicated parameter, both sta
 embedding) as the one that has sent the fewest bytes so far, so that sending is spread over
 every replica instead of falling on dp rank 0. Every rank computes the same plan.
 
-`reallocate` executes it with torch.distributed point-to-point: per peer, the pieces are packed
-into flat buffers of at most `bucket_bytes` (one message per peer per round, so the message
-count stays small), every round's sends and receives are posted together, and the received
-buffers are unpacked into the target shards. It returns the target shards and the bytes, time
+`reallocate` executes it with torch.distributed point-to-point, in rounds of at most
+`bucket_bytes` per peer, every round's sends and receives posted together. A large piece that
+is contiguous on both sides (whole tensors, dim-0 slices) travels as its own message, sent from
+the source tensor and received into the target tensor, with no copy; the small or strided
+pieces of the round are packed into one flat message per peer and unpacked on arrival. It returns the target shards and the bytes, time
 and bandwidth of the move.
 """
 
@@ -42,9 +43,10 @@ class Transfer:
 @dataclass
 class ReallocStats:
     bytes_sent: int  # over the network (pieces between different ranks), whole job
-    bytes_local: int  # copied within a rank, whole job
+    bytes_local: int  # kept within a rank (copied or aliased), whole job
     seconds: float  # this rank's wall time, collective entry to exit
     messages: int  # messages this rank sent
+    bytes_aliased: int = 0  # of this rank's target, taken as its source tensors without a copy
 
     @property
     def bandwidth(self) -> float:
@@ -105,6 +107,14 @@ def _pieces(plan: list[Transfer], rank: int) -> tuple[dict[int, list[Transfer]],
     return sends, recvs, local
 
 
+def _contiguous(shape: tuple[int, ...], dim: int, length: int) -> bool:
+    """Whether narrowing a contiguous tensor of `shape` along `dim` leaves it contiguous."""
+    outer = 1
+    for n in shape[:dim]:
+        outer *= n
+    return outer == 1 or length == shape[dim]
+
+
 def _buckets(pieces: list[Transfer], max_numel: int) -> list[list[Transfer]]:
     """Consecutive pieces, each bucket at most `max_numel` elements (a larger piece alone)."""
     out, cur, n = [], [], 0
@@ -121,11 +131,16 @@ def _buckets(pieces: list[Transfer], max_numel: int) -> list[list[Transfer]]:
 
 def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tensor] | None,
                plan: list[Transfer] | None = None, group: dist.ProcessGroup | None = None,
-               bucket_bytes: int = 64 * 2**20, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], ReallocStats]:
+               bucket_bytes: int = 64 * 2**20, device: torch.device | str = "cpu",
+               direct_min_bytes: int = 2**20, out: dict[str, Tensor] | None = None,
+               alias_local: bool = False) -> tuple[dict[str, Tensor], ReallocStats]:
     """Collective over every rank of src and dst (and only those need to call it).
 
     `shards`: this rank's source shards (None when it is not in the source mesh). Returns this
     rank's target shards ({} when it is not in the target mesh) and the move's statistics.
+    `out`: target shards of an earlier move between the same layouts, to refill in place.
+    `alias_local`: a target shard that is exactly a source shard on the same rank is returned as
+    that tensor, not copied (for a read-only copy used before the source next changes).
     `group`: the process group whose ranks the layouts name (default: the world)."""
     rank = dist.get_rank(group) if group is not None else dist.get_rank()
     plan = transfer_plan(spec, src, dst) if plan is None else plan
@@ -134,9 +149,20 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
     dtype = spec.dtype
     max_numel = max(1, bucket_bytes // spec.element_size)
     t0 = time.perf_counter()
-    out = {n: torch.empty(s, dtype=dtype, device=device) for n, s in spec.local_shapes(dst, rank).items()} \
-        if rank in dst.ranks else {}
+    shapes = spec.local_shapes(dst, rank) if rank in dst.ranks else {}
+    if out is not None:  # the previous move's target tensors, refilled in place (no allocation)
+        got = {n: tuple(t.shape) for n, t in out.items()}
+        if got != shapes:
+            raise ValueError(f"reallocate: the given target tensors do not match {dst} on rank {rank}")
     sends, recvs, local = _pieces(plan, rank)
+    aliased: dict[str, Tensor] = {}
+    if alias_local and out is None and rank in dst.ranks:
+        aliased = {t.name: shards[t.name] for t in local if t.src_start == t.dst_start == 0
+                   and tuple(shards[t.name].shape) == shapes[t.name] and t.length == shapes[t.name][t.dim]}
+        local = [t for t in local if t.name not in aliased]
+    if out is None:
+        out = {n: aliased.get(n) if n in aliased else torch.empty(s, dtype=dtype, device=device)
+               for n, s in shapes.items()}
     for t in local:
         out[t.name].narrow(t.dim, t.dst_start, t.length).copy_(shards[t.name].narrow(t.dim, t.src_start, t.length))
     send_buckets = {peer: _buckets(v, max_numel) for peer, v in sends.items()}
@@ -147,20 +173,39 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
     def peer_rank(r: int) -> int:  # point-to-point calls take global ranks
         return dist.get_global_rank(group, r) if group is not None else r
 
+    src_shapes = {r: spec.local_shapes(src, r) for r in src.ranks}
+    dst_shapes = {r: spec.local_shapes(dst, r) for r in dst.ranks}
+
+    def direct(t: Transfer) -> bool:
+        """Large and contiguous on both sides: sent from and received into the tensors themselves."""
+        return (t.numel * spec.element_size >= direct_min_bytes
+                and _contiguous(src_shapes[t.src][t.name], t.dim, t.length)
+                and _contiguous(dst_shapes[t.dst][t.name], t.dim, t.length))
+
     for k in range(rounds):
         ops, unpack, keep = [], [], []  # keep: send buffers stay alive until their wait
         for peer, buckets in send_buckets.items():
             if k < len(buckets):
-                flat = torch.cat([shards[t.name].narrow(t.dim, t.src_start, t.length).reshape(-1)
-                                  for t in buckets[k]]).to(device)
-                keep.append(flat)
-                ops.append(dist.isend(flat, peer_rank(peer), group=group))
-                messages += 1
+                packed = [t for t in buckets[k] if not direct(t)]
+                views = [shards[t.name].narrow(t.dim, t.src_start, t.length) for t in buckets[k] if direct(t)]
+                if packed:
+                    views.insert(0, torch.cat([shards[t.name].narrow(t.dim, t.src_start, t.length).reshape(-1)
+                                               for t in packed]))
+                for tag, v in enumerate(views):
+                    v = v.to(device)
+                    keep.append(v)
+                    ops.append(dist.isend(v, peer_rank(peer), group=group, tag=tag))
+                    messages += 1
         for peer, buckets in recv_buckets.items():
             if k < len(buckets):
-                flat = torch.empty(sum(t.numel for t in buckets[k]), dtype=dtype, device=device)
-                ops.append(dist.irecv(flat, peer_rank(peer), group=group))
-                unpack.append((flat, buckets[k]))
+                packed = [t for t in buckets[k] if not direct(t)]
+                views = [out[t.name].narrow(t.dim, t.dst_start, t.length) for t in buckets[k] if direct(t)]
+                if packed:
+                    flat = torch.empty(sum(t.numel for t in packed), dtype=dtype, device=device)
+                    views.insert(0, flat)
+                    unpack.append((flat, packed))
+                for tag, v in enumerate(views):
+                    ops.append(dist.irecv(v, peer_rank(peer), group=group, tag=tag))
         for op in ops:
             op.wait()
         for flat, pieces in unpack:
@@ -175,5 +220,6 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
     size = spec.element_size
     stats = ReallocStats(bytes_sent=sum(t.numel for t in plan if t.src != t.dst) * size,
                          bytes_local=sum(t.numel for t in plan if t.src == t.dst) * size,
+                         bytes_aliased=sum(t.numel() for t in aliased.values()) * size,
                          seconds=seconds, messages=messages)
     return out, stats
