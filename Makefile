@@ -1,5 +1,5 @@
 # make demo: set up .venv (pinned) and run the RLHF demo on the embedded default model
-# (reward model on preference pairs, then ReMax against it).
+# (reward model on preference pairs, then ReMax against it under an execution plan on 2 CPU processes).
 # make test: set up .venv (pinned) and run the fast test suite.
 PYTHON ?= python3
 VENV := .venv

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def _run(kind: str, config: str | None, overrides: list[str]) -> None:
         from remesh.rl.trainer import train_rl
 
         result = train_rl(cfg)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+            return
         print(f"remesh: rl ({cfg.algo.name}) finished after {result.iterations} iterations")
         print(f"remesh: final actor  {result.final_model}")
         print(f"remesh: metrics      {result.metrics_file}")

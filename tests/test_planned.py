@@ -53,3 +53,28 @@ def test_invalid_plan_is_rejected_before_processes_start(rl_workspace):
     cfg["plan"] = "actor_gen=d2@0-1 actor_greedy=d2@0-1 rew_inf=d2@0-2 actor_train=d2@0-1"
     with pytest.raises(ValueError, match="rew_inf: layout d2t1@0-2: d2 x t1 x p1 = 2 ranks, but the mesh has 3"):
         train_rl(_load(ws, cfg, "bad_plan"))
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_runs_a_planned_job(rl_workspace):
+    """The multi-node path: torchrun starts the ranks, the job reads its world from torchrun."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    ws = rl_workspace
+    cfg = _config(ws, "grpo", "torchrun")
+    cfg["trainer"]["iterations"] = 2
+    cfg["plan"] = "colocated"
+    path = ws / "torchrun.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "remesh.cli", "train",
+                          str(path)], capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "plan on 2 ranks: actor_gen=d2t1@0-1" in run.stdout
+    assert len(read_metrics(ws / "torchrun" / "metrics.jsonl")) == 2
+    assert (ws / "torchrun" / "final" / "config.json").exists()

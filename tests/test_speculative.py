@@ -11,7 +11,7 @@ import torch
 from remesh.model import AttnContext
 from remesh.rollout import RolloutEngine, SamplingParams, greedy, target_logprobs
 from remesh.rollout import speculative
-from remesh.rollout.adaptive import AcceptanceStats, AdaptivePolicy, StepTimeModel, Strategy, parse_strategy
+from remesh.rollout.adaptive import OFF, AcceptanceStats, AdaptivePolicy, StepTimeModel, Strategy, parse_strategy
 from remesh.rollout.drafters import Drafter, HistoryDrafter, NGramDrafter, SeqView, first_layers
 from remesh.rollout.speculative import Draft, tree_mask, verify
 from tests.models import tiny_model
@@ -323,3 +323,24 @@ def test_generate_command_writes_jsonl_and_summary(tmp_path, capsys):
     assert "tokens/s" in printed and "strategies over time" in printed
     assert main(["generate", str(tmp_path / "model"), str(tmp_path / "p.jsonl"), "--spec", "model:3"]) == 2
     assert "unknown drafter 'model'" in capsys.readouterr().err
+
+
+def test_policy_corrects_an_optimistic_prediction_by_realised_goodput():
+    policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(2,), widths=(1,), explore_every=10**6)
+    for t, s in [(1, 0.1), (3, 0.1), (64, 0.8)]:  # memory-bound at small batch: drafts look free
+        policy.step_time.observe(t, s)
+    for _ in range(50):
+        policy.acceptance.observe("ngram", 1, 2, 2)  # every draft accepted: 3 tokens per step predicted
+    assert policy.choose(1) == Strategy("ngram", 2, 1)
+    predicted = policy.predicted_goodput(Strategy("ngram", 2, 1), 1)
+    emitted = 1 + policy.acceptance.expected_accepted("ngram", 1, 2)  # ~2.9 (the prior fades)
+    assert predicted == pytest.approx(emitted / 0.1) and emitted > 2.8
+    # but each such step really takes 0.5 s (costs no model of the forward sees): 6 tokens/s,
+    # while plain steps deliver their predicted 10 tokens/s
+    policy.observe_step(Strategy("ngram", 2, 1), 1, 3, 0.5)  # the step chosen above: correction 6 / ~29
+    assert policy.goodput(Strategy("ngram", 2, 1), 1) == pytest.approx(6.0)
+    assert policy.choose(1) == OFF
+    policy.observe_step(OFF, 1, 1, 0.1)
+    assert policy.choose(1) == OFF
+    # another batch size class keeps its own correction
+    assert policy.goodput(Strategy("ngram", 2, 1), 64) == policy.predicted_goodput(Strategy("ngram", 2, 1), 64)

@@ -154,7 +154,7 @@ class PlannedRLTrainer(RLTrainer):
         return model
 
     def _log_realloc(self, role: str, src: Layout, dst: Layout, stats: ReallocStats) -> None:
-        if self.rank == min(set(src.ranks) | set(dst.ranks)):
+        if self.rank == min(dst.ranks):  # a target rank: its statistics include what it aliased
             self.realloc_log.append(f"{role}: {stats.describe(src, dst)}")
 
     def _gather_inputs(self, mfc: MFC, layout: Layout) -> dict[int, dict[str, Any]] | None:
@@ -290,8 +290,9 @@ class PlannedRLTrainer(RLTrainer):
         group = self.groups.get(self._layout.dp_group(self.rank))
         keys = [k for k in sums if k != "grad_norm"]  # the norm is already global
         t = torch.tensor([sums[k] for k in keys] + [float(mismatch.sum()), float(mismatch.numel())],
-                         dtype=torch.float64)
-        mx = torch.tensor([float(mismatch.max()) if mismatch.numel() else 0.0], dtype=torch.float64)
+                         dtype=torch.float64, device=self.device)
+        mx = torch.tensor([float(mismatch.max()) if mismatch.numel() else 0.0], dtype=torch.float64,
+                          device=self.device)
         if group is not None:
             dist.all_reduce(t, group=group)
             dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
@@ -461,8 +462,12 @@ def train_planned(cfg: RLConfig) -> RLResult:
     """Under torchrun: this process's part of the job. Otherwise: `trainer.nproc` local
     processes (gloo on CPU), started here; rank 0's result is returned."""
     if "WORLD_SIZE" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+        check_plan(cfg, world)  # before the process group exists
         init_distributed(default_backend(pick_device(cfg.trainer.device)))
-        check_plan(cfg, dist.get_world_size())
-        return PlannedRLTrainer(cfg, cfg.plan).fit()
+        try:
+            return PlannedRLTrainer(cfg, cfg.plan).fit()
+        finally:
+            dist.destroy_process_group()
     check_plan(cfg, cfg.trainer.nproc)
     return spawn(_planned_worker, cfg.trainer.nproc, args=(cfg,), timeout_s=cfg.trainer.job_timeout_s)[0]

@@ -37,8 +37,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float, spec: ShardSpec, layout: L
     """Scale gradients so that the whole model's gradient norm is at most `max_norm` (inf: no
     clipping); returns the norm before clipping, identical on every rank of the layout."""
     stage, _, tp_rank = layout.coord(rank)
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device  # collectives on the backend's device (NCCL: CUDA)
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    replicated = torch.zeros((), dtype=torch.float64, device=device)
     for name, p in model.named_parameters():
         if p.grad is None:
             continue

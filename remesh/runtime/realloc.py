@@ -54,8 +54,12 @@ class ReallocStats:
         return self.bytes_sent / self.seconds if self.seconds > 0 else 0.0
 
     def describe(self, src: Layout, dst: Layout) -> str:
-        return (f"realloc {src} -> {dst}: {self.bytes_sent / 2**20:.1f} MiB sent, {self.bytes_local / 2**20:.1f} MiB "
-                f"local, {self.seconds * 1e3:.1f} ms, {self.bandwidth / 2**30:.2f} GiB/s")
+        local = f"{self.bytes_local / 2**20:.1f} MiB kept on their ranks"
+        if self.bytes_aliased:
+            local += f" ({self.bytes_aliased / 2**20:.1f} MiB here without a copy)"
+        sent = (f"{self.bytes_sent / 2**20:.1f} MiB sent at {self.bandwidth / 2**30:.2f} GiB/s" if self.bytes_sent
+                else "nothing sent")
+        return f"realloc {src} -> {dst}: {sent}, {local}, {self.seconds * 1e3:.1f} ms"
 
 
 def transfer_plan(spec: ShardSpec, src: Layout, dst: Layout) -> list[Transfer]:
