@@ -17,8 +17,9 @@ RTOL, ATOL = 1e-3, 1e-5
 PLANS = {
     # generation as 2 replicas, training with tp=2 on the same ranks, ref / reward / critic elsewhere
     "ppo": "actor_gen=d2@0-1 actor_train=d1t2@0-1 ref_inf=d1@2 rew_inf=d1@3 critic_inf=d2@2-3 critic_train=d1t2@2-3",
-    # sampled and greedy generation on disjoint meshes, concurrently; training across all four ranks
-    "remax": "actor_gen=d2@0-1 actor_greedy=d2@2-3 ref_inf=d1t2@2-3 rew_inf=d4@0-3 actor_train=d2t2@0-3",
+    # sampled and greedy generation on disjoint meshes, concurrently (the sampled one tensor-parallel,
+    # its peers agreeing on the adaptive drafting strategy); training across all four ranks
+    "remax": "actor_gen=d1t2@0-1 actor_greedy=d2@2-3 ref_inf=d1t2@2-3 rew_inf=d4@0-3 actor_train=d2t2@0-3",
 }
 SECTIONS = {
     "ppo": {"algo": {"name": "ppo", "ppo_epochs": 1, "mini_batches": 2}, "rollout": {"n_samples": 1},

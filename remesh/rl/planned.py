@@ -45,7 +45,7 @@ from remesh.rl.batch import Responses
 from remesh.rl.config import RLConfig
 from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve
 from remesh.rollout import RolloutEngine, SamplingParams
-from remesh.runtime.data import balance_by_tokens, holder_rank, redistribute
+from remesh.runtime.data import balance_by_tokens, holder_rank, object_device, redistribute
 from remesh.runtime.grads import clip_grad_norm, sync_gradients
 from remesh.runtime.groups import ProcessGroups
 from remesh.runtime.launch import default_backend, init_distributed, spawn
@@ -254,7 +254,8 @@ class PlannedRLTrainer(RLTrainer):
                                       layout.dp)[self._dp_rank]
             inputs = {"prompts": [self.batch_prompts[i] for i in share], "prompt_keys": share}
             self.engine = self.engines.get(layout) or RolloutEngine(model, spec=self.cfg.rollout.spec,
-                                                                    max_batch=self.cfg.rollout.max_batch)
+                                                                    max_batch=self.cfg.rollout.max_batch,
+                                                                    agree=self._tp_agreement(layout))
             self.engine.model = model
             self.engines[layout] = self.engine
         elif mfc.role == "ref":
@@ -272,6 +273,21 @@ class PlannedRLTrainer(RLTrainer):
         if mfc.call == "train_step" and self.rank == layout.ranks[0]:
             self._train_batch = inputs  # the whole batch: metrics are computed from it
         return time.perf_counter() - t0
+
+    def _tp_agreement(self, layout: Layout):
+        """Tensor-parallel peers decode in lockstep: each step they take the strategy their first
+        rank chose (the adaptive policy's timings differ between ranks)."""
+        group = self.groups.get(layout.tp_group(self.rank))
+        if group is None:
+            return None
+        first = layout.tp_group(self.rank)[0]
+
+        def agree(strategy):
+            box = [strategy]
+            dist.broadcast_object_list(box, src=first, group=group, device=object_device())
+            return box[0]
+
+        return agree
 
     # ---- hooks of the one-process trainer: data parallelism inside a train call ----------------
     def _share(self, idx: list[int]) -> list[int]:
@@ -446,9 +462,6 @@ def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
         lay = plan.layouts[m.name]
         if lay.pp > 1:
             raise ValueError(f"plan: {m.name}={lay}: pipeline stages are not supported by the RL runtime yet")
-        if m.call == "generate" and lay.tp > 1 and cfg.rollout.spec == "auto":
-            raise ValueError(f"plan: {m.name}={lay}: tensor-parallel generation needs a fixed rollout.spec "
-                             f"(auto times steps per rank and could choose differently on each)")
         if m.role == "reward" and cfg.reward.model and lay.tp > 1:
             raise ValueError(f"plan: {m.name}={lay}: a reward model runs data-parallel only (tp=1) for now")
     return plan

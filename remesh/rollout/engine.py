@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -133,10 +134,13 @@ class RolloutEngine:
     cache, the drafters' history and the policy's statistics across calls, as RL needs."""
 
     def __init__(self, model: nn.Module, spec: str = "off", draft_model: nn.Module | None = None,
-                 max_batch: int = 64, calibrate: bool = True):
+                 max_batch: int = 64, calibrate: bool = True,
+                 agree: Callable[[Strategy], Strategy] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.model, self.max_batch, self.calibrate = model, max_batch, calibrate
+        # agree: makes the ranks that run one model together (tensor parallel) take the same
+        # strategy each step, e.g. the first rank's, broadcast: timings differ between ranks
+        self.model, self.max_batch, self.calibrate, self.agree = model, max_batch, calibrate, agree
         self.drafters: dict[str, Drafter] = {"ngram": NGramDrafter(), "history": HistoryDrafter()}
         if draft_model is not None:
             self.drafters["model"] = ModelDrafter(draft_model)
@@ -214,6 +218,8 @@ class RolloutEngine:
                         live.extend(admitted)
                     else:
                         strategy = self.fixed if self.fixed is not None else self.policy.choose(len(live))
+                        if self.agree is not None and self.fixed is None:
+                            strategy = self.agree(strategy)
                         self._step(live, strategy, params, device)
                     for s in [s for s in live if s.reason is not None]:
                         live.remove(s)

@@ -38,7 +38,7 @@ def holder_rank(layout: Layout, dp: int) -> int:
     return layout.rank_at(layout.pp - 1, dp, 0)
 
 
-def _object_device() -> torch.device | None:
+def object_device() -> torch.device | None:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
 
 
@@ -54,7 +54,7 @@ def redistribute(items: dict[int, Any] | None, lengths: dict[int, int] | None, s
     holders = {holder_rank(src, d) for d in range(src.dp)}
     if rank in holders and (items is None or lengths is None or items.keys() != lengths.keys()):
         raise ValueError(f"rank {rank} holds producer outputs under {src}: pass its items and their lengths")
-    device = _object_device()
+    device = object_device()
     # 1. every src rank learns which holder has which sample and how long it is
     info = {s: (lengths if rank == s else None) for s in holders}
     if rank in src.ranks and src.size > 1:
