@@ -266,7 +266,7 @@ class RLTrainer:
                         kl_loss = aggregate(kl_estimate(logp, ref_logp[micro], cfg.kl.estimator), m, a.loss_agg,
                                             resp.max_len)
                         loss = loss + self.kl_ctl.value * kl_loss
-                        sums["kl_loss"] += float(kl_loss) / self.steps_per_iter
+                        sums["kl_loss"] += float(kl_loss.detach()) / self.steps_per_iter
                     weight = self._units(mask, micro) / units
                     (loss * weight).backward()
                     sums["loss"] += float(loss.detach()) * weight / self.steps_per_iter
