@@ -17,7 +17,7 @@ Headline (JSON): adaptive_vs_best_fixed_min, adaptive_vs_plain_min (min over bat
 longtail_speedup (adaptive / plain over the long-tail phase, median over batch sizes >= 4).
 
     python bench/rollout.py [--quick] [--device cuda] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
-                            [--temperature 1.0]
+                            [--temperature 1.0] [--length-mix]
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def main() -> None:
         p.add_argument("--sizes", default=""),
         p.add_argument("--max-new-tokens", type=int, default=48),
         p.add_argument("--temperature", type=float, default=1.0),
+        p.add_argument("--length-mix", action="store_true",
+                       help="ask for answers of one word, one sentence or a paragraph in turn: a wide spread of "
+                            "response lengths, so that the batch drains into a long tail"),
         p.add_argument("--reps", type=int, default=0, help="timed rounds (default 2, quick 1)")))
     device = torch.device(args.device)
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 8, 32] if args.quick else [1, 4, 16, 64])
@@ -56,7 +59,17 @@ def main() -> None:
     folder = resolve_model_path("default")
     tok = load_tokenizer(folder)
     model = load_hf(folder, head="lm", device=device).requires_grad_(False).eval()
-    prompts = [p.prompt_ids for p in load_prompt_dataset(PROMPTS, tok, max_prompt_len=256)[0]]
+    source = PROMPTS
+    if args.length_mix:  # the same prompts, each with a length instruction, cycling through three
+        import json
+        import tempfile
+
+        asks = (" Answer in one word.", " Answer in one sentence.", " Answer in a detailed paragraph.")
+        rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+        source = Path(tempfile.mkdtemp()) / "prompts.jsonl"
+        source.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + asks[i % 3]}) + "\n"
+                                  for i, r in enumerate(rows)))
+    prompts = [p.prompt_ids for p in load_prompt_dataset(source, tok, max_prompt_len=256)[0]]
     eos = model.args.extra.get("eos_token_id")
     stop = tuple(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}))
     names = ["off", *FIXED, "auto"]
@@ -108,10 +121,11 @@ def main() -> None:
     headline = {"adaptive_vs_best_fixed_min": round(min(d["adaptive_vs_best_fixed"] for d in per_size.values()), 3),
                 "adaptive_vs_plain_min": round(min(d["adaptive_vs_plain"] for d in per_size.values()), 3),
                 "longtail_speedup": round(median(tails), 3)}
-    name = "rollout" + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}") + ("_quick" if args.quick else "")
+    name = ("rollout" + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
+            + ("_lengthmix" if args.length_mix else "") + ("_quick" if args.quick else ""))
     finish(name, headline, {str(b): d for b, d in per_size.items()},
            device=device, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
-           temperature=args.temperature, dtype="fp32", wall_s=round(time.perf_counter() - t_start, 1))
+           temperature=args.temperature, length_mix=args.length_mix, dtype="fp32", wall_s=round(time.perf_counter() - t_start, 1))
 
 
 if __name__ == "__main__":
