@@ -36,15 +36,15 @@ from torch import Tensor
 from remesh.checkpoint import load_hf, resolve_model_path, save_hf
 from remesh.checkpoint.hf import load_hf_config
 from remesh.config import config_to_dict, dump_config
-from remesh.dataflow.graph import EXTERNAL_INPUTS, MFC, graph_for
-from remesh.model.llama import Transformer
+from remesh.dataflow.graph import EXTERNAL_INPUTS, MFC, DataflowGraph, graph_for
+from remesh.model.llama import ModelArgs, Transformer
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
 from remesh.reward import build_reward_fn
 from remesh.rl.batch import Responses
 from remesh.rl.config import RLConfig
-from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve
-from remesh.rollout import RolloutEngine, SamplingParams
+from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics
+from remesh.rollout import RolloutEngine
 from remesh.runtime.data import balance_by_tokens, holder_rank, object_device, redistribute
 from remesh.runtime.grads import clip_grad_norm, sync_gradients
 from remesh.runtime.groups import ProcessGroups
@@ -53,7 +53,7 @@ from remesh.runtime.parallelize import build_local_model
 from remesh.runtime.realloc import ReallocStats, reallocate
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
-from remesh.train.trainer import pick_device
+from remesh.train.trainer import pick_device, tc_clip
 
 _RESPONSE_KEYS = ("responses", "greedy_responses")
 _TOKEN_KEYS = ("behaviour_logp", "ref_logp", "values")  # per response token
@@ -61,7 +61,8 @@ _SCALAR_KEYS = ("scores", "greedy_scores")  # per sample
 
 
 class PlannedRLTrainer(RLTrainer):
-    def __init__(self, cfg: RLConfig, plan: str):
+    def __init__(self, cfg: RLConfig, plan: ExecutionPlan):
+        """`plan`: validated by `check_plan` for this world size."""
         if not dist.is_initialized():
             raise RuntimeError("a planned run needs torch.distributed: start it with torchrun or `remesh train ... "
                                "trainer.nproc=N`")
@@ -69,28 +70,14 @@ class PlannedRLTrainer(RLTrainer):
         self._setup_common(cfg)
         if self.resume_dir is not None:
             raise ValueError("trainer.resume is not supported under an execution plan yet")
-        self.plan_spec = plan
+        self.plan = plan
         self._setup_models()
 
     # ---- setup ---------------------------------------------------------------------------------
-    def _role_source(self, role: str) -> tuple[str, str, torch.dtype]:
-        cfg = self.cfg
-        if role in ("actor", "ref"):
-            return str(self.initial), "lm", getattr(torch, cfg.actor.dtype)
-        if role == "critic":
-            c = cfg.critic or cfg.actor
-            return str(resolve_model_path(c.path)), "value", getattr(torch, c.dtype)
-        return str(cfg.reward.model), "value", torch.float32
-
     def _setup_models(self) -> None:
         cfg = self.cfg
-        roles = self.graph.roles
-        self.args = {r: load_hf_config(self._role_source(r)[0], self._role_source(r)[1]) for r in roles
-                     if r != "reward" or cfg.reward.model}
-        if "reward" not in self.args:  # rule-based: any architecture will do for validation
-            self.args["reward"] = self.args["actor"]
+        self.args = role_args(cfg, self.graph)
         self._all_realloc_logs: list[str] = []
-        self.plan: ExecutionPlan = check_plan(cfg, self.world)
         self.groups = ProcessGroups.for_layouts(list(self.plan.layouts.values()))
         self.specs = {r: ShardSpec(a, getattr(torch, cfg.actor.dtype)) for r, a in self.args.items()}
         self.train_layout = {m.role: self.plan.layouts[m.name] for m in self.graph.mfcs if m.call == "train_step"}
@@ -102,7 +89,7 @@ class PlannedRLTrainer(RLTrainer):
 
         def build(role: str, layout: Layout) -> Transformer:
             if role not in full:
-                path, head, dtype = self._role_source(role)
+                path, head, dtype = _role_source(cfg, role)
                 full[role] = {n: p.detach() for n, p in load_hf(path, head=head, dtype=dtype).named_parameters()}
             shards = {n: t.clone() for n, t in self.specs[role].shard_state(full[role], layout, self.rank).items()}
             tp_group = self.groups.get(layout.tp_group(self.rank))
@@ -140,9 +127,7 @@ class PlannedRLTrainer(RLTrainer):
             return self.models.get((role, layout)) if self.rank in layout.ranks else None
         self._built.add((role, layout))
         spec = self.specs[role]
-        shards = None
-        if self.rank in src.ranks:
-            shards = {spec.canonical(n): p.detach() for n, p in self.models[(role, src)].named_parameters()}
+        shards = _shards(self.models[(role, src)], spec) if self.rank in src.ranks else None
         # read-only copy, used before the training copy next changes: shards it holds whole are aliased
         out, stats = reallocate(spec, src, layout, shards, group=None, device=self.device, alias_local=True)
         self._log_realloc(role, src, layout, stats)
@@ -290,17 +275,9 @@ class PlannedRLTrainer(RLTrainer):
         return agree
 
     # ---- hooks of the one-process trainer: data parallelism inside a train call ----------------
-    def _share(self, idx: list[int]) -> list[int]:
-        resp_len = self._train_lengths
-        return balance_by_tokens({i: resp_len[i] for i in idx}, self._layout.dp)[self._dp_rank]
-
-    def _train_actor(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
-        self._train_lengths = inputs["responses"].lengths()
-        return super()._train_actor(mfc, inputs)
-
-    def _train_critic(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
-        self._train_lengths = inputs["responses"].lengths()
-        return super()._train_critic(mfc, inputs)
+    def _share(self, resp: Responses, idx: list[int]) -> list[int]:
+        lengths = resp.lengths()
+        return balance_by_tokens({i: lengths[i] for i in idx}, self._layout.dp)[self._dp_rank]
 
     def _reduce_sums(self, sums: dict[str, float], mismatch: Tensor) -> tuple[dict[str, float], float, float]:
         group = self.groups.get(self._layout.dp_group(self.rank))
@@ -320,7 +297,7 @@ class PlannedRLTrainer(RLTrainer):
         layout = self._layout
         role = "actor" if model is self.actor else "critic"
         sync_gradients(model, self.groups.get(layout.dp_group(self.rank)))
-        norm = clip_grad_norm(model, grad_clip if grad_clip else float("inf"), self.specs[role], layout, self.rank,
+        norm = clip_grad_norm(model, tc_clip(grad_clip), self.specs[role], layout, self.rank,
                               self.groups.get(layout.tp_group(self.rank)), self.groups.get(layout.pp_group(self.rank)))
         opt.step()
         sched.step()
@@ -345,7 +322,7 @@ class PlannedRLTrainer(RLTrainer):
         for key in self._built:
             self.models.pop(key, None)
         self._built.clear()
-        mine = {"times": times, "gen_tokens": self._gen_tokens, "spec": self._spec_stats, "realloc": self.realloc_log,
+        mine = {"times": times, "gen_tokens": self._gen_tokens, "realloc": self.realloc_log,
                 "stats": {k: v[0] for k, v in self.store.items() if k.endswith("_stats")},
                 "reward_metrics": self.reward_fn.metrics() if getattr(self, "reward_fn", None) else {},
                 "batch": self._train_batch_summary()}
@@ -369,22 +346,15 @@ class PlannedRLTrainer(RLTrainer):
 
     def _merge(self, everyone: list[dict[str, Any]]) -> dict[str, float]:
         batch = next(e["batch"] for e in everyone if e["batch"] is not None)
-        scores = batch["scores"]
-        metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
-                   "response/len_mean": sum(batch["lengths"]) / len(batch["lengths"]),
-                   "response/stop_frac": sum(f == "stop" for f in batch["finish"]) / len(batch["finish"]),
-                   "kl/coef": self.kl_ctl.value, "_n_samples": len(batch["lengths"])}
-        if batch["greedy_scores"] is not None:
-            metrics["reward/greedy_mean"] = float(batch["greedy_scores"].mean())
+        names = everyone[0]["times"].keys()
+        times = {n: max(e["times"][n] for e in everyone) for n in names}  # the slowest rank of each call
+        metrics = rollout_metrics(batch["scores"], batch["greedy_scores"], batch["lengths"], batch["finish"], times,
+                                  sum(e["gen_tokens"] for e in everyone))
+        metrics.update({"kl/coef": self.kl_ctl.value, "_n_samples": len(batch["lengths"])})
         for e in everyone:
             for stats in e["stats"].values():
                 metrics.update(stats)
             metrics.update({f"reward/{k}": v for k, v in e["reward_metrics"].items()})
-        names = everyone[0]["times"].keys()
-        times = {n: max(e["times"][n] for e in everyone) for n in names}  # the slowest rank of each call
-        metrics.update({f"time/{k}": v for k, v in times.items()})
-        gen_time = sum(v for k, v in times.items() if k.startswith("actor_gen") or k == "actor_greedy")
-        metrics["perf/gen_tokens_per_s"] = sum(e["gen_tokens"] for e in everyone) / max(gen_time, 1e-9)
         return metrics
 
     def full_actor(self) -> Transformer | None:
@@ -392,19 +362,10 @@ class PlannedRLTrainer(RLTrainer):
         target = Layout((0,))
         src = self.train_layout["actor"]
         spec = self.specs["actor"]
-        shards = None
-        if self.rank in src.ranks:
-            shards = {spec.canonical(n): p.detach() for n, p in self.actor.named_parameters()}
+        shards = _shards(self.actor, spec) if self.rank in src.ranks else None
         out, stats = reallocate(spec, src, target, shards, device=self.device)
         self._log_realloc("actor", src, target, stats)
         return build_local_model(self.args["actor"], target, 0, out) if self.rank == 0 else None
-
-    def _greedy_texts(self, model: Transformer, prompts: list) -> list[str]:
-        params = SamplingParams(greedy=True, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                stop_token_ids=tuple(self._stop_ids()))
-        with self.amp():
-            out = RolloutEngine(model, calibrate=False).generate([p.prompt_ids for p in prompts], params)
-        return self.tokenizer.batch_decode([r.response_ids for r in out], skip_special_tokens=True)
 
     def fit(self) -> RLResult:
         tc = self.cfg.trainer
@@ -421,7 +382,8 @@ class PlannedRLTrainer(RLTrainer):
             bar = tqdm(total=tc.iterations, disable=not tc.progress, unit="it", desc=f"{self.cfg.algo.name} (plan)",
                        dynamic_ncols=True)
         shown = self.prompts[:tc.show_samples] if lead else []
-        before = self._greedy_texts(load_hf(self.initial, head="lm").to(self.device), shown) if shown else []
+        initial = RolloutEngine(load_hf(self.initial, head="lm").to(self.device), calibrate=False) if shown else None
+        before = self.sample_texts(shown, initial) if shown else []
         while self.iteration < tc.iterations:
             metrics = self.iterate()
             if lead:
@@ -440,7 +402,7 @@ class PlannedRLTrainer(RLTrainer):
         save_hf(final, self.out / "final", self.tokenizer)
         curve = plot_reward_curve(logger.path, self.out / "reward_curve.png") if tc.plot else None
         if before:
-            after = self._greedy_texts(final, shown)
+            after = self.sample_texts(shown, RolloutEngine(final, calibrate=False))
             (self.out / "samples.json").write_text(json.dumps(
                 [{"prompt": p.prompt, "before": b, "after": a} for p, b, a in zip(shown, before, after)], indent=1))
             for p, b, a in zip(shown, before, after):
@@ -448,16 +410,33 @@ class PlannedRLTrainer(RLTrainer):
         return RLResult(self.out, self.out / "final", logger.path, curve, self.iteration)
 
 
+def _shards(model: Transformer, spec: ShardSpec) -> dict[str, Tensor]:
+    """A local model's parameters as reallocation source shards (a tied head by the embedding's name)."""
+    return {spec.canonical(n): p.detach() for n, p in model.named_parameters()}
+
+
+def _role_source(cfg: RLConfig, role: str) -> tuple[str, str, torch.dtype]:
+    """(checkpoint folder, head, dtype) a role's model starts from."""
+    if role in ("actor", "ref"):
+        return str(resolve_model_path(cfg.actor.path)), "lm", getattr(torch, cfg.actor.dtype)
+    if role == "critic":
+        c = cfg.critic or cfg.actor
+        return str(resolve_model_path(c.path)), "value", getattr(torch, c.dtype)
+    return str(cfg.reward.model), "value", torch.float32
+
+
+def role_args(cfg: RLConfig, graph: DataflowGraph) -> dict[str, ModelArgs]:
+    """The architecture of every role of the graph (a rule-based reward has no model: it gets
+    the actor's, against which its layouts are validated)."""
+    args = {r: load_hf_config(*_role_source(cfg, r)[:2]) for r in graph.roles if r != "reward" or cfg.reward.model}
+    args.setdefault("reward", args["actor"])
+    return args
+
+
 def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
     """Validate the run's plan without any process group (fails before processes start)."""
     graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
-    actor = load_hf_config(resolve_model_path(cfg.actor.path), "lm")
-    args = {"actor": actor, "ref": actor, "reward": actor}
-    if cfg.reward.model:
-        args["reward"] = load_hf_config(cfg.reward.model, "value")
-    if "critic" in graph.roles:
-        args["critic"] = load_hf_config(resolve_model_path((cfg.critic or cfg.actor).path), "value")
-    plan = validate(resolve_plan(cfg.plan, graph, world_size), graph, args, world_size)
+    plan = validate(resolve_plan(cfg.plan, graph, world_size), graph, role_args(cfg, graph), world_size)
     for m in graph.mfcs:  # what this runtime does not run yet
         lay = plan.layouts[m.name]
         if lay.pp > 1:
@@ -467,20 +446,19 @@ def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
     return plan
 
 
-def _planned_worker(rank: int, world: int, cfg: RLConfig) -> RLResult:
-    return PlannedRLTrainer(cfg, cfg.plan).fit()
+def _planned_worker(rank: int, world: int, cfg: RLConfig, plan: ExecutionPlan) -> RLResult:
+    return PlannedRLTrainer(cfg, plan).fit()
 
 
 def train_planned(cfg: RLConfig) -> RLResult:
     """Under torchrun: this process's part of the job. Otherwise: `trainer.nproc` local
     processes (gloo on CPU), started here; rank 0's result is returned."""
     if "WORLD_SIZE" in os.environ:
-        world = int(os.environ["WORLD_SIZE"])
-        check_plan(cfg, world)  # before the process group exists
+        plan = check_plan(cfg, int(os.environ["WORLD_SIZE"]))  # before the process group exists
         init_distributed(default_backend(pick_device(cfg.trainer.device)))
         try:
-            return PlannedRLTrainer(cfg, cfg.plan).fit()
+            return PlannedRLTrainer(cfg, plan).fit()
         finally:
             dist.destroy_process_group()
-    check_plan(cfg, cfg.trainer.nproc)
-    return spawn(_planned_worker, cfg.trainer.nproc, args=(cfg,), timeout_s=cfg.trainer.job_timeout_s)[0]
+    plan = check_plan(cfg, cfg.trainer.nproc)
+    return spawn(_planned_worker, cfg.trainer.nproc, args=(cfg, plan), timeout_s=cfg.trainer.job_timeout_s)[0]

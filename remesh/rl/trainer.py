@@ -86,7 +86,7 @@ class RLTrainer:
 
     def _setup_models(self) -> None:
         """Every role's whole model on this process, optimizers, and the resumed state."""
-        cfg, tc = self.cfg, self.cfg.trainer
+        cfg = self.cfg
         dtype = getattr(torch, cfg.actor.dtype)
         self.actor = load_hf(self.resume_dir or self.initial, head="lm", dtype=dtype, device=self.device)
         self.engine = RolloutEngine(self.actor, spec=cfg.rollout.spec, max_batch=cfg.rollout.max_batch,
@@ -217,7 +217,7 @@ class RLTrainer:
 
     # hooks a data-parallel trainer overrides (remesh/rl/planned.py): one process computes the
     # whole mini-batch, sums nothing, and steps with torch's own clipping
-    def _share(self, idx: list[int]) -> list[int]:
+    def _share(self, resp: Responses, idx: list[int]) -> list[int]:
         """The samples of a mini-batch that this process computes."""
         return idx
 
@@ -248,7 +248,7 @@ class RLTrainer:
         for epoch in range(a.ppo_epochs):
             for mb_i, mb in enumerate(self._minibatches(len(resp), epoch)):
                 units = self._units(mask, mb)
-                for micro in micro_batches(resp, self._share(mb), cfg.trainer.micro_batch_tokens):
+                for micro in micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens):
                     with self.amp():
                         logp = micro_logprobs(self.actor, resp, micro, self.device, cfg.rollout.temperature,
                                               cfg.actor.logprob_chunk_tokens)
@@ -293,7 +293,7 @@ class RLTrainer:
         for epoch in range(a.ppo_epochs):
             for mb in self._minibatches(len(resp), epoch):
                 units = self._units(mask, mb)
-                for micro in micro_batches(resp, self._share(mb), cfg.trainer.micro_batch_tokens):
+                for micro in micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens):
                     with self.amp():
                         values = micro_values(self.critic, resp, micro, self.device)
                     loss, st = value_loss(values, old_values[micro], returns[micro], mask[micro], a.value_clip,
@@ -329,19 +329,12 @@ class RLTrainer:
 
     def _metrics(self, data: dict[str, Any], times: dict[str, float]) -> dict[str, float]:
         resp: Responses = data["responses"]
-        metrics = {"reward/mean": float(data["scores"].mean()), "reward/std": float(data["scores"].std()
-                                                                                   if len(resp) > 1 else 0.0),
-                   "response/len_mean": sum(len(r) for r in resp.response_ids) / len(resp),
-                   "response/stop_frac": sum(f == "stop" for f in resp.finish_reason) / len(resp),
-                   "kl/coef": self.kl_ctl.value}
-        if "greedy_scores" in data:
-            metrics["reward/greedy_mean"] = float(data["greedy_scores"].mean())
+        metrics = rollout_metrics(data["scores"], data.get("greedy_scores"), [len(r) for r in resp.response_ids],
+                                  resp.finish_reason, times, self._gen_tokens)
+        metrics["kl/coef"] = self.kl_ctl.value
         metrics.update(data["actor_stats"])
         metrics.update(data.get("critic_stats", {}))
         metrics.update({f"reward/{k}": v for k, v in self.reward_fn.metrics().items()})
-        metrics.update({f"time/{k}": v for k, v in times.items()})
-        gen_time = sum(v for k, v in times.items() if k.startswith("actor_gen") or k == "actor_greedy")
-        metrics["perf/gen_tokens_per_s"] = self._gen_tokens / max(gen_time, 1e-9)
         for name, st in self._spec_stats.items():  # how much the speculative decoding helped
             metrics.update({f"perf/{name}/{k}": v for k, v in st.items()})
         return metrics
@@ -358,11 +351,12 @@ class RLTrainer:
         prune_checkpoints(self.out, self.cfg.trainer.keep_checkpoints)
         return folder
 
-    def sample_texts(self, prompts: list[PromptExample]) -> list[str]:
+    def sample_texts(self, prompts: list[PromptExample], engine: RolloutEngine | None = None) -> list[str]:
+        """Greedy responses to `prompts`, by the run's engine unless another is given."""
         params = SamplingParams(greedy=True, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                 stop_token_ids=tuple(self._stop_ids()))
         with self.amp():
-            rollouts = self.engine.generate([p.prompt_ids for p in prompts], params)
+            rollouts = (engine or self.engine).generate([p.prompt_ids for p in prompts], params)
         return self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
 
     def fit(self) -> RLResult:
@@ -397,6 +391,20 @@ class RLTrainer:
             for p, b, a in zip(shown, before, after):
                 print(f"\nprompt: {p.prompt}\n  before: {b.strip()}\n  after:  {a.strip()}")
         return RLResult(self.out, final, logger.path, curve, self.iteration)
+
+
+def rollout_metrics(scores: Tensor, greedy_scores: Tensor | None, lengths: list[int], finish: list[str],
+                    times: dict[str, float], gen_tokens: int) -> dict[str, float]:
+    """An iteration's reward, response and timing metrics (`times`: seconds per MFC)."""
+    metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std()) if len(scores) > 1 else 0.0,
+               "response/len_mean": sum(lengths) / len(lengths),
+               "response/stop_frac": sum(f == "stop" for f in finish) / len(finish)}
+    if greedy_scores is not None:
+        metrics["reward/greedy_mean"] = float(greedy_scores.mean())
+    metrics.update({f"time/{k}": v for k, v in times.items()})
+    gen_time = sum(v for k, v in times.items() if k.startswith("actor_gen") or k == "actor_greedy")
+    metrics["perf/gen_tokens_per_s"] = gen_tokens / max(gen_time, 1e-9)
+    return metrics
 
 
 def plot_reward_curve(metrics_file: Path, path: Path) -> Path:

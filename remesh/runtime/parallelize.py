@@ -62,24 +62,23 @@ class _ReduceFromTP(torch.autograd.Function):
         return g, None
 
 
-class ColumnParallelLinear(nn.Module):
+class _ShardedLinear(nn.Module):
+    """A linear layer's tensor-parallel shard: `weight` and `bias` under nn.Linear's names, so
+    the rank's state dict keeps the model's parameter names."""
+
     def __init__(self, weight: Tensor, bias: Tensor | None, group: dist.ProcessGroup):
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.group = group
 
+
+class ColumnParallelLinear(_ShardedLinear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Module):
-    def __init__(self, weight: Tensor, bias: Tensor | None, group: dist.ProcessGroup):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.bias = nn.Parameter(bias) if bias is not None else None
-        self.group = group
-
+class RowParallelLinear(_ShardedLinear):
     def forward(self, x: Tensor) -> Tensor:
         out = _ReduceFromTP.apply(F.linear(x, self.weight), self.group)
         return out + self.bias if self.bias is not None else out

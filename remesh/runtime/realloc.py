@@ -71,17 +71,17 @@ def transfer_plan(spec: ShardSpec, src: Layout, dst: Layout) -> list[Transfer]:
     src_params = {p.name: p for p in spec.params(src.pp)}
     for q in spec.params(dst.pp):
         p = src_params[q.name]
+        # source ranks by the slice they hold; several hold each slice (replicas)
+        holders: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for s in src.ranks:
+            have = spec.local_slice(p, src, s)
+            if have is not None:
+                holders[have[1:]].append(s)
         for r in dst.ranks:
             want = spec.local_slice(q, dst, r)
             if want is None:
                 continue
             dim, a, b = want
-            # source ranks by the slice they hold; several hold each slice (replicas)
-            holders: dict[tuple[int, int], list[int]] = defaultdict(list)
-            for s in src.ranks:
-                have = spec.local_slice(p, src, s)
-                if have is not None:
-                    holders[have[1:]].append(s)
             # cover [a, b) with the source slices, left to right
             pos = a
             for (sa, sb), ranks in sorted(holders.items()):
