@@ -3,6 +3,8 @@ at a fixed seed; invalid plans are rejected before any process starts."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from remesh.rl.trainer import RLTrainer, train_rl
@@ -22,20 +24,27 @@ PLANS = {
     "remax": "actor_gen=d1t2@0-1 actor_greedy=d2@2-3 ref_inf=d1t2@2-3 rew_inf=d4@0-3 actor_train=d2t2@0-3",
 }
 SECTIONS = {
-    "ppo": {"algo": {"name": "ppo", "ppo_epochs": 1, "mini_batches": 2}, "rollout": {"n_samples": 1},
-            "kl": {"coef": 0.05}},
+    "ppo": {"algo": {"name": "ppo", "ppo_epochs": 1, "mini_batches": 2},
+            "rollout": {"n_samples": 1, "migrate_every": 1}, "kl": {"coef": 0.05}},
     "remax": {"rollout": {"n_samples": 1}, "kl": {"coef": 0.05}},
 }
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("algo", ["ppo", "remax"])
-def test_plan_gives_the_one_process_metrics(rl_workspace, algo):
+def test_plan_gives_the_one_process_metrics(rl_workspace, algo, capfd):
     ws = rl_workspace
     base = _config(ws, algo, f"{algo}_one", **SECTIONS[algo])
     base["trainer"]["iterations"] = 2
+    if algo == "ppo":  # prompts of 59, 26, 26 and 26 tokens: balanced by tokens, the long one alone
+        prompts = ws / "uneven_prompts.jsonl"  # is one generation instance's share
+        prompts.write_text("\n".join(json.dumps({"prompt": p})
+                                     for p in ["Say something long about item one, in detail.", "A", "B", "C"]))
+        base["data"]["train"] = str(prompts)
+        base["trainer"]["prompts_per_iter"] = 4
     one = RLTrainer(_load(ws, base, f"{algo}_one")).fit()
     planned = _config(ws, algo, f"{algo}_plan", **SECTIONS[algo])
+    planned["data"], planned["trainer"]["prompts_per_iter"] = base["data"], base["trainer"]["prompts_per_iter"]
     planned["trainer"].update(iterations=2, nproc=4)
     planned["plan"] = PLANS[algo]
     result = train_rl(_load(ws, planned, f"{algo}_plan"))
@@ -45,6 +54,11 @@ def test_plan_gives_the_one_process_metrics(rl_workspace, algo):
         for k in KEYS + {"ppo": ("critic/loss",), "remax": ("reward/greedy_mean",)}[algo]:
             assert abs(ra[k] - rb[k]) <= ATOL + RTOL * abs(ra[k]), (k, ra[k], rb[k])
     assert (result.final_model / "model.safetensors").exists() or (result.final_model / "config.json").exists()
+    if algo == "ppo":  # the two generation instances exchanged samples, which changed no metric
+        import re
+
+        moved = re.search(r"actor_gen sample migration: \d+ rounds, (\d+) sequences moved", capfd.readouterr().out)
+        assert moved and int(moved.group(1)) >= 1  # loads 1 and 3 at the first exchange
 
 
 def test_invalid_plan_is_rejected_before_processes_start(rl_workspace):

@@ -69,9 +69,16 @@ class RolloutConfig:
     max_batch: int = 64  # sequences decoded together
     spec: str = "auto"  # speculative decoding: off, auto (adaptive) or fixed, e.g. ngram:4, history:4x2, model:3
     draft_model: str | None = None  # for the "model" drafter: an HF folder, or self:N (the actor's first N layers)
+    # sample migration between data-parallel generation instances (under a plan with dp > 1):
+    # engine steps between load exchanges (0: off), and how a moved sequence's context travels
+    migrate_every: int = 8
+    migrate_transfer: Literal["auto", "cache", "recompute"] = "auto"
 
     def __post_init__(self) -> None:
         from remesh.rollout.adaptive import parse_strategy
+
+        if self.migrate_every < 0:
+            raise ValueError(f"rollout.migrate_every must be >= 0 (0: no migration), got {self.migrate_every}")
 
         if self.spec != "auto":
             parse_strategy(self.spec)

@@ -44,11 +44,12 @@ from remesh.reward import build_reward_fn
 from remesh.rl.batch import Responses
 from remesh.rl.config import RLConfig
 from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics
-from remesh.rollout import RolloutEngine
+from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.runtime.data import balance_by_tokens, holder_rank, object_device, redistribute
 from remesh.runtime.grads import clip_grad_norm, sync_gradients
 from remesh.runtime.groups import ProcessGroups
 from remesh.runtime.launch import default_backend, init_distributed, spawn
+from remesh.runtime.migration import MigratingGenerator
 from remesh.runtime.parallelize import build_local_model
 from remesh.runtime.realloc import ReallocStats, reallocate
 from remesh.train.metrics import MetricsLogger
@@ -83,6 +84,7 @@ class PlannedRLTrainer(RLTrainer):
         self.train_layout = {m.role: self.plan.layouts[m.name] for m in self.graph.mfcs if m.call == "train_step"}
         self.models: dict[tuple[str, Layout], Transformer] = {}  # (role, layout) -> this rank's local model
         self.engines: dict[Layout, RolloutEngine] = {}
+        self.migrators: dict[Layout, MigratingGenerator] = {}
         self.realloc_log: list[str] = []
         self._built: set[tuple[str, Layout]] = set()  # other-layout copies made this iteration
         full: dict[str, dict[str, Tensor]] = {}
@@ -258,6 +260,23 @@ class PlannedRLTrainer(RLTrainer):
         if mfc.call == "train_step" and self.rank == layout.ranks[0]:
             self._train_batch = inputs  # the whole batch: metrics are computed from it
         return time.perf_counter() - t0
+
+    def _rollouts(self, mfc: MFC, prompts: list[list[int]], params: SamplingParams,
+                  keys: list[int] | None) -> list[Rollout]:
+        layout = self.plan.layouts[mfc.name]
+        every = self.cfg.rollout.migrate_every
+        if layout.dp == 1 or every == 0:
+            return self.engine.generate(prompts, params, prompt_keys=keys)
+        gen = self.migrators.get(layout)
+        if gen is None:
+            gen = self.migrators[layout] = MigratingGenerator(layout, self.groups, every,
+                                                              transfer=self.cfg.rollout.migrate_transfer)
+        batch = [p.prompt_ids for p in self.batch_prompts]
+        out = gen.generate(self.engine, prompts, params, keys,
+                           reserve=(len(batch) * params.n, max(len(p) for p in batch)))
+        if self.rank == layout.ranks[0]:
+            self.realloc_log.append(f"{mfc.name} sample migration: {gen.stats.describe()}")
+        return out
 
     def _tp_agreement(self, layout: Layout):
         """Tensor-parallel peers decode in lockstep: each step they take the strategy their first

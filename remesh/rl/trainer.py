@@ -29,7 +29,7 @@ from remesh.dataflow.graph import MFC, graph_for
 from remesh.reward import build_reward_fn
 from remesh.rl.batch import Responses, all_logprobs, all_values, micro_batches, micro_logprobs, micro_values
 from remesh.rl.config import RLConfig
-from remesh.rollout import RolloutEngine, SamplingParams
+from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.rollout.drafters import load_draft_model
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
@@ -141,8 +141,8 @@ class RLTrainer:
         prompts: list[PromptExample] = inputs["prompts"]
         greedy = bool(mfc.option("greedy", False))
         with self.amp():  # prompt_keys: a data-parallel instance's prompts are part of the batch
-            rollouts = self.engine.generate([p.prompt_ids for p in prompts], self._sampling(greedy),
-                                            prompt_keys=inputs.get("prompt_keys"))
+            rollouts = self._rollouts(mfc, [p.prompt_ids for p in prompts], self._sampling(greedy),
+                                      inputs.get("prompt_keys"))
         st = self.engine.stats
         self._spec_stats[mfc.name] = {"tokens_per_step": st.tokens / max(len(st.steps), 1),
                                       "spec_step_frac": sum(r.strategy != "off" for r in st.steps) / max(len(st.steps), 1)}
@@ -152,6 +152,11 @@ class RLTrainer:
         if greedy:
             return {"greedy_responses": responses}
         return {"responses": responses, "behaviour_logp": responses.pad([r.logprobs for r in rollouts], self.device)}
+
+    def _rollouts(self, mfc: MFC, prompts: list[list[int]], params: SamplingParams,
+                  keys: list[int] | None) -> list[Rollout]:
+        """Hook: generation under a plan lets data-parallel instances exchange samples."""
+        return self.engine.generate(prompts, params, prompt_keys=keys)
 
     def _ref_logprobs(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
         with self.amp():

@@ -79,6 +79,17 @@ class StepTimeModel:
             self._t.insert(i, tokens)
             self._s.insert(i, seconds)
 
+    def points(self) -> list[tuple[int, float]]:
+        """(tokens, seconds) pairs: what another rank needs to predict with this model."""
+        return list(zip(self._t, self._s))
+
+    @classmethod
+    def from_points(cls, points: list[tuple[int, float]]) -> StepTimeModel:
+        model = cls()
+        for tokens, seconds in sorted(points):
+            model.observe(tokens, seconds)
+        return model
+
     @property
     def calibrated(self) -> bool:
         return len(self._t) >= 2

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -103,22 +103,57 @@ class GenerationStats:
         return lines
 
 
+@dataclass
+class MovedSeq:
+    """An unfinished sequence on its way from one engine to another (sample migration)."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: list[int]
+    response: list[int]  # so far; the last token is not in the cache yet
+    logprobs: list[float]
+    kv: tuple[Tensor, Tensor] | None = None  # its cache rows [layers, kv heads, tokens, head dim], or recompute
+
+    @property
+    def cached_tokens(self) -> int:
+        return len(self.prompt) + len(self.response) - 1 if self.response else 0
+
+
 class _Seq:
     __slots__ = ("seq_id", "prompt_index", "sample_index", "prompt", "response", "logprobs", "reason", "slot",
-                 "cache_len", "uniforms")
+                 "cache_len", "uniforms", "kv")
 
-    def __init__(self, seq_id: int, prompt_index: int, sample_index: int, prompt: list[int], uniforms: Tensor):
+    def __init__(self, seq_id: int, prompt_index: int, sample_index: int, prompt: list[int], uniforms: Tensor,
+                 response: list[int], logprobs: list[float], kv: tuple[Tensor, Tensor] | None):
         self.seq_id, self.prompt_index, self.sample_index = seq_id, prompt_index, sample_index
         self.prompt = prompt
-        self.response: list[int] = []
-        self.logprobs: list[float] = []
+        self.response = list(response)
+        self.logprobs = list(logprobs)
         self.reason: str | None = None
         self.slot = -1
         self.cache_len = 0  # tokens in the cache; the last response token is not yet
         self.uniforms = uniforms  # one per response position
+        self.kv = kv  # cache rows brought by a migrated sequence, until it is admitted
 
     def view(self) -> SeqView:
         return SeqView(self.seq_id, self.slot, tuple(self.prompt), self.prompt + self.response, len(self.prompt))
+
+
+@dataclass
+class _Run:
+    """The state of one generate call."""
+
+    params: SamplingParams
+    device: torch.device
+    max_nodes: int
+    free: list[int]  # cache slots
+    bar: Any
+    was_training: bool
+    queue: deque[_Seq] = field(default_factory=deque)
+    live: list[_Seq] = field(default_factory=list)
+    done: list[_Seq] = field(default_factory=list)
+    next_id: int = 0
+    t0: float = field(default_factory=time.perf_counter)
 
 
 CALIBRATION_MAX_TOKENS = 1024
@@ -166,6 +201,19 @@ class RolloutEngine:
         (up to floating-point ties). `prompt_keys` (default 0..N-1) are the prompts' indices in
         the whole batch: they seed the sequences' random streams and become `prompt_index`, so
         that data-parallel instances, each given part of a batch, sample what one would."""
+        self.begin(prompts, params, prompt_keys, progress)
+        try:
+            while self.advance():
+                pass
+        finally:
+            rollouts = self.collect()
+        return rollouts
+
+    def begin(self, prompts: list[list[int]], params: SamplingParams, prompt_keys: list[int] | None = None,
+              progress: bool = False, reserve: tuple[int, int] | None = None) -> None:
+        """Start a generate call to be driven by `advance` and ended by `collect` (sample migration
+        drives several engines this way). `reserve` = (sequences, longest prompt): size the KV
+        cache for sequences that may join later (`adopt`), not only for these prompts."""
         prompts = [[int(t) for t in p] for p in prompts]
         keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
         if len(keys) != len(prompts) or len(set(keys)) != len(keys):
@@ -173,75 +221,154 @@ class RolloutEngine:
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
-        if not prompts:
-            return []
         device = next(self.model.parameters()).device
         n_seqs = len(prompts) * params.n
-        n_slots = min(self.max_batch, n_seqs)
+        longest = max((len(p) for p in prompts), default=1)
+        if reserve is not None:
+            n_seqs, longest = max(n_seqs, reserve[0]), max(longest, reserve[1])
+        n_slots = max(1, min(self.max_batch, n_seqs))
         max_nodes = self._max_nodes()
-        self._ensure_cache(n_slots, max(len(p) for p in prompts) + params.max_new_tokens + max_nodes + 1, device)
+        self._ensure_cache(n_slots, longest + params.max_new_tokens + max_nodes + 1, device)
         for d in self.drafters.values():
             d.start(n_slots, self.cache.max_len)
             if isinstance(d, ModelDrafter):
                 d.set_params(params)
         self.generator = torch.Generator().manual_seed(params.seed + 104729)  # extra uniforms of p/q tests
-        self.stats = stats = GenerationStats(sequences=n_seqs)
-        queue: deque[tuple[int, list[int]]] = deque((i, list(range(params.n))) for i in range(len(prompts)))
-        free = list(range(n_slots - 1, -1, -1))
-        live: list[_Seq] = []
-        done: list[_Seq] = []
-        seq_ids = iter(range(n_seqs))
-        bar = _progress(n_seqs) if progress else None
-        was_training = self.model.training
+        self.stats = GenerationStats(sequences=len(prompts) * params.n)
+        run = self._run = _Run(params, device, max_nodes, free=list(range(n_slots - 1, -1, -1)),
+                               bar=_progress(len(prompts) * params.n) if progress else None,
+                               was_training=self.model.training)
+        for i, p in enumerate(prompts):
+            for j in range(params.n):
+                run.queue.append(self._new_seq(keys[i], j, p, [], []))
         self.model.eval()
-        t0 = time.perf_counter()
-        try:
+        if prompts and self.fixed is None and self.calibrate and not self.policy.step_time.calibrated:
             with torch.inference_mode():
-                if self.fixed is None and self.calibrate and not self.policy.step_time.calibrated:
-                    self._calibrate(n_slots, max_nodes, device)
-                while queue or live:
-                    admitted: list[_Seq] = []
-                    while queue and free:
-                        i, samples = queue[0]
-                        take, rest = samples[:len(free)], samples[len(free):]
-                        for j in take:
-                            g = torch.Generator().manual_seed(_stream_seed(params.seed, keys[i], j))
-                            s = _Seq(next(seq_ids), keys[i], j, prompts[i], torch.rand(params.max_new_tokens, generator=g))
-                            s.slot = free.pop()
-                            admitted.append(s)
-                        if rest:
-                            queue[0] = (i, rest)
-                        else:
-                            queue.popleft()
-                    if admitted:
-                        self._prefill(admitted, params, device)
-                        live.extend(admitted)
-                    else:
-                        strategy = self.fixed if self.fixed is not None else self.policy.choose(len(live))
-                        if self.agree is not None and self.fixed is None:
-                            strategy = self.agree(strategy)
-                        self._step(live, strategy, params, device)
-                    for s in [s for s in live if s.reason is not None]:
-                        live.remove(s)
-                        free.append(s.slot)
-                        done.append(s)
-                        for d in self.drafters.values():
-                            d.finish(s.view())
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix(tok_s=f"{sum(len(x.response) for x in done + live) / (time.perf_counter() - t0):.1f}",
-                                            live=len(live))
-        finally:
-            self.model.train(was_training)
-            if bar is not None:
-                bar.close()
-        stats.seconds = time.perf_counter() - t0
-        stats.tokens = sum(len(s.response) for s in done)
-        done.sort(key=lambda s: (s.prompt_index, s.sample_index))
+                self._calibrate(n_slots, max_nodes, device)
+
+    def advance(self) -> bool:
+        """One engine step (a prefill of newly admitted sequences, or a decode step); False when
+        nothing is left to do."""
+        run = self._run
+        if not (run.queue or run.live):
+            return False
+        with torch.inference_mode():
+            admitted: list[_Seq] = []
+            while run.queue and run.free:
+                s = run.queue.popleft()
+                s.slot = run.free.pop()
+                admitted.append(s)
+            if admitted:
+                self._admit(admitted)
+                run.live.extend(admitted)
+            else:
+                strategy = self.fixed if self.fixed is not None else self.policy.choose(len(run.live))
+                if self.agree is not None and self.fixed is None:
+                    strategy = self.agree(strategy)
+                self._step(run.live, strategy, run.params, run.device)
+        for s in [s for s in run.live if s.reason is not None]:
+            self._retire(s)
+            run.done.append(s)
+            if run.bar is not None:
+                run.bar.update(1)
+                tokens = sum(len(x.response) for x in run.done + run.live)
+                run.bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - run.t0):.1f}", live=len(run.live))
+        return bool(run.queue or run.live)
+
+    def collect(self) -> list[Rollout]:
+        """End the call: the rollouts of the sequences that finished here, in (prompt, sample) order."""
+        run = self._run
+        self.model.train(run.was_training)
+        if run.bar is not None:
+            run.bar.close()
+        self.stats.seconds = time.perf_counter() - run.t0
+        self.stats.tokens = sum(len(s.response) for s in run.done)
+        run.done.sort(key=lambda s: (s.prompt_index, s.sample_index))
         return [Rollout(s.prompt_index, s.sample_index, list(s.prompt), s.response, s.logprobs, s.reason)
-                for s in done]
+                for s in run.done]
+
+    @property
+    def unfinished(self) -> int:
+        """Sequences of the running call not finished yet (queued or decoding)."""
+        return len(self._run.queue) + len(self._run.live)
+
+    def release(self, count: int, send_cache: Callable[[int], bool]) -> list[MovedSeq]:
+        """Take up to `count` unfinished sequences out of this engine (sample migration): queued
+        ones first (nothing to move but the prompt), then the decoding ones with the shortest
+        context. `send_cache(cached_tokens)` decides, per decoding sequence, whether its KV-cache
+        rows travel with it or the receiver recomputes them."""
+        run = self._run
+        out: list[MovedSeq] = []
+        while run.queue and len(out) < count:
+            s = run.queue.pop()
+            out.append(MovedSeq(s.prompt_index, s.sample_index, s.prompt, s.response, s.logprobs, s.kv))
+        for s in sorted(run.live, key=lambda s: s.cache_len)[:count - len(out)]:
+            kv = None
+            if send_cache(s.cache_len):
+                kv = (self.cache.k[:, s.slot, :, :s.cache_len].clone(), self.cache.v[:, s.slot, :, :s.cache_len].clone())
+            self._retire(s)
+            out.append(MovedSeq(s.prompt_index, s.sample_index, s.prompt, s.response, s.logprobs, kv))
+        self.stats.sequences -= len(out)
+        return out
+
+    def adopt(self, moved: list[MovedSeq]) -> None:
+        """Continue sequences released by another engine running the same call (same sampling
+        parameters and seed): they join the queue and continue exactly as they would have there."""
+        run = self._run
+        for m in reversed(moved):  # at the queue's head, in their order: they were started first
+            need = len(m.prompt) + run.params.max_new_tokens + run.max_nodes + 1
+            if need > self.cache.max_len:
+                raise ValueError(f"adopted sequence (prompt {m.prompt_index}) needs {need} cache positions, the cache "
+                                 f"has {self.cache.max_len}: begin(..., reserve=) with the longest prompt of the batch")
+            run.queue.appendleft(self._new_seq(m.prompt_index, m.sample_index, m.prompt, m.response, m.logprobs, m.kv))
+        self.stats.sequences += len(moved)
 
     # ---------------------------------------------------------------- internals
+    def _new_seq(self, key: int, sample: int, prompt: list[int], response: list[int], logprobs: list[float],
+                 kv: tuple[Tensor, Tensor] | None = None) -> _Seq:
+        run = self._run
+        g = torch.Generator().manual_seed(_stream_seed(run.params.seed, key, sample))
+        s = _Seq(run.next_id, key, sample, prompt, torch.rand(run.params.max_new_tokens, generator=g), response,
+                 logprobs, kv)
+        run.next_id += 1
+        return s
+
+    def _retire(self, s: _Seq) -> None:
+        """`s` leaves the batch (finished or released): free its slot and the drafters' state."""
+        self._run.live.remove(s)
+        self._run.free.append(s.slot)
+        for d in self.drafters.values():
+            d.finish(s.view())
+
+    def _admit(self, seqs: list[_Seq]) -> None:
+        """Fill the cache of newly admitted sequences: prefill new ones (and sample their first
+        token); restore migrated ones from their cache rows or by recomputing their context."""
+        fresh = [s for s in seqs if not s.response]
+        moved = [s for s in seqs if s.response]
+        if fresh:
+            self._prefill(fresh, self._run.params, self._run.device)
+        restored = [s for s in moved if s.kv is not None]
+        recompute = [s for s in moved if s.kv is None]
+        for s in restored:
+            k, v = s.kv
+            s.cache_len = k.shape[2]
+            self.cache.k[:, s.slot, :, :s.cache_len] = k.to(self.cache.k.device)
+            self.cache.v[:, s.slot, :, :s.cache_len] = v.to(self.cache.v.device)
+            s.kv = None
+        if recompute:
+            t0 = time.perf_counter()
+            device = self._run.device
+            contexts = [s.prompt + s.response[:-1] for s in recompute]
+            lens = [len(c) for c in contexts]
+            ctx = AttnContext.with_cache(self.cache, [s.slot for s in recompute], [0] * len(recompute), lens)
+            self.model(torch.tensor([t for c in contexts for t in c], device=device),
+                       torch.cat([torch.arange(n, device=device) for n in lens]), ctx)
+            for s, n in zip(recompute, lens):
+                s.cache_len = n
+            _sync(device)
+            self.policy.step_time.observe(sum(lens), time.perf_counter() - t0)
+            self.stats.prefill_seconds += time.perf_counter() - t0
+
     def _max_nodes(self) -> int:
         if self.fixed is not None:
             if self.fixed.drafter is None:
@@ -301,6 +428,7 @@ class RolloutEngine:
         for s, t, l in zip(seqs, tok.tolist(), lp.tolist()):
             s.cache_len = len(s.prompt)
             self._emit(s, [t], [l], params)
+        self.policy.step_time.observe(sum(lens), time.perf_counter() - t0)  # also the cost of recomputing a context
         self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float], params: SamplingParams) -> int:
