@@ -325,3 +325,20 @@ def finish(name: str, headline: dict[str, Any], details: dict[str, Any], device:
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)
     return result
+
+
+def demo_prompts(tokenizer: Any, length_mix: bool = False) -> list[list[int]]:
+    """The demo prompts' token ids (chat-templated). `length_mix`: each prompt asks, in turn,
+    for one word, one sentence or a detailed paragraph: a wide spread of response lengths."""
+    import tempfile
+
+    from remesh.data.datasets import load_prompt_dataset
+
+    source = Path(__file__).resolve().parent.parent / "data" / "demo" / "prompts.jsonl"
+    if length_mix:
+        asks = (" Answer in one word.", " Answer in one sentence.", " Answer in a detailed paragraph.")
+        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+        source = Path(tempfile.mkdtemp()) / "prompts.jsonl"
+        source.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + asks[i % 3]}) + "\n"
+                                  for i, r in enumerate(rows)))
+    return [p.prompt_ids for p in load_prompt_dataset(source, tokenizer, max_prompt_len=256)[0]]

@@ -29,12 +29,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import finish, median, parse_args, print_table  # noqa: E402
+from bench.common import demo_prompts, finish, median, parse_args, print_table  # noqa: E402
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path  # noqa: E402
-from remesh.data.datasets import load_prompt_dataset  # noqa: E402
 from remesh.rollout import RolloutEngine, SamplingParams  # noqa: E402
 
-PROMPTS = Path(__file__).resolve().parent.parent / "data" / "demo" / "prompts.jsonl"
 FIXED = ("ngram:2", "ngram:4", "history:2", "history:4", "history:4x2")
 
 
@@ -59,17 +57,7 @@ def main() -> None:
     folder = resolve_model_path("default")
     tok = load_tokenizer(folder)
     model = load_hf(folder, head="lm", device=device).requires_grad_(False).eval()
-    source = PROMPTS
-    if args.length_mix:  # the same prompts, each with a length instruction, cycling through three
-        import json
-        import tempfile
-
-        asks = (" Answer in one word.", " Answer in one sentence.", " Answer in a detailed paragraph.")
-        rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
-        source = Path(tempfile.mkdtemp()) / "prompts.jsonl"
-        source.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + asks[i % 3]}) + "\n"
-                                  for i, r in enumerate(rows)))
-    prompts = [p.prompt_ids for p in load_prompt_dataset(source, tok, max_prompt_len=256)[0]]
+    prompts = demo_prompts(tok, length_mix=args.length_mix)
     eos = model.args.extra.get("eos_token_id")
     stop = tuple(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}))
     names = ["off", *FIXED, "auto"]
