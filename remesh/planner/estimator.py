@@ -1,0 +1,391 @@
+"""Runtime estimator: time and peak memory of every MFC under any layout, and of reallocations.
+
+The arithmetic is counted per layer (FLOPs and bytes of each projection on one tensor-parallel
+rank, attention over the context) and turned into seconds with the hardware profile's achieved
+rates (`HardwareProfile.gemm_seconds`: the measured GEMM rate for that shape, or the memory
+bandwidth when reading the weights takes longer), plus the profile's measured fixed costs of
+remesh's own code paths (per layer, per decode step, per sequence, per micro-batch).
+Communication is counted too: two all-reduces per layer forward under tensor parallelism (four
+with backward), the logits gather for sampling, the data-parallel gradient all-reduce, pipeline
+sends and bubbles, and reallocations from their actual transfer plans.
+
+It models what remesh's runtime does (rl/planned.py): generation without speculation (plain
+decoding is the estimate's baseline; drafting only makes it faster), all trainable copies in
+other layouts kept until the end of the iteration, full Adam state on every dp rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from remesh.dataflow.graph import MFC, DataflowGraph
+from remesh.model.llama import ModelArgs
+from remesh.plan.layout import Layout, ShardSpec
+from remesh.planner.cluster import Cluster
+from remesh.planner.profile import HardwareProfile, LinkCost
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BIG_PIECE = 1 << 20  # realloc.py sends pieces this large as their own messages
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one RL iteration computes, independent of where."""
+
+    graph: DataflowGraph
+    models: dict[str, ModelArgs]  # role -> architecture (roles with a model)
+    dtype: str  # parameters and activations: float32 or bfloat16
+    prompts: int  # per iteration
+    n_samples: int  # responses per prompt (greedy calls: 1)
+    prompt_len: float  # mean prompt tokens
+    prompt_len_max: int
+    gen_len: float  # mean generated tokens
+    gen_len_max: int
+    micro_batch_tokens: int
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    max_batch: int = 64  # engine slots per generation instance
+    migrate: bool = True  # sample migration evens out generation instances
+    max_draft_nodes: int = 0  # extra cache positions per sequence (speculation)
+
+    def sequences(self, mfc: MFC) -> int:
+        return self.prompts if mfc.option("greedy", False) else self.prompts * self.n_samples
+
+    @property
+    def bytes_per_el(self) -> int:
+        return BYTES[self.dtype]
+
+
+# ---------------------------------------------------------------------- per-layer counts
+def layer_linears(a: ModelArgs, tp: int) -> list[tuple[int, int]]:
+    """(k, n) of every projection of one layer on one tensor-parallel rank: q, k, v, o, w1, w3, w2."""
+    q, kv = a.n_heads * a.head_dim // tp, a.n_kv_heads * a.head_dim // tp
+    f = a.ffn_dim // tp
+    return [(a.dim, q), (a.dim, kv), (a.dim, kv), (q, a.dim), (a.dim, f), (a.dim, f), (f, a.dim)]
+
+
+def layer_params(a: ModelArgs, tp: int = 1) -> int:
+    """Parameters of one layer on one tp rank (norms replicated)."""
+    return sum(k * n for k, n in layer_linears(a, tp)) + 2 * a.dim
+
+
+def layer_flops(a: ModelArgs, tokens: int, ctx: float, tp: int = 1) -> float:
+    """Forward FLOPs of one layer on one tp rank for `tokens` new tokens attending to `ctx`
+    positions each on average: 2 per multiply-add of the projections, 4 * ctx * head_dim per
+    head and token for scores and weighted values."""
+    linear = sum(2.0 * tokens * k * n for k, n in layer_linears(a, tp))
+    attention = 4.0 * tokens * ctx * a.head_dim * (a.n_heads // tp)
+    return linear + attention
+
+
+def kv_bytes_per_token(a: ModelArgs, tp: int, bytes_per_el: int, layers: int | None = None) -> int:
+    return 2 * (a.n_layers if layers is None else layers) * (a.n_kv_heads // tp) * a.head_dim * bytes_per_el
+
+
+def _allreduce(link: LinkCost, n: int, nbytes: float) -> float:
+    """Ring all-reduce over n ranks."""
+    return 0.0 if n <= 1 else 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * nbytes / link.bytes_per_s
+
+
+def _allgather(link: LinkCost, n: int, total_bytes: float) -> float:
+    return 0.0 if n <= 1 else (n - 1) * link.latency_s + (n - 1) / n * total_bytes / link.bytes_per_s
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes on one rank."""
+
+    params: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    copies: float = 0.0  # other-layout copies of trainable models built this iteration
+    frozen: float = 0.0  # reference / reward models resident where they run
+    transient: float = 0.0  # the largest call's activations, KV cache and logits
+    transient_mfc: str = ""
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.copies + self.frozen + self.transient
+
+
+@dataclass
+class Estimator:
+    workload: Workload
+    cluster: Cluster
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def profile(self) -> HardwareProfile:
+        return self.cluster.profile
+
+    # ------------------------------------------------------------------ building blocks
+    def _gemms(self, m: float, shapes: list[tuple[int, int]], train: bool = False) -> float:
+        w = self.workload
+        return sum(self.profile.gemm_seconds(max(m, 1.0), k, n, w.dtype, w.bytes_per_el, train) for k, n in shapes)
+
+    def _attention(self, a: ModelArgs, tokens: float, ctx: float, seqs: float, tp: int) -> float:
+        """Scores and weighted values: FLOPs at the profile's attention rate, or reading the
+        cached keys and values (decode) at the memory bandwidth."""
+        p, w = self.profile, self.workload
+        flops = 4.0 * tokens * ctx * a.head_dim * (a.n_heads // tp)
+        rate = p.attention_flops_per_s.get(w.dtype) or p.attention_flops_per_s["float32"]
+        kv = seqs * ctx * 2 * (a.n_kv_heads // tp) * a.head_dim * w.bytes_per_el
+        return max(flops / rate, kv / p.mem_bytes_per_s)
+
+    def _forward(self, a: ModelArgs, layout: Layout, tokens: float, ctx: float, seqs: float,
+                 head_tokens: float, train: bool = False, decode: bool = False) -> float:
+        """One stage's forward (with `train`: forward + backward) over `tokens` (one micro-batch
+        on one rank), head included on the last stage: projections, attention, the measured
+        per-layer costs, and tensor-parallel all-reduces (two per layer each way)."""
+        p, w = self.profile, self.workload
+        tp, layers = layout.tp, a.n_layers // layout.pp
+        link = self.cluster.link(layout.tp_group(layout.ranks[0]))
+        passes = 3.0 if train else 1.0
+        fixed = p.train_layer_overhead_s if train else p.layer_overhead_s
+        residual = (p.train_layer_s_per_token_dim if train else
+                    p.decode_layer_s_per_token_dim if decode else p.layer_s_per_token_dim)
+        per_layer = (self._gemms(tokens, layer_linears(a, tp), train) + passes * self._attention(a, tokens, ctx, seqs, tp)
+                     + fixed + residual * tokens * a.dim
+                     + (4 if train else 2) * _allreduce(link, tp, tokens * a.dim * w.bytes_per_el))
+        return layers * per_layer + (self._head(a, tp, head_tokens, train) if head_tokens else 0.0)
+
+    def _head(self, a: ModelArgs, tp: int, rows: float, train: bool = False, sample: bool = False) -> float:
+        """The LM head on `rows` hidden states: its GEMM (recomputed in backward when training,
+        as model/logprobs.py does) and the elementwise work over the vocabulary: log-probs, or
+        sampling (generation). A value head is one dot product per row."""
+        p = self.profile
+        if a.head != "lm":
+            return self._gemms(rows, [(a.dim, 1)], train)
+        n = a.vocab_size // tp
+        gemm = self._gemms(rows, [(a.dim, n)], train) * (4 / 3 if train else 1.0)
+        per_el = p.sample_s_per_el if sample else (p.train_logprob_s_per_el if train else p.logprob_s_per_el)
+        return gemm + per_el * rows * (a.vocab_size if sample else n)
+
+    # ------------------------------------------------------------------ MFC time
+    def mfc_seconds(self, mfc: MFC, layout: Layout) -> float:
+        key = ("t", mfc.name, layout)
+        if key not in self._cache:
+            self._cache[key] = self._mfc_seconds(mfc, layout)
+        return self._cache[key]
+
+    def _mfc_seconds(self, mfc: MFC, layout: Layout) -> float:
+        w = self.workload
+        a = w.models.get(mfc.role)
+        if a is None:  # a rule-based reward: no model, negligible next to the model calls
+            return 0.0
+        seqs = w.sequences(mfc) / layout.dp
+        if mfc.call == "generate":
+            return self._generate_seconds(a, layout, seqs)
+        tokens = seqs * (w.prompt_len + w.gen_len)
+        ctx = (w.prompt_len + w.gen_len) / 2
+        if mfc.call == "inference":
+            return self._pipelined(a, layout, tokens, ctx, seqs, head_fraction=w.gen_len / (w.prompt_len + w.gen_len))
+        # train_step: epochs x mini-batches, each forward + backward (2x forward) over this rank's share
+        steps = w.ppo_epochs * w.mini_batches
+        per_step = self._pipelined(a, layout, tokens / w.mini_batches, ctx, seqs / w.mini_batches,
+                                   head_fraction=w.gen_len / (w.prompt_len + w.gen_len), train=True)
+        params = self._local_params(mfc.role, layout)
+        grad_bytes = params * w.bytes_per_el
+        dp_link = self.cluster.link(layout.dp_group(layout.ranks[0]))
+        update = params * self.profile.adam_s_per_param + _allreduce(dp_link, layout.dp, grad_bytes)
+        return steps * (per_step + update)
+
+    def _pipelined(self, a: ModelArgs, layout: Layout, tokens: float, ctx: float, seqs: float, head_fraction: float,
+                   train: bool = False) -> float:
+        """Micro-batches of `micro_batch_tokens` through pp stages: (micro-batches + pp - 1)
+        stage times (the pipeline fills and drains), plus activation sends between stages."""
+        w = self.workload
+        n_mb = max(layout.micro_batches, math.ceil(tokens / w.micro_batch_tokens)) if tokens else 1
+        t_mb, s_mb = tokens / n_mb, seqs / n_mb
+        stage = self._forward(a, layout, t_mb, ctx, s_mb, head_tokens=t_mb * head_fraction, train=train)
+        stage += self.profile.train_call_overhead_s if train else self.profile.call_overhead_s
+        if train:  # the embedding's dense gradient, on the first stage
+            stage += self.profile.embedding_grad_s_per_el * a.vocab_size // layout.tp * a.dim
+        sends = 0.0
+        if layout.pp > 1:
+            link = self.cluster.link(layout.pp_group(layout.ranks[0]))
+            sends = (2 if train else 1) * link.seconds(t_mb * a.dim * w.bytes_per_el)
+        return (n_mb + layout.pp - 1) * (stage + sends)
+
+    def _generate_seconds(self, a: ModelArgs, layout: Layout, seqs: float) -> float:
+        """Prefill (once per prompt, shared by its samples), then decode steps: as many as the
+        longest response needs, or as the slots take to work through the queue, with the
+        generated tokens spread over them."""
+        w, p = self.workload, self.profile
+        prompts = seqs / w.n_samples if w.n_samples > 1 else seqs
+        prefill = (self._forward(a, layout, prompts * w.prompt_len, w.prompt_len / 2, prompts, head_tokens=0)
+                   + self._head(a, layout.tp, seqs, sample=True))
+        slots = min(w.max_batch, max(1, math.ceil(seqs)))
+        tokens = seqs * w.gen_len
+        steps = max(w.gen_len_max, tokens / slots)
+        active = tokens / steps
+        ctx = w.prompt_len + w.gen_len / 2
+        tp_link = self.cluster.link(layout.tp_group(layout.ranks[0]))
+        step = (self._forward(a, layout, active, ctx, active, head_tokens=0, decode=True) + p.step_overhead_s
+                + self._head(a, layout.tp, active, sample=True)
+                + active * p.seq_overhead_s + _allgather(tp_link, layout.tp, active * a.vocab_size * 4))
+        return prefill + steps * step
+
+    # ------------------------------------------------------------------ reallocation
+    def realloc_seconds(self, role: str, src: Layout, dst: Layout) -> float:
+        """From the transfer plan: the busiest rank's bytes over its link (sends and receives
+        overlap), one latency per message, and local copies at the memory bandwidth."""
+        if src == dst:
+            return 0.0
+        sent, recv, msgs, local = self._transfer_totals(role, src, dst)
+        link = self.cluster.link(src.ranks, dst.ranks)
+        busiest = max((max(sent.get(r, 0), recv.get(r, 0)) / link.bytes_per_s + msgs.get(r, 0) * link.latency_s
+                       for r in set(src.ranks) | set(dst.ranks)), default=0.0)
+        copies = max(local.values(), default=0) / self.profile.mem_bytes_per_s
+        return busiest + copies
+
+    def _transfer_totals(self, role: str, src: Layout, dst: Layout):
+        key = ("x", role, src, dst)
+        if key not in self._cache:
+            self._cache[key] = _transfer_totals(self.workload.models[role], self.workload.dtype, src, dst)
+        return self._cache[key]
+
+    # ------------------------------------------------------------------ memory
+    def _local_params(self, role: str, layout: Layout, rank: int | None = None) -> int:
+        """Parameters on `rank` (default: the most loaded rank: the last pipeline stage)."""
+        a = self.workload.models[role]
+        key = ("p", role, layout.tp, layout.pp)
+        if key not in self._cache:
+            spec = _spec(a, self.workload.dtype)
+            per_stage = [0] * layout.pp
+            for p in spec.params(layout.pp):
+                n = p.numel // (layout.tp if p.tp_dim is not None else 1)
+                for s in p.stages:
+                    per_stage[s] += n
+            self._cache[key] = per_stage
+        per_stage = self._cache[key]
+        if rank is None:
+            return max(per_stage)
+        return per_stage[layout.coord(rank)[0]]
+
+    def transient_bytes(self, mfc: MFC, layout: Layout) -> float:
+        """Activations, KV cache and logits of one call on its most loaded rank."""
+        w = self.workload
+        a = w.models.get(mfc.role)
+        if a is None:
+            return 0.0
+        b = w.bytes_per_el
+        seqs = math.ceil(w.sequences(mfc) / layout.dp)
+        if mfc.call == "generate":
+            # slots for every sequence that may land on the instance (migration reserves the batch)
+            slots = min(w.max_batch, w.sequences(mfc) if w.migrate and layout.dp > 1 else seqs)
+            max_len = w.prompt_len_max + w.gen_len_max + w.max_draft_nodes + 1
+            cache = slots * max_len * kv_bytes_per_token(a, layout.tp, b)
+            rows = max(slots * (1 + w.max_draft_nodes), w.prompts * w.prompt_len_max / max(layout.dp, 1))
+            logits = rows * a.vocab_size * 4 * 2  # gathered logits and their softmax, fp32
+            prefill = w.prompts / layout.dp * w.prompt_len_max * (a.dim * 4 + a.ffn_dim * 3 // layout.tp) * b
+            return cache + logits + prefill
+        tokens = min(w.micro_batch_tokens, seqs * (w.prompt_len_max + w.gen_len_max))
+        layers = a.n_layers // layout.pp
+        # one layer's live tensors in a forward: residual, norm, q/k/v, attention out, 3 ffn-wide
+        live = tokens * (4 * a.dim + 2 * a.n_kv_heads * a.head_dim // layout.tp + 3 * a.ffn_dim // layout.tp) * b
+        head = tokens * (a.vocab_size // layout.tp if a.head == "lm" else 1) * 4 * 2
+        if mfc.call == "inference":
+            return live + head
+        # saved for backward, per layer and token: norm in/out, q, k, v, attention out,
+        # o-proj in, ffn in, w1 out, w3 out, silu out, product (w2 in)
+        saved = tokens * (5 * a.dim + (a.n_heads + 2 * a.n_kv_heads) * a.head_dim // layout.tp
+                          + 4 * a.ffn_dim // layout.tp) * b
+        in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B: up to pp micro-batches in flight on stage 0
+        return saved * layers * in_flight + live + head
+
+    def memory(self, plan_layouts: dict[str, Layout]) -> dict[int, MemoryBreakdown]:
+        """Peak bytes per rank under a plan (the runtime's lifetimes; see the module docstring)."""
+        w = self.workload
+        out = {r: MemoryBreakdown() for r in range(self.cluster.world)}
+        train = {m.role: plan_layouts[m.name] for m in w.graph.mfcs if m.call == "train_step"}
+        for role, layout in train.items():
+            for r in layout.ranks:
+                n = self._local_params(role, layout, r)
+                out[r].params += n * w.bytes_per_el
+                out[r].grads += n * w.bytes_per_el
+                out[r].optimizer += 2 * n * 4
+        seen: set[tuple[str, Layout, int]] = set()
+        for m in w.graph.mfcs:
+            layout = plan_layouts[m.name]
+            if m.role not in w.models:
+                continue
+            for r in layout.ranks:
+                if (m.role, layout, r) in seen:
+                    continue
+                seen.add((m.role, layout, r))
+                if m.role in train:
+                    if train[m.role] != layout:
+                        out[r].copies += self._copy_bytes(m.role, train[m.role], layout, r)
+                else:
+                    out[r].frozen += self._local_params(m.role, layout, r) * w.bytes_per_el
+        for m in w.graph.mfcs:
+            layout = plan_layouts[m.name]
+            t = self.transient_bytes(m, layout)
+            for r in layout.ranks:
+                if t > out[r].transient:
+                    out[r].transient, out[r].transient_mfc = t, m.name
+        return out
+
+    def _copy_bytes(self, role: str, src: Layout, dst: Layout, rank: int) -> float:
+        """A copy's bytes on `rank`, less the shards it takes whole from the training copy there."""
+        key = ("c", role, src, dst, rank)
+        if key not in self._cache:
+            spec = _spec(self.workload.models[role], self.workload.dtype)
+            total = 0
+            for p in spec.params(dst.pp):
+                want = spec.local_slice(p, dst, rank)
+                if want is None:
+                    continue
+                have = spec.local_slice(spec.param(p.name, src.pp), src, rank) if rank in src.ranks else None
+                if have != want:
+                    total += p.numel // p.shape[want[0]] * (want[2] - want[1])
+            self._cache[key] = total * self.workload.bytes_per_el
+        return self._cache[key]
+
+
+_SPECS: dict[tuple[str, str], ShardSpec] = {}
+
+
+def _spec(a: ModelArgs, dtype: str) -> ShardSpec:
+    """Shard specs by architecture (a meta-device model each: cached)."""
+    import torch
+
+    key = (repr(a), dtype)
+    if key not in _SPECS:
+        _SPECS[key] = ShardSpec(a, getattr(torch, dtype))
+    return _SPECS[key]
+
+
+def _transfer_totals(a: ModelArgs, dtype: str, src: Layout, dst: Layout):
+    """Per-rank network bytes sent and received, messages and local copy bytes of a
+    reallocation, from the transfer plan. The plan is computed on a model with one layer per
+    (source stage, target stage) class and scaled: layers in one class move identically."""
+    import dataclasses
+
+    from remesh.runtime.realloc import transfer_plan
+
+    classes = math.lcm(src.pp, dst.pp)
+    reduced = dataclasses.replace(a, n_layers=classes)
+    scale_layers = a.n_layers // classes
+    bytes_per = BYTES[dtype]
+    sent: dict[int, float] = {}
+    recv: dict[int, float] = {}
+    msgs: dict[int, int] = {}
+    local: dict[int, float] = {}
+    peers: set[tuple[int, int]] = set()
+    for t in transfer_plan(_spec(reduced, dtype), src, dst):
+        k = scale_layers if t.name.startswith("layers.") else 1
+        nbytes = t.numel * bytes_per * k
+        if t.src == t.dst:
+            local[t.dst] = local.get(t.dst, 0) + nbytes
+        else:
+            sent[t.src] = sent.get(t.src, 0) + nbytes
+            recv[t.dst] = recv.get(t.dst, 0) + nbytes
+            peers.add((t.src, t.dst))
+            if t.numel * bytes_per >= BIG_PIECE:  # sent as their own messages; the rest packed per peer
+                msgs[t.src] = msgs.get(t.src, 0) + k
+    for s, _ in peers:
+        msgs[s] = msgs.get(s, 0) + 1
+    return sent, recv, msgs, local

@@ -1,0 +1,520 @@
+"""Hardware profile: what the estimator needs to know about one kind of device, measured.
+
+`measure_profile` times, on the running machine, with remesh's own code where it matters:
+- matrix multiplies over a grid of shapes (m tokens x k x n) per dtype -> achieved FLOP/s;
+- attention (prefill and decode shapes) -> achieved FLOP/s, and memory bandwidth (a copy);
+- the fixed costs of remesh's code paths, on a tiny model where arithmetic is negligible:
+  one layer's forward, backward and optimizer update, one engine decode step and each
+  sequence's share of it (sampling, bookkeeping);
+- point-to-point, all-reduce and all-gather on 2 local processes of the device's backend,
+  fitted as latency + bytes / bandwidth.
+Saved as JSON (`HardwareProfile.save/load`); `profiles/` ships the profiles of the machines it
+was measured on and a datasheet profile of the H100 (marked as such: not measured).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+
+GEMM_M = (1, 4, 16, 64, 256, 1024, 4096)
+# projections of small and large layers, and LM heads (large n)
+GEMM_KN = ((256, 256), (256, 1024), (1024, 256), (1024, 1024), (2048, 2048), (256, 16384), (1024, 16384))
+COMM_BYTES = (1 << 10, 1 << 16, 1 << 20, 1 << 23)
+
+
+@dataclass
+class LinkCost:
+    """seconds(bytes) = latency_s + bytes / bytes_per_s."""
+
+    latency_s: float
+    bytes_per_s: float
+
+    def seconds(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bytes_per_s
+
+
+@dataclass
+class HardwareProfile:
+    name: str
+    device: str  # "cpu" or "cuda"
+    source: str  # how it was obtained: "measured on <host> ..." or "datasheet: ..."
+    threads: int  # CPU threads per rank when measured (1 for GPUs)
+    gemm: dict[str, list[list[float]]]  # dtype -> [[m, k, n, forward flops/s, forward+backward flops/s], ...]
+    attention_flops_per_s: dict[str, float]  # dtype -> achieved by SDPA on prefill-sized shapes
+    mem_bytes_per_s: float  # device memory bandwidth (a large copy: bytes read + written)
+    layer_overhead_s: float  # fixed cost of one decoder layer's forward (kernel launches, Python)
+    train_layer_overhead_s: float  # fixed cost of one layer's forward + backward + optimizer update
+    step_overhead_s: float  # fixed cost of one engine decode step (head, sampling, bookkeeping)
+    seq_overhead_s: float  # per sequence in a decode step
+    call_overhead_s: float  # fixed cost of one inference micro-batch (packing, Python)
+    # what a real layer costs beyond its projections and attention (norms, RoPE, SwiGLU, residuals,
+    # KV-cache writes), per token and model-dim unit, in a forward and in a forward + backward
+    # per element of a [rows, vocabulary] logits block: log-probs of targets (forward; forward and
+    # backward, logits recomputed in backward as model/logprobs.py does), and sampling one token
+    logprob_s_per_el: float = 0.0
+    train_logprob_s_per_el: float = 0.0
+    sample_s_per_el: float = 0.0
+    # an optimizer step per parameter (AdamW + global-norm clipping + zeroing the grads), and the
+    # dense gradient of an embedding table per element (zeroed, then rows added), per micro-batch
+    adam_s_per_param: float = 0.0
+    embedding_grad_s_per_el: float = 0.0
+    layer_s_per_token_dim: float = 0.0  # packed forward (prefill, inference)
+    decode_layer_s_per_token_dim: float = 0.0  # decode over the KV cache (gathering each slot's rows)
+    train_layer_s_per_token_dim: float = 0.0
+    # slowdown of each busy device per other busy device of the node (shared memory bandwidth and
+    # caches): two processes computing at once each take (1 + contention) x as long as one alone
+    contention: float = 0.0
+    train_call_overhead_s: float = 0.0  # fixed cost of one train micro-batch (loss, packing, Python)
+    reference_layer: dict = field(default_factory=dict)  # the measured layer and its raw times
+    comm: dict[str, dict[str, LinkCost]] = field(default_factory=dict)  # backend -> op -> cost, 2 ranks, 1 node
+
+    # ------------------------------------------------------------------ queries
+    def gemm_flops_per_s(self, m: float, k: int, n: int, dtype: str, train: bool = False) -> float:
+        """Achieved FLOP/s of x[m, k] @ w[n, k].T (forward), or of its forward + backward: at
+        the measured (k, n) closest in log-space, interpolated in log m between the measured
+        m (beyond the grid, the nearest edge: rates saturate for large shapes)."""
+        table = self.gemm.get(dtype) or self.gemm["float32"]
+        col = 4 if train else 3
+        kn = min({(r[1], r[2]) for r in table},
+                 key=lambda g: math.log2(k / g[0]) ** 2 + math.log2(n / g[1]) ** 2)
+        pts = sorted((r[0], r[col]) for r in table if (r[1], r[2]) == kn)
+        m = max(float(m), 1.0)
+        if m <= pts[0][0]:
+            return pts[0][1]
+        for (m0, r0), (m1, r1) in zip(pts, pts[1:]):
+            if m <= m1:
+                f = math.log(m / m0) / math.log(m1 / m0)
+                return math.exp(math.log(r0) + f * (math.log(r1) - math.log(r0)))
+        return pts[-1][1]
+
+    def gemm_seconds(self, m: float, k: int, n: int, dtype: str, bytes_per_el: int, train: bool = False) -> float:
+        """Time of one projection (forward, or forward + backward): the compute at the achieved
+        rate, or reading the weights and activations at the memory bandwidth if that is longer."""
+        flops = (6.0 if train else 2.0) * m * k * n
+        compute = flops / self.gemm_flops_per_s(m, k, n, dtype, train)
+        memory = (3 if train else 1) * (k * n + m * (k + n)) * bytes_per_el / self.mem_bytes_per_s
+        return max(compute, memory)
+
+    def link(self, backend: str, op: str = "p2p") -> LinkCost:
+        if backend not in self.comm:
+            raise KeyError(f"profile {self.name!r} has no {backend} measurements (has: {sorted(self.comm)})")
+        return self.comm[backend][op]
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> HardwareProfile:
+        path = Path(path)
+        if not path.exists() and (PROFILES_DIR / f"{path}.json").exists():
+            path = PROFILES_DIR / f"{path}.json"  # a shipped profile by name
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            shipped = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+            raise FileNotFoundError(f"profile {str(path)!r} not found (shipped: {', '.join(shipped)}; "
+                                    f"measure one with `remesh profile`)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON profile ({e})") from None
+        try:
+            data["comm"] = {b: {op: LinkCost(**c) for op, c in ops.items()} for b, ops in data.get("comm", {}).items()}
+            return cls(**data)
+        except TypeError as e:
+            raise ValueError(f"{path}: not a remesh hardware profile ({e})") from None
+
+
+# ---------------------------------------------------------------------- measurement
+def _time(fn, device: torch.device, reps: int = 5, min_s: float = 0.02) -> float:
+    """Median seconds of fn(), each sample repeating fn until min_s has passed."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    samples = []
+    for _ in range(reps):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            sync()
+            if time.perf_counter() - t0 >= min_s:
+                break
+        samples.append((time.perf_counter() - t0) / n)
+    return sorted(samples)[len(samples) // 2]
+
+
+def _dtypes(device: torch.device) -> list[torch.dtype]:
+    """fp32, and bf16 where it is the training dtype (GPUs); CPU runs train in fp32."""
+    return [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
+
+
+def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[float]]]:
+    """Forward and forward + backward rates of nn.Linear-shaped multiplies over the grid."""
+    out: dict[str, list[list[float]]] = {}
+    for dtype in _dtypes(device):
+        rows = []
+        for m in GEMM_M:
+            for k, n in GEMM_KN:
+                x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+                w = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)  # x @ w.T
+                grad = torch.ones(m, n, device=device, dtype=dtype)
+                with torch.no_grad():
+                    fwd = _time(lambda: torch.nn.functional.linear(x, w), device)
+                both = _time(lambda: torch.autograd.backward(torch.nn.functional.linear(x, w), grad), device)
+                x.grad = w.grad = None
+                rows.append([m, k, n, 2.0 * m * k * n / fwd, 6.0 * m * k * n / both])
+                if progress:
+                    progress()
+        out[str(dtype).removeprefix("torch.")] = rows
+    return out
+
+
+def measure_attention(device: torch.device) -> dict[str, float]:
+    out = {}
+    for dtype in _dtypes(device):
+        heads, hd, seq = 8, 64, 512
+        q = torch.randn(1, heads, seq, hd, device=device, dtype=dtype)
+        t = _time(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True), device)
+        out[str(dtype).removeprefix("torch.")] = 2.0 * heads * seq * seq * hd / t  # causal: half of 4*s^2*d
+    return out
+
+
+def measure_memory_bandwidth(device: torch.device) -> float:
+    x = torch.empty(1 << 25, dtype=torch.float32, device=device)  # 128 MiB
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / _time(lambda: y.copy_(x), device)
+
+
+def measure_vocab_costs(device: torch.device) -> dict[str, float]:
+    """What a [rows, vocabulary] block costs beyond its GEMM: the elementwise work of the
+    log-probs (model/logprobs.py, which recomputes the logits in backward) and of sampling."""
+    from remesh.model.logprobs import token_logprobs
+    from remesh.rollout.sampling import SamplingParams, sample
+
+    rows, vocab, dim = 256, 16384, 64
+    h = torch.randn(rows, dim, device=device, requires_grad=True)
+    w = torch.randn(vocab, dim, device=device, requires_grad=True)
+    targets = torch.randint(0, vocab, (rows,), device=device)
+    gemm_f = _time(lambda: (h @ w.T).detach(), device)
+    with torch.no_grad():
+        fwd = _time(lambda: token_logprobs(h, w, targets), device)
+    both = _time(lambda: token_logprobs(h, w, targets).sum().backward(), device)
+    h.grad = w.grad = None
+    logits = torch.randn(16, vocab, device=device)
+    u = torch.rand(16, device=device)
+    samp = _time(lambda: sample(logits, SamplingParams(temperature=1.0), u), device)
+    params = [torch.randn(1 << 20, device=device, requires_grad=True) for _ in range(8)]
+    opt = torch.optim.AdamW(params, lr=1e-9)
+
+    def step():
+        for q in params:
+            q.grad = torch.ones_like(q)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    adam = _time(step, device) / (8 << 20)
+    emb = torch.nn.Embedding(vocab, dim).to(device)
+    ids = torch.randint(0, vocab, (rows,), device=device)
+    emb_t = _time(lambda: emb(ids).sum().backward(), device) / (vocab * dim)
+    return {"adam_s_per_param": adam, "embedding_grad_s_per_el": emb_t,
+            "logprob_s_per_el": max(fwd - gemm_f, 0.0) / (rows * vocab),
+            "train_logprob_s_per_el": max(both - 4 * gemm_f, 0.0) / (rows * vocab),
+            "sample_s_per_el": samp / (16 * vocab)}
+
+
+def measure_overheads(device: torch.device) -> dict[str, float]:
+    """Fixed costs of remesh's code paths, on a model too small for arithmetic to matter."""
+    from remesh.model.attention import AttnContext
+    from remesh.model.llama import ModelArgs, Transformer
+    from remesh.rollout import RolloutEngine, SamplingParams
+
+    def model(layers: int) -> Transformer:
+        torch.manual_seed(0)
+        args = ModelArgs(vocab_size=64, dim=32, n_layers=layers, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=512)
+        return Transformer(args).to(device)
+
+    m1, m3 = model(1), model(3)
+    ids = torch.zeros(4, dtype=torch.long, device=device)
+    pos = torch.arange(4, device=device)
+    with torch.inference_mode():
+        f1 = _time(lambda: m1(ids, pos, AttnContext.packed([4], device)), device)
+        f3 = _time(lambda: m3(ids, pos, AttnContext.packed([4], device)), device)
+    layer = max((f3 - f1) / 2, 1e-7)
+
+    def train_step(m: Transformer, opt: torch.optim.Optimizer) -> None:
+        h = m(ids, pos, AttnContext.packed([4], device))
+        m.token_logprobs(h, ids).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-9)
+    o3 = torch.optim.AdamW(m3.parameters(), lr=1e-9)
+    t1, t3 = _time(lambda: train_step(m1, o1), device), _time(lambda: train_step(m3, o3), device)
+    train_layer = max((t3 - t1) / 2, 1e-7)
+    call = max(t1 - train_layer, 1e-7)  # what a one-layer train step costs beyond its layer
+
+    # engine decode steps at two batch sizes: fixed + per-sequence cost, minus the layer's share
+    steps = {}
+    for batch in (1, 16):
+        engine = RolloutEngine(m1, max_batch=batch, calibrate=False)
+        params = SamplingParams(temperature=1.0, max_new_tokens=64, seed=0)
+        engine.generate([[1, 2, 3]] * batch, params)
+        engine.generate([[1, 2, 3]] * batch, params)
+        decode = sorted(s.seconds for s in engine.stats.steps)
+        steps[batch] = decode[len(decode) // 2]
+    per_seq = max((steps[16] - steps[1]) / 15, 0.0)
+    step = max(steps[1] - per_seq - layer, 1e-7)
+    return {"layer_overhead_s": layer, "train_layer_overhead_s": train_layer, "step_overhead_s": step,
+            "seq_overhead_s": per_seq, "call_overhead_s": call}
+
+
+REFERENCE_LAYER = dict(dim=576, n_heads=9, n_kv_heads=3, ffn_dim=1536)  # SmolLM2-135M's layer
+
+
+def measure_layer_residuals(profile: HardwareProfile, device: torch.device) -> dict:
+    """Time a real layer (4 minus 2 layers of a reference model) in decode (16 sequences, 64
+    cached positions), prefill (512 tokens) and training (512 tokens, forward + backward); what
+    the profile's GEMM and attention rates do not explain, beyond the fixed per-layer cost, is
+    charged per token and model-dim unit."""
+    from remesh.model.attention import AttnContext
+    from remesh.model.llama import ModelArgs, Transformer
+    from remesh.planner.estimator import layer_linears
+
+    def model(layers: int) -> Transformer:
+        torch.manual_seed(0)
+        return Transformer(ModelArgs(vocab_size=256, n_layers=layers, max_seq_len=1024, **REFERENCE_LAYER)).to(device)
+
+    a = model(1).args
+    m2, m4 = model(2), model(4)
+    b, ctx_len, prefill = 16, 64, 512
+
+    def decode(m: Transformer):
+        cache = m.new_kv_cache(b, ctx_len + 1)
+        ids = torch.zeros(b, dtype=torch.long, device=device)
+        pos = torch.full((b,), ctx_len, device=device)
+        return lambda: m(ids, pos, AttnContext.with_cache(cache, list(range(b)), [ctx_len] * b, [1] * b))
+
+    def forward(m: Transformer):
+        ids = torch.zeros(prefill, dtype=torch.long, device=device)
+        pos = torch.arange(prefill, device=device) % 128
+        return lambda: m(ids, pos, AttnContext.packed([128] * (prefill // 128), device))
+
+    def train(m: Transformer):
+        ids = torch.zeros(prefill, dtype=torch.long, device=device)
+        pos = torch.arange(prefill, device=device) % 128
+
+        def step():
+            m(ids, pos, AttnContext.packed([128] * (prefill // 128), device)).sum().backward()
+        return step
+
+    with torch.inference_mode():
+        t_decode = (_time(decode(m4), device) - _time(decode(m2), device)) / 2
+        t_prefill = (_time(forward(m4), device) - _time(forward(m2), device)) / 2
+    t_train = (_time(train(m4), device) - _time(train(m2), device)) / 2
+    dtype = "float32"
+
+    def explained(tokens: int, ctx: float, seqs: int, train: bool) -> float:
+        gemm = sum(profile.gemm_seconds(tokens, k, n, dtype, 4, train) for k, n in layer_linears(a, 1))
+        flops = 4.0 * tokens * ctx * a.head_dim * a.n_heads
+        attn = max(flops / profile.attention_flops_per_s[dtype], seqs * ctx * 2 * a.n_kv_heads * a.head_dim * 4
+                   / profile.mem_bytes_per_s)
+        return gemm + (3 if train else 1) * attn
+
+    per_decode = (t_decode - explained(b, ctx_len, b, False) - profile.layer_overhead_s) / (b * a.dim)
+    per_prefill = (t_prefill - explained(prefill, 64, 4, False) - profile.layer_overhead_s) / (prefill * a.dim)
+    per_train = (t_train - explained(prefill, 64, 4, True) - profile.train_layer_overhead_s) / (prefill * a.dim)
+    return {"layer_s_per_token_dim": max(0.0, per_prefill), "decode_layer_s_per_token_dim": max(0.0, per_decode),
+            "train_layer_s_per_token_dim": max(0.0, per_train),
+            "reference_layer": {**REFERENCE_LAYER, "decode_16x64_s": t_decode, "prefill_512_s": t_prefill,
+                                "train_512_s": t_train, "residual_decode": per_decode, "residual_prefill": per_prefill}}
+
+
+def calibrate_code_paths(profile: HardwareProfile, device: torch.device) -> dict:
+    """Run remesh's own decode step and train micro-batch on a small model with a real-sized
+    vocabulary, and charge what the estimate from the rates above does not explain to the fixed
+    costs: per decode step and per sequence in it (fitted over two batch sizes), per inference
+    and per train micro-batch."""
+    import dataclasses
+
+    from remesh.model.attention import AttnContext
+    from remesh.model.llama import ModelArgs, Transformer
+    from remesh.planner.cluster import Cluster
+    from remesh.planner.estimator import Estimator, Workload
+    from remesh.rollout import RolloutEngine, SamplingParams
+
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=16384, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768, max_seq_len=1024)
+    model = Transformer(args).to(device)
+    bare = dataclasses.replace(profile, step_overhead_s=0.0, seq_overhead_s=0.0, call_overhead_s=0.0,
+                               train_call_overhead_s=0.0)
+    work = Workload(graph=None, models={"actor": args}, dtype="float32", prompts=1, n_samples=1, prompt_len=20,
+                    prompt_len_max=20, gen_len=24, gen_len_max=24, micro_batch_tokens=4096)
+    est = Estimator(work, Cluster("calibration", 1, 1, 1e12, bare, "gloo", LinkCost(1e-5, 1e9), None))
+    from remesh.plan.layout import Layout
+
+    one = Layout((0,))
+    residual = {}
+    for b in (2, 16):
+        engine = RolloutEngine(model, max_batch=b, calibrate=False)
+        params = SamplingParams(temperature=1.0, max_new_tokens=24, seed=0)
+        prompts = [list(range(1, 21))] * b
+        engine.generate(prompts, params)
+        engine.generate(prompts, params)
+        steps = sorted(x.seconds for x in engine.stats.steps)
+        predicted = (est._forward(args, one, b, 32, b, head_tokens=0, decode=True) + est._head(args, 1, b, sample=True))
+        residual[b] = steps[len(steps) // 2] - predicted
+    per_seq = max((residual[16] - residual[2]) / 14, 0.0)
+    step = max(residual[2] - 2 * per_seq, 0.0)
+
+    seqs, length, response = 4, 128, 64
+    ids = torch.randint(0, args.vocab_size, (seqs * length,), device=device)
+    pos = torch.arange(length, device=device).repeat(seqs)
+    rows = torch.cat([torch.arange(i * length + length - response, (i + 1) * length) for i in range(seqs)])
+
+    def micro(train: bool):
+        h = model(ids, pos, AttnContext.packed([length] * seqs, device))
+        lp = model.token_logprobs(h[rows], ids[rows])
+        if train:
+            lp.sum().backward()
+
+    with torch.no_grad():
+        t_inf = _time(lambda: micro(False), device)
+    t_train = _time(lambda: micro(True), device)
+    model.zero_grad(set_to_none=True)
+    tokens = seqs * length
+    predicted_inf = est._forward(args, one, tokens, length / 2, seqs, head_tokens=seqs * response)
+    predicted_train = (est._forward(args, one, tokens, length / 2, seqs, head_tokens=seqs * response, train=True)
+                       + profile.embedding_grad_s_per_el * args.vocab_size * args.dim)
+    return {"step_overhead_s": step, "seq_overhead_s": per_seq, "call_overhead_s": max(t_inf - predicted_inf, 0.0),
+            "train_call_overhead_s": max(t_train - predicted_train, 0.0)}
+
+
+def _comm_rank(rank: int, world: int, device_type: str) -> dict[str, dict[str, list[float]]]:
+    import torch.distributed as dist
+
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    out: dict[str, dict[str, list[float]]] = {"p2p": {}, "all_reduce": {}, "all_gather": {}, "contention": {}}
+    # the same decode-like work (weights streamed from memory) alone, the other rank waiting,
+    # and on both ranks at once: they share memory bandwidth and caches
+    x = torch.randn(4, 2048, device=device)
+    w = torch.randn(2048, 2048, device=device)
+
+    def work():
+        for _ in range(100):
+            torch.nn.functional.linear(x, w)
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    work()
+    alone, both = [], []
+    for _ in range(5):
+        dist.barrier()
+        if rank == 0:
+            alone.append(timed())
+        dist.barrier()
+        both.append(timed())
+    if rank == 0:
+        out["contention"]["factor"] = [sorted(both)[2] / sorted(alone)[2] - 1]
+    for nbytes in COMM_BYTES:
+        x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+        parts = [torch.empty_like(x) for _ in range(world)]
+
+        def p2p():
+            if rank == 0:
+                dist.send(x, 1)
+                dist.recv(x, 1)
+            else:
+                dist.recv(x, 0)
+                dist.send(x, 0)
+
+        iters = 20 if nbytes <= 1 << 16 else 5  # the same count on both ranks: collectives must pair up
+        for op, fn, scale in (("p2p", p2p, 0.5), ("all_reduce", lambda: dist.all_reduce(x), 1.0),
+                              ("all_gather", lambda: dist.all_gather(parts, x), 1.0)):
+            fn()
+            samples = []
+            for _ in range(3):
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                samples.append((time.perf_counter() - t0) / iters)
+            out[op][str(nbytes)] = [sorted(samples)[1] * scale]
+    return out
+
+
+def _fit(points: dict[str, list[float]]) -> LinkCost:
+    """latency + bytes / bandwidth through the smallest and largest measured sizes."""
+    sizes = sorted(int(s) for s in points)
+    lo, hi = sizes[0], sizes[-1]
+    t_lo, t_hi = points[str(lo)][0], points[str(hi)][0]
+    bw = (hi - lo) / max(t_hi - t_lo, 1e-12)
+    return LinkCost(latency_s=max(t_lo - lo / bw, 1e-7), bytes_per_s=bw)
+
+
+def measure_comm(device_type: str) -> tuple[dict[str, dict[str, LinkCost]], float]:
+    """Link costs per collective of the device's backend, and the contention between two busy
+    processes (CPU: they share memory bandwidth and caches)."""
+    from remesh.runtime.launch import default_backend, spawn
+
+    backend = default_backend(device_type)
+    if device_type == "cuda" and torch.cuda.device_count() < 2:
+        return {}, 0.0  # one process per GPU: nothing to measure between two
+    ranks = spawn(_comm_rank, 2, args=(device_type,), backend=backend, timeout_s=600)
+    contention = ranks[0].pop("contention")["factor"][0]
+    return {backend: {op: _fit(points) for op, points in ranks[0].items()}}, max(0.0, contention)
+
+
+def measure_profile(name: str, device: str = "cpu", progress: bool = True) -> HardwareProfile:
+    import platform
+    import socket
+
+    dev = torch.device(device)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(GEMM_M) * len(GEMM_KN) * len(_dtypes(dev)) + 5, desc="profile", unit="test")
+    tick = (lambda: bar.update(1)) if bar else None
+    gemm = measure_gemm(dev, tick)
+    attention = measure_attention(dev)
+    tick and tick()
+    mem = measure_memory_bandwidth(dev)
+    tick and tick()
+    over = measure_overheads(dev)
+    tick and tick()
+    comm, contention = measure_comm(dev.type)
+    tick and tick()
+    what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    profile = HardwareProfile(
+        name=name, device=dev.type, threads=torch.get_num_threads() if dev.type == "cpu" else 1,
+        source=f"measured on {socket.gethostname()} ({what}), torch {torch.__version__}, "
+               f"{time.strftime('%Y-%m-%d')}",
+        gemm=gemm, attention_flops_per_s=attention, mem_bytes_per_s=mem, comm=comm,
+        contention=contention if dev.type == "cpu" else 0.0, **over)
+    for key, value in {**measure_vocab_costs(dev), **measure_layer_residuals(profile, dev)}.items():
+        setattr(profile, key, value)
+    for key, value in calibrate_code_paths(profile, dev).items():
+        setattr(profile, key, value)
+    if bar:
+        bar.update(1)
+        bar.close()
+    return profile
