@@ -6,6 +6,8 @@
     remesh train configs/sft_demo.yaml          # picks the trainer from the config's `kind`
     remesh convert model.gguf out_dir/          # GGUF or HF folder -> HF folder
     remesh generate default data/demo/prompts.jsonl --spec auto --n 4   # rollout engine
+    remesh profile --name my-machine                                    # hardware profile (JSON)
+    remesh plan configs/ppo.yaml --cluster h100-16x8                    # search an execution plan
 """
 
 from __future__ import annotations
@@ -87,6 +89,38 @@ def _convert(src: str, dst: str, dtype: str, shard_gb: float) -> None:
     print(f"remesh: wrote HF checkpoint {out}")
 
 
+def _profile(args: argparse.Namespace) -> None:
+    import torch
+
+    from remesh.planner.profile import measure_profile
+
+    if args.device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    profile = measure_profile(args.name, args.device)
+    out = profile.save(args.out or f"{args.name}.json")
+    print(f"remesh: profile {profile.name} ({profile.source}) written to {out}")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from remesh.planner.cluster import Cluster, local_cluster
+    from remesh.planner.planning import plan_for_config, plot_timeline, report
+    from remesh.rl.config import RLConfig
+
+    cfg = load_config(RLConfig, args.config, args.overrides)
+    try:
+        if args.cluster.startswith("local:"):
+            cluster = local_cluster(int(args.cluster.split(":", 1)[1]))
+        else:
+            cluster = Cluster.load(args.cluster)
+    except ValueError as e:
+        raise ConfigError(f"--cluster: {e}") from None
+    result, _ = plan_for_config(cfg, cluster, budget_s=args.budget, seed=args.seed)
+    print(report(result, cluster))
+    png = plot_timeline(result.best.timeline, args.timeline,
+                        f"{cfg.algo.name} on {cluster.name}: {result.best.seconds:.2f} s per iteration (estimated)")
+    print(f"\ntimeline: {png}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="remesh", description="RLHF training with execution plans and fast rollouts.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-batch", type=int, default=64)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto")
+    pr = sub.add_parser("profile", help="measure this machine for the planner's estimator (JSON profile)")
+    pr.add_argument("--name", default="local")
+    pr.add_argument("--device", default="cpu", help="cpu or cuda")
+    pr.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per process while measuring (a local plan gives each rank cores / ranks)")
+    pr.add_argument("--out", help="output JSON (default NAME.json)")
+    pl = sub.add_parser("plan", help="search an execution plan for an RL config on a cluster")
+    pl.add_argument("config", help="RL config YAML")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides")
+    pl.add_argument("--cluster", default="local:2",
+                    help="cluster YAML, a shipped cluster name, or local:N (this machine, N processes)")
+    pl.add_argument("--budget", type=float, default=10.0, help="search time in seconds")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--timeline", default="plan_timeline.png", help="where to draw the plan's timeline")
     return p
 
 
@@ -145,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             _convert(args.src, args.dst, args.dtype, args.shard_gb)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "profile":
+            _profile(args)
+        elif args.command == "plan":
+            _plan(args)
     except (ConfigError, DataError, CheckpointError, GGUFError, FileNotFoundError) as e:
         print(f"remesh: error: {e}", file=sys.stderr)
         return 2

@@ -93,3 +93,38 @@ def test_torchrun_runs_a_planned_job(rl_workspace):
     assert "plan on 2 ranks: actor_gen=d2t1@0-1" in run.stdout
     assert len(read_metrics(ws / "torchrun" / "metrics.jsonl")) == 2
     assert (ws / "torchrun" / "final" / "config.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_plan_search_then_run(rl_workspace):
+    """`plan: search` plans for this machine as trainer.nproc processes, then runs the plan, and
+    leaves the search report and the timeline chart in the output folder."""
+    ws = rl_workspace
+    cfg = _config(ws, "grpo", "searched")
+    cfg["trainer"].update(iterations=1, nproc=2)
+    cfg["plan"] = "search"
+    cfg["planner"] = {"steps": 300}
+    result = train_rl(_load(ws, cfg, "searched"))
+    assert len(read_metrics(result.metrics_file)) == 1
+    out = ws / "searched"
+    assert (out / "plan_timeline.png").stat().st_size > 0
+    report = (out / "plan_search.txt").read_text()
+    assert "plan (one line):" in report and "colocated" in report
+    assert (out / "plan.yaml").read_text() in report.replace("\n  ", "\n")
+
+
+def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_path, capsys):
+    from remesh.cli import main
+
+    ws = rl_workspace
+    config = ws / "plan_cmd.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(_config(ws, "ppo", "plan_cmd", **SECTIONS["ppo"])))
+    png = tmp_path / "timeline.png"
+    assert main(["plan", str(config), "--cluster", "local:4", "--budget", "1", "--timeline", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "estimated iteration time" in out and "actor_gen=" in out and "split" in out
+    assert png.stat().st_size > 0
+    assert main(["plan", str(config), "--cluster", "nowhere.yaml"]) == 2
+    assert "no such file or shipped cluster" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def plan_for_config(cfg: RLConfig, cluster: Cluster, budget_s: float = 10.0, see
 def report(result: SearchResult, cluster: Cluster) -> str:
     best = result.best
     lines = [f"cluster: {cluster.describe()}",
-             f"searched {result.steps} plans in {result.seconds:.1f} s",
+             f"search: {result.steps} proposals, {result.distinct} distinct plans estimated, {result.seconds:.1f} s",
              "", "plan (one line):", f"  {best.plan.one_line()}", "", "plan (YAML):"]
     lines += ["  " + line for line in best.plan.to_yaml().splitlines()]
     lines += ["", f"estimated iteration time: {best.seconds:.3f} s",
@@ -74,21 +74,23 @@ def plot_timeline(timeline: Timeline, path: str | Path, title: str = "") -> Path
     ranks = sorted({r for t in timeline.tasks for r in t.ranks})
     names = sorted({t.name for t in timeline.tasks if t.kind == "compute"})
     colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(ranks) + 1.5))
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(ranks) + 1.6))
     for t in timeline.tasks:
         if t.end - t.start <= 0:
             continue
         for r in t.ranks:
             if t.kind == "compute":
                 ax.barh(r, t.end - t.start, left=t.start, color=colors[t.name], edgecolor="black", linewidth=0.3)
+                if t.end - t.start > 0.06 * timeline.total:
+                    ax.text((t.start + t.end) / 2, r, t.name, ha="center", va="center", fontsize=7)
             else:
                 ax.barh(r, t.end - t.start, left=t.start, color="lightgrey", hatch="//" if t.kind == "realloc" else "..",
                         edgecolor="grey", linewidth=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[n]) for n in names]
     handles += [plt.Rectangle((0, 0), 1, 1, facecolor="lightgrey", hatch="//", edgecolor="grey"),
                 plt.Rectangle((0, 0), 1, 1, facecolor="lightgrey", hatch="..", edgecolor="grey")]
-    ax.legend(handles, names + ["reallocation", "data transfer"], loc="upper center", bbox_to_anchor=(0.5, -0.15),
-              ncol=min(4, len(handles)), fontsize=8)
+    ax.legend(handles, names + ["reallocation", "data transfer"], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize=8, frameon=False)
     ax.set_yticks(ranks)
     ax.set_yticklabels([f"rank {r}" for r in ranks])
     ax.invert_yaxis()

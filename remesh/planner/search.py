@@ -43,7 +43,8 @@ class Estimate:
 class SearchResult:
     best: Estimate
     heuristics: dict[str, Estimate | None]  # name -> best-tuned heuristic plan (None: none fits)
-    steps: int
+    steps: int  # proposals
+    distinct: int  # distinct plans estimated
     seconds: float  # search wall time
     history: list[float] = field(default_factory=list)  # best cost after each improvement
 
@@ -185,7 +186,7 @@ def search(est: Estimator, budget_s: float = 10.0, max_steps: int | None = None,
                 history.append(best_cost)
     if not math.isfinite(best_cost):
         raise NoPlanFits(est)
-    return SearchResult(estimate(best, est), heur, steps, time.perf_counter() - t0, history)
+    return SearchResult(estimate(best, est), heur, steps, len(cache), time.perf_counter() - t0, history)
 
 
 class NoPlanFits(ValueError):

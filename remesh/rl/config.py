@@ -116,6 +116,19 @@ class RLTrainerConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """For `plan: search`: the cluster to plan for and the search's budget."""
+
+    cluster: str | None = None  # a cluster YAML or shipped name; None: this machine, trainer.nproc processes
+    steps: int = 3000  # plans the annealing search proposes (a step budget keeps it deterministic)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"planner.steps must be >= 1, got {self.steps}")
+
+
+@dataclass
 class RLConfig:
     kind: Literal["rl"] = "rl"
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -131,9 +144,11 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
-    # execution plan: None (one process), colocated, split, a plan YAML file, or the one-line form
-    # "actor_gen=d2@0-1 actor_train=d1t2@0-1 ..."; checked against the graph before processes start
+    # execution plan: None (one process), colocated, split, search (the planner's choice for
+    # `planner.cluster`), a plan YAML file, or the one-line form "actor_gen=d2@0-1 actor_train=d1t2@0-1 ...";
+    # checked against the graph before processes start
     plan: str | None = None
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def __post_init__(self) -> None:
         if self.algo.name in ("grpo", "rloo") and self.rollout.n_samples < 2:

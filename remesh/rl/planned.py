@@ -472,12 +472,41 @@ def _planned_worker(rank: int, world: int, cfg: RLConfig, plan: ExecutionPlan) -
 def train_planned(cfg: RLConfig) -> RLResult:
     """Under torchrun: this process's part of the job. Otherwise: `trainer.nproc` local
     processes (gloo on CPU), started here; rank 0's result is returned."""
+    world = int(os.environ.get("WORLD_SIZE", cfg.trainer.nproc))
+    if cfg.plan == "search":  # every torchrun rank searches alike: the step budget is deterministic
+        cfg = searched(cfg, world, announce="WORLD_SIZE" not in os.environ or os.environ.get("RANK") == "0")
     if "WORLD_SIZE" in os.environ:
-        plan = check_plan(cfg, int(os.environ["WORLD_SIZE"]))  # before the process group exists
+        plan = check_plan(cfg, world)  # before the process group exists
         init_distributed(default_backend(pick_device(cfg.trainer.device)))
         try:
             return PlannedRLTrainer(cfg, plan).fit()
         finally:
             dist.destroy_process_group()
-    plan = check_plan(cfg, cfg.trainer.nproc)
-    return spawn(_planned_worker, cfg.trainer.nproc, args=(cfg, plan), timeout_s=cfg.trainer.job_timeout_s)[0]
+    plan = check_plan(cfg, world)
+    return spawn(_planned_worker, world, args=(cfg, plan), timeout_s=cfg.trainer.job_timeout_s)[0]
+
+
+def searched(cfg: RLConfig, world: int, announce: bool = True) -> RLConfig:
+    """`cfg` with `plan: search` replaced by the plan the planner finds for `planner.cluster`
+    (default: this machine as `world` local processes); its timeline goes to the output folder."""
+    import dataclasses
+    from pathlib import Path
+
+    from remesh.planner.cluster import Cluster, local_cluster
+    from remesh.planner.planning import plan_for_config, plot_timeline, report
+
+    p = cfg.planner
+    cluster = Cluster.load(p.cluster) if p.cluster else local_cluster(world)
+    if cluster.world != world:
+        raise ValueError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
+    result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
+    if announce:
+        out = Path(cfg.trainer.output_dir)
+        png = plot_timeline(result.best.timeline, out / "plan_timeline.png",
+                            f"searched plan, estimated {result.best.seconds:.2f} s per iteration")
+        (out / "plan_search.txt").write_text(report(result, cluster) + "\n")
+        print(f"remesh: plan search ({result.distinct} plans estimated): {result.best.plan.one_line()} "
+              f"(estimated {result.best.seconds:.2f} s per iteration; "
+              + ", ".join(f"{k} {e.seconds:.2f} s" for k, e in result.heuristics.items() if e) + f"); timeline {png}",
+              flush=True)
+    return dataclasses.replace(cfg, plan=result.best.plan.one_line())

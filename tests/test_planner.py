@@ -1,0 +1,211 @@
+"""The planner's pieces against hand-computed cases: FLOPs and parameters of a layer, GEMM rate
+interpolation, memory of a layout, reallocation totals, a two-MFC timeline (and core sharing),
+cluster-spec errors, the search against the heuristics, and the no-plan-fits error."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from remesh.dataflow.graph import MFC, DataflowGraph, graph_for
+from remesh.plan.layout import Layout, ShardSpec
+from remesh.plan.plan import parse_plan, validate
+from remesh.planner.cluster import Cluster, parse_bytes
+from remesh.planner.estimator import (Estimator, Workload, _transfer_totals, kv_bytes_per_token, layer_flops,
+                                      layer_linears, layer_params)
+from remesh.planner.profile import HardwareProfile, LinkCost
+from remesh.planner.search import NoPlanFits, search
+from remesh.planner.simulate import simulate
+from remesh.runtime.realloc import transfer_plan
+from tests.models import tiny_args
+
+A = tiny_args("llama", vocab_size=96)  # dim 64, 4 heads of 16, 2 kv heads, ffn 96, 2 layers, vocab 96
+
+
+def _profile(**over) -> HardwareProfile:
+    """A made-up device: 1 GFLOP/s everywhere, 1 GB/s memory, no fixed costs."""
+    kw = dict(name="toy", device="cpu", source="test", threads=1,
+              gemm={"float32": [[1, 64, 64, 1e9, 1e9], [4096, 64, 64, 1e9, 1e9]]},
+              attention_flops_per_s={"float32": 1e9}, mem_bytes_per_s=1e9, layer_overhead_s=0.0,
+              train_layer_overhead_s=0.0, step_overhead_s=0.0, seq_overhead_s=0.0, call_overhead_s=0.0,
+              comm={"gloo": {"p2p": LinkCost(0.0, 1e12)}})
+    kw.update(over)
+    return HardwareProfile(**kw)
+
+
+def _cluster(devices: int = 2, memory: float = 1e12, cores: int | None = None, **profile) -> Cluster:
+    return Cluster("toy", 1, devices, memory, _profile(**profile), "gloo", LinkCost(0.0, 1e15), None, cores)
+
+
+def _workload(graph: DataflowGraph, **over) -> Workload:
+    kw = dict(graph=graph, models={r: A for r in graph.roles if r != "reward"}, dtype="float32", prompts=4,
+              n_samples=1, prompt_len=10, prompt_len_max=12, gen_len=8, gen_len_max=8, micro_batch_tokens=4096)
+    kw.update(over)
+    return Workload(**kw)
+
+
+def test_layer_counts_by_hand():
+    # q 64x64, k and v 64x32, o 64x64, w1 and w3 64x96, w2 96x64
+    assert layer_linears(A, 1) == [(64, 64), (64, 32), (64, 32), (64, 64), (64, 96), (64, 96), (96, 64)]
+    assert layer_params(A) == 30720 + 128 == (A.num_params() - 96 * 64 * 2 - 64) // 2
+    # 10 tokens over 20 positions: 2 * 10 * 30720 + 4 * 10 * 20 * 16 * 4 heads
+    assert layer_flops(A, 10, 20) == 614400 + 51200
+    assert layer_flops(A, 10, 20, tp=2) == 307200 + 25600
+    assert kv_bytes_per_token(A, tp=1, bytes_per_el=4) == 2 * 2 * 2 * 16 * 4  # k and v, 2 layers, 2 kv heads
+    assert kv_bytes_per_token(A, tp=2, bytes_per_el=2) == 2 * 2 * 1 * 16 * 2
+
+
+def test_gemm_rate_interpolates_in_log_m():
+    p = _profile(gemm={"float32": [[1, 64, 64, 1e9, 1e9], [4, 64, 64, 4e9, 2e9], [16, 64, 64, 4e9, 4e9]]})
+    assert p.gemm_flops_per_s(2, 64, 64, "float32") == pytest.approx(2e9)  # halfway in log m
+    assert p.gemm_flops_per_s(64, 64, 64, "float32") == pytest.approx(4e9)  # beyond the grid: the edge
+    assert p.gemm_flops_per_s(4, 64, 64, "float32", train=True) == pytest.approx(2e9)
+    # 2 * 4 * 64 * 64 FLOPs at 4 GFLOP/s, vs (64*64 + 4*128) * 4 bytes at 1 GB/s: memory-bound
+    assert p.gemm_seconds(4, 64, 64, "float32", 4) == pytest.approx((4096 + 512) * 4 / 1e9)
+
+
+def test_memory_of_a_layout_by_hand():
+    graph = graph_for("grpo", reference=False)  # actor_gen, rew_inf (rule: no model), actor_train
+    est = Estimator(_workload(graph, n_samples=2, migrate=False), _cluster(devices=2))
+    n = A.num_params()
+    plan = parse_plan("actor_gen=d1@0 rew_inf=d2@0-1 actor_train=d2@0-1", 2).layouts
+    mem = est.memory(plan)
+    for r in (0, 1):  # full replicas: params, grads, two Adam moments (fp32)
+        assert mem[r].params == mem[r].grads == n * 4 and mem[r].optimizer == 2 * n * 4
+    assert mem[0].copies == 0  # the generation copy on rank 0 is the training copy's tensors
+    # tensor parallel training: each rank holds its shard (as ShardSpec counts it)
+    plan = parse_plan("actor_gen=d1@0 rew_inf=d2@0-1 actor_train=d1t2@0-1", 2).layouts
+    mem = est.memory(plan)
+    local = ShardSpec(A).local_bytes(Layout((0, 1), 1, 2), 0)
+    assert mem[0].params == local
+    # generation needs the whole model on rank 0: a copy of all but the norms, which tp replicates
+    # (rank 0 holds them whole: aliased): 2 per layer and the final one, 64 each
+    assert mem[0].copies == (n - (2 * 2 + 1) * 64) * 4
+    # generation's KV cache: 8 sequences (4 prompts x 2) x (12 + 8 + 1) positions on the one instance
+    assert mem[0].transient >= 8 * 21 * kv_bytes_per_token(A, 1, 4)
+
+
+def test_reallocation_totals_from_a_reduced_model_match_the_full_plan():
+    args = dataclasses.replace(A, n_layers=4)
+    src, dst = Layout((0, 1, 2, 3), 1, 2, 2), Layout((0, 1, 2, 3), 2, 1, 2)
+    sent, recv, _, local = _transfer_totals(args, "float32", src, dst)
+    plan = transfer_plan(ShardSpec(args), src, dst)
+    for r in range(4):
+        assert sent.get(r, 0) == sum(t.numel * 4 for t in plan if t.src == r and t.dst != r)
+        assert recv.get(r, 0) == sum(t.numel * 4 for t in plan if t.dst == r and t.src != r)
+        assert local.get(r, 0) == sum(t.numel * 4 for t in plan if t.dst == r and t.src == r)
+
+
+class _Fixed(Estimator):
+    """Calls and reallocations of given durations."""
+
+    def __init__(self, workload, cluster, seconds: dict[str, float], realloc: float = 0.0):
+        super().__init__(workload, cluster)
+        self.seconds, self.realloc = seconds, realloc
+
+    def mfc_seconds(self, mfc, layout):
+        return self.seconds[mfc.name]
+
+    def realloc_seconds(self, role, src, dst):
+        return 0.0 if src == dst else self.realloc
+
+
+GEN = MFC("actor_gen", "actor", "generate", ("prompts",), ("responses",))
+TRAIN = MFC("actor_train", "actor", "train_step", ("responses",), ("actor_stats",))
+GREEDY = MFC("actor_greedy", "actor", "generate", ("prompts",), ("greedy_responses",), (("greedy", True),))
+
+
+def test_two_mfc_timeline_by_hand():
+    graph = DataflowGraph("two", [GEN, TRAIN])
+    est = _Fixed(_workload(graph), _cluster(2), {"actor_gen": 3.0, "actor_train": 2.0}, realloc=0.5)
+    tl = simulate(parse_plan("actor_gen=d1@0 actor_train=d1@1", 2).layouts, est)
+    spans = {t.name: (t.start, t.end) for t in tl.tasks}
+    # reallocate the actor from its training layout (rank 1) to rank 0, generate, then train
+    assert spans["realloc actor d1t1@1->d1t1@0"] == pytest.approx((0.0, 0.5))
+    assert spans["actor_gen"] == pytest.approx((0.5, 3.5))
+    assert spans["actor_train"] == pytest.approx((3.5, 5.5))
+    assert tl.total == pytest.approx(5.5)
+    # on the same ranks there is nothing to reallocate
+    tl = simulate(parse_plan("actor_gen=d2@0-1 actor_train=d2@0-1", 2).layouts, est)
+    assert tl.total == pytest.approx(5.0)
+
+
+def test_concurrent_calls_share_the_cores():
+    """Two generations on two ranks of a one-core node: both at half speed until the shorter
+    (1 s of work) ends at 2 s, then the longer alone: 3 - 1 = 2 s more."""
+    graph = DataflowGraph("two", [GEN, GREEDY])
+    layouts = parse_plan("actor_gen=d1@0 actor_greedy=d1@1", 2).layouts
+    est = _Fixed(_workload(graph), _cluster(2, cores=1), {"actor_gen": 3.0, "actor_greedy": 1.0})
+    tl = simulate(layouts, est)
+    spans = {t.name: (t.start, t.end) for t in tl.tasks}
+    assert spans["actor_greedy"] == pytest.approx((0.0, 2.0))
+    assert spans["actor_gen"] == pytest.approx((0.0, 4.0))
+    # with two cores each runs alone; measured contention slows both while both run
+    assert simulate(layouts, _Fixed(_workload(graph), _cluster(2, cores=2), est.seconds)).total == pytest.approx(3.0)
+    slow = _Fixed(_workload(graph), _cluster(2, cores=2, contention=0.5), est.seconds)
+    assert simulate(layouts, slow).total == pytest.approx(1.5 + 2.0)  # 1 s at 2/3 speed, then 2 s alone
+
+
+def test_cluster_spec_errors(tmp_path):
+    def load(text: str):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        return Cluster.load(path)
+
+    c = load("nodes: 2\ndevices_per_node: 8\ndevice_memory: 80GiB\nprofile: h100-datasheet\n"
+             "inter_node: {bandwidth: 50GB/s, latency: 10us}\n")
+    assert c.world == 16 and c.device_memory == 80 * 2**30 and c.inter_node.latency_s == pytest.approx(1e-5)
+    assert c.link((0, 1)) is c.intra_node and c.link((0, 8)) is c.inter_node
+    with pytest.raises(ValueError, match="missing field 'device_memory'"):
+        load("nodes: 1\ndevices_per_node: 2\nprofile: cpu-local\n")
+    with pytest.raises(ValueError, match="device_memory: expected a size"):
+        load("nodes: 1\ndevices_per_node: 2\ndevice_memory: lots\nprofile: cpu-local\n")
+    with pytest.raises(ValueError, match="unknown field.*gpus"):
+        load("nodes: 1\ndevices_per_node: 2\ndevice_memory: 8GB\nprofile: cpu-local\ngpus: 2\n")
+    with pytest.raises(ValueError, match="2 nodes need an inter_node link"):
+        load("nodes: 2\ndevices_per_node: 2\ndevice_memory: 8GB\nprofile: cpu-local\n")
+    with pytest.raises(ValueError, match="devices_per_node must be a positive integer"):
+        load("nodes: 1\ndevices_per_node: 0\ndevice_memory: 8GB\nprofile: cpu-local\n")
+    with pytest.raises(ValueError, match="profile.*not found.*shipped"):
+        load("nodes: 1\ndevices_per_node: 2\ndevice_memory: 8GB\nprofile: nowhere\n")
+    with pytest.raises(ValueError, match="no such file or shipped cluster"):
+        Cluster.load(tmp_path / "missing.yaml")
+    assert parse_bytes("1.5GiB", "x") == 1.5 * 2**30 and parse_bytes("24GB", "x") == 24e9
+
+
+def test_search_is_no_worse_than_the_heuristics_and_valid():
+    graph = graph_for("ppo")
+    est = Estimator(_workload(graph, models={r: A for r in ("actor", "ref", "critic")}), _real_local(4))
+    result = search(est, max_steps=400, seed=0)
+    for h in result.heuristics.values():
+        assert h is not None and result.best.seconds <= h.seconds + 1e-12
+    models = {"actor": A, "ref": A, "critic": dataclasses.replace(A, head="value"), "reward": A}
+    validate(result.best.plan, graph, models, 4)
+    again = search(est, max_steps=400, seed=0)  # a step budget is deterministic
+    assert again.best.plan == result.best.plan
+
+
+def _real_local(devices: int) -> Cluster:
+    """The shipped profile of this machine, as `devices` processes with ample memory."""
+    return Cluster.from_dict({"nodes": 1, "devices_per_node": devices, "device_memory": "64GiB",
+                              "profile": "cpu-local", "cores_per_node": 2})
+
+
+def test_no_plan_fits_names_the_smallest_cluster():
+    graph = graph_for("ppo")
+    big = dataclasses.replace(A, dim=512, n_heads=8, n_kv_heads=8, ffn_dim=2048, n_layers=8, vocab_size=32000)
+    work = _workload(graph, models={"actor": big, "ref": big, "critic": dataclasses.replace(big, head="value")})
+    est = Estimator(work, Cluster.from_dict({"nodes": 1, "devices_per_node": 2, "device_memory": "600MiB",
+                                              "profile": "cpu-local", "cores_per_node": 2}))
+    with pytest.raises(NoPlanFits, match=r"no execution plan fits 2 devices of 0.6 GiB .*smallest cluster that "
+                                         r"would fit: \d+ node\(s\) x \d+ devices"):
+        search(est, max_steps=50)
+
+
+def test_shipped_profiles_load():
+    cpu = HardwareProfile.load("cpu-local")
+    assert cpu.device == "cpu" and cpu.gemm["float32"] and "gloo" in cpu.comm
+    h100 = HardwareProfile.load("h100-datasheet")
+    assert h100.source.startswith("datasheet") and math.isfinite(h100.gemm_flops_per_s(4096, 8192, 8192, "bfloat16"))
