@@ -194,13 +194,25 @@ def _real_local(devices: int) -> Cluster:
 
 
 def test_no_plan_fits_names_the_smallest_cluster():
-    graph = graph_for("ppo")
+    # 64 sequences' KV cache and activations dominate: more data-parallel devices divide them
+    graph = graph_for("grpo", reference=False)
+    work = _workload(graph, models={"actor": A}, prompts=64, prompt_len=200, prompt_len_max=200, gen_len=200,
+                     gen_len_max=200, migrate=False)
+
+    def cluster(memory: str) -> Cluster:
+        return Cluster.from_dict({"nodes": 1, "devices_per_node": 8, "device_memory": memory,
+                                  "profile": "cpu-local", "cores_per_node": 8})
+
+    est = Estimator(work, cluster("8MiB"))
+    with pytest.raises(NoPlanFits, match=r"no execution plan fits 1 devices of 8 MiB .*smallest cluster that "
+                                         r"would fit: \d+ node\(s\) x 1 devices of 8 MiB") as info:
+        search(dataclasses.replace(est, cluster=dataclasses.replace(est.cluster, nodes=1, devices_per_node=1)),
+               max_steps=50)
+    assert info.value.smallest
+    # a model too large for any number of such devices: the memory it would need
     big = dataclasses.replace(A, dim=512, n_heads=8, n_kv_heads=8, ffn_dim=2048, n_layers=8, vocab_size=32000)
-    work = _workload(graph, models={"actor": big, "ref": big, "critic": dataclasses.replace(big, head="value")})
-    est = Estimator(work, Cluster.from_dict({"nodes": 1, "devices_per_node": 2, "device_memory": "600MiB",
-                                              "profile": "cpu-local", "cores_per_node": 2}))
-    with pytest.raises(NoPlanFits, match=r"no execution plan fits 2 devices of 0.6 GiB .*smallest cluster that "
-                                         r"would fit: \d+ node\(s\) x \d+ devices"):
+    est = Estimator(_workload(graph, models={"actor": big}), cluster("100MiB"))
+    with pytest.raises(NoPlanFits, match=r"more devices of 100 MiB do not help .* at least \d+ MiB"):
         search(est, max_steps=50)
 
 

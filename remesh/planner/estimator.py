@@ -329,18 +329,29 @@ class Estimator:
         return out
 
     def _copy_bytes(self, role: str, src: Layout, dst: Layout, rank: int) -> float:
-        """A copy's bytes on `rank`, less the shards it takes whole from the training copy there."""
-        key = ("c", role, src, dst, rank)
+        """A copy's bytes on `rank`, less the shards it takes whole from the training copy there.
+        Computed on a model with one layer per (source stage, target stage) class and scaled
+        (layers of one class are sliced alike), once per pair of coordinates."""
+        a = self.workload.models[role]
+        s_coord = src.coord(rank) if rank in src.ranks else None
+        # what a rank holds depends on its stage and tp index only, not on its dp index
+        key = ("c", role, src.tp, src.pp, dst.tp, dst.pp, s_coord and (s_coord[0], s_coord[2]),
+               dst.coord(rank)[0], dst.coord(rank)[2])
         if key not in self._cache:
-            spec = _spec(self.workload.models[role], self.workload.dtype)
+            import dataclasses
+
+            classes = math.lcm(src.pp, dst.pp)
+            spec = _spec(dataclasses.replace(a, n_layers=classes), self.workload.dtype)
+            scale = a.n_layers // classes
+            src_params = {p.name: p for p in spec.params(src.pp)}
             total = 0
             for p in spec.params(dst.pp):
                 want = spec.local_slice(p, dst, rank)
                 if want is None:
                     continue
-                have = spec.local_slice(spec.param(p.name, src.pp), src, rank) if rank in src.ranks else None
+                have = spec.local_slice(src_params[p.name], src, rank) if s_coord is not None else None
                 if have != want:
-                    total += p.numel // p.shape[want[0]] * (want[2] - want[1])
+                    total += p.numel // p.shape[want[0]] * (want[2] - want[1]) * (scale if p.name.startswith("layers.") else 1)
             self._cache[key] = total * self.workload.bytes_per_el
         return self._cache[key]
 

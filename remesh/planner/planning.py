@@ -42,7 +42,7 @@ def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_ma
 def plan_for_config(cfg: RLConfig, cluster: Cluster, budget_s: float = 10.0, seed: int = 0,
                     max_steps: int | None = None) -> tuple[SearchResult, Estimator]:
     est = Estimator(workload_from_config(cfg), cluster)
-    return search(est, budget_s=budget_s, seed=seed, max_steps=max_steps, max_pp=1), est
+    return search(est, budget_s=budget_s, seed=seed, max_steps=max_steps), est
 
 
 def report(result: SearchResult, cluster: Cluster) -> str:

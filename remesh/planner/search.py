@@ -23,6 +23,19 @@ from remesh.planner.estimator import Estimator, MemoryBreakdown
 from remesh.planner.simulate import Timeline, simulate
 
 
+@dataclass(frozen=True)
+class SearchSpace:
+    """What plans may use. The default is what remesh's RL runtime runs today: no pipeline
+    stages, reward models data-parallel only; simulations of larger clusters widen it."""
+
+    max_pp: int = 1
+    reward_tp: bool = False
+
+
+RUNTIME = SearchSpace()
+SIMULATION = SearchSpace(max_pp=16, reward_tp=True)
+
+
 @dataclass
 class Estimate:
     plan: ExecutionPlan
@@ -61,14 +74,15 @@ def tp_options(est: Estimator, role: str) -> list[int]:
     return [t for t in _divisors(limit) if all(x % t == 0 for x in (a.n_heads, a.n_kv_heads, a.ffn_dim, a.vocab_size))]
 
 
-def candidates(mfc: MFC, est: Estimator, max_pp: int) -> list[Layout]:
+def candidates(mfc: MFC, est: Estimator, space: SearchSpace = RUNTIME) -> list[Layout]:
     """Every layout the MFC may take on this cluster: a contiguous mesh (aligned to its size on
     large clusters), dp x tp x pp = mesh size, tp dividing heads / kv heads / ffn / vocabulary and
     within a node, pp dividing the layers (none for generation), micro-batches pp or 2pp."""
     world = est.cluster.world
     a = est.workload.models.get(mfc.role)
-    if mfc.role == "reward" and a is not None:
-        max_pp, tps = 1, [1]  # the runtime runs reward models data-parallel only
+    max_pp = space.max_pp
+    if mfc.role == "reward" and a is not None and not space.reward_tp:
+        max_pp, tps = 1, [1]
     else:
         tps = tp_options(est, mfc.role)
     pps = [1] if mfc.call == "generate" or a is None else [p for p in _divisors(a.n_layers) if p <= max_pp]
@@ -95,45 +109,59 @@ def estimate(layouts: dict[str, Layout], est: Estimator, timeline: bool = True) 
     return Estimate(plan, tl.total if fits and tl else math.inf, memory, tl)
 
 
-def heuristic_estimates(est: Estimator, max_pp: int) -> dict[str, Estimate | None]:
-    """colocated and split, each with the uniform (tp, pp) strategy that estimates fastest."""
+def heuristic_layouts(est: Estimator, space: SearchSpace = RUNTIME) -> dict[str, list[dict[str, Layout]]]:
+    """colocated and split, each with every uniform (tp, pp) strategy the models allow."""
     graph, world = est.workload.graph, est.cluster.world
-    out: dict[str, Estimate | None] = {}
     roles = {m.role for m in graph.mfcs if m.role in est.workload.models}
     tps = sorted(set.intersection(*(set(tp_options(est, r)) for r in roles))) if roles else [1]
-    layers = min(est.workload.models[r].n_layers for r in roles) if roles else 1
+    layers = math.gcd(*(est.workload.models[r].n_layers for r in roles)) if roles else 1
+    out: dict[str, list[dict[str, Layout]]] = {}
     for name in ("colocated", "split"):
         groups = [tuple(range(world))] if name == "colocated" or world == 1 else [tuple(range(world // 2)),
                                                                                   tuple(range(world // 2, world))]
-        best = None
+        out[name] = []
         for tp in tps:
-            for pp in [p for p in _divisors(layers) if p <= max_pp]:
+            for pp in [p for p in _divisors(layers) if p <= space.max_pp]:
                 layouts = {}
                 for m in graph.mfcs:
                     ranks = groups[0] if (name == "colocated" or m.call == "generate" or world == 1) else groups[-1]
-                    t = tp if len(ranks) % tp == 0 and not (m.role == "reward" and m.role in est.workload.models) else 1
-                    p = pp if m.call != "generate" and len(ranks) % (t * pp) == 0 and m.role != "reward" else 1
-                    if all(est.workload.models[r].n_layers % p == 0 for r in roles):
-                        layouts[m.name] = Layout(ranks, len(ranks) // (t * p), t, p, p if p > 1 else 1)
-                    else:
-                        layouts[m.name] = Layout(ranks, len(ranks) // t, t)
-                e = estimate(layouts, est)
-                if e.fits and (best is None or e.seconds < best.seconds):
-                    best = e
+                    model_reward = m.role == "reward" and m.role in est.workload.models and not space.reward_tp
+                    t = tp if len(ranks) % tp == 0 and not model_reward else 1
+                    p = pp if m.call != "generate" and not model_reward and len(ranks) % (t * pp) == 0 else 1
+                    layouts[m.name] = Layout(ranks, len(ranks) // (t * p), t, p, p if p > 1 else 1)
+                out[name].append(layouts)
+    return out
+
+
+def _fits(layouts: dict[str, Layout], est: Estimator) -> bool:
+    return all(m.total <= est.cluster.device_memory for m in est.memory(layouts).values())
+
+
+def heuristic_estimates(est: Estimator, space: SearchSpace = RUNTIME) -> dict[str, Estimate | None]:
+    """colocated and split, each with the uniform (tp, pp) strategy that estimates fastest."""
+    out: dict[str, Estimate | None] = {}
+    for name, options in heuristic_layouts(est, space).items():
+        best = None
+        for layouts in options:
+            if not _fits(layouts, est):
+                continue
+            e = estimate(layouts, est)
+            if best is None or e.seconds < best.seconds:
+                best = e
         out[name] = best
     return out
 
 
 def search(est: Estimator, budget_s: float = 10.0, max_steps: int | None = None, seed: int = 0,
-           max_pp: int = 1) -> SearchResult:
+           space: SearchSpace = RUNTIME) -> SearchResult:
     """The fastest plan found within `budget_s` seconds (or `max_steps` proposals: deterministic).
-    `max_pp`: the largest pipeline degree to consider (remesh's RL runtime runs pp = 1)."""
+    `space`: what plans may use (default: what the RL runtime runs)."""
     t0 = time.perf_counter()
     rng = random.Random(seed)
     graph = est.workload.graph
     mfcs = list(graph.mfcs)
-    cands = {m.name: candidates(m, est, max_pp) for m in mfcs}
-    heur = heuristic_estimates(est, max_pp)
+    cands = {m.name: candidates(m, est, space) for m in mfcs}
+    heur = heuristic_estimates(est, space)
     cache: dict[tuple, float] = {}
 
     def cost(layouts: dict[str, Layout]) -> float:
@@ -185,33 +213,41 @@ def search(est: Estimator, budget_s: float = 10.0, max_steps: int | None = None,
                 best, best_cost = dict(current), cur_cost
                 history.append(best_cost)
     if not math.isfinite(best_cost):
-        raise NoPlanFits(est)
+        raise NoPlanFits(est, space)
     return SearchResult(estimate(best, est), heur, steps, len(cache), time.perf_counter() - t0, history)
 
 
 class NoPlanFits(ValueError):
     """No plan of the search space fits the cluster's device memory."""
 
-    def __init__(self, est: Estimator):
-        self.smallest = smallest_fitting_cluster(est)
-        need = ("the smallest cluster that would fit: " + self.smallest) if self.smallest else \
-            "no cluster of up to 1024 devices of this memory fits it either"
-        super().__init__(f"no execution plan fits {est.cluster.world} devices of "
-                         f"{est.cluster.device_memory / 2**30:.1f} GiB for this workload ({need})")
+    def __init__(self, est: Estimator, space: SearchSpace = RUNTIME):
+        self.smallest = smallest_fitting_cluster(est, space)
+        size = _size(est.cluster.device_memory)
+        if self.smallest:
+            need = "the smallest cluster that would fit: " + self.smallest
+        else:
+            least = min(max(m.total for m in est.memory(layouts).values())
+                        for options in heuristic_layouts(est, space).values() for layouts in options)
+            need = f"more devices of {size} do not help (up to 128 nodes tried); it needs devices of at least {_size(least)}"
+        super().__init__(f"no execution plan fits {est.cluster.world} devices of {size} for this workload ({need})")
 
 
-def smallest_fitting_cluster(est: Estimator) -> str | None:
-    """The fewest devices (same node size and memory; or larger memory on the same devices)
-    on which the plan that shards every model over all devices fits."""
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def smallest_fitting_cluster(est: Estimator, space: SearchSpace = RUNTIME) -> str | None:
+    """The fewest devices (nodes of the same size and memory) on which some heuristic plan fits
+    in memory; None if up to 128 nodes do not suffice."""
     import dataclasses
 
     base = est.cluster
     for nodes in [1, 2, 4, 8, 16, 32, 64, 128]:
-        for per in ([d for d in range(1, base.devices_per_node + 1)] if nodes == 1 else [base.devices_per_node]):
+        for per in (range(1, base.devices_per_node + 1) if nodes == 1 else [base.devices_per_node]):
             cluster = dataclasses.replace(base, nodes=nodes, devices_per_node=per,
                                           inter_node=base.inter_node or base.intra_node)
             trial = Estimator(est.workload, cluster)
-            for e in heuristic_estimates(trial, max_pp=64).values():
-                if e is not None:
-                    return f"{nodes} node(s) x {per} devices of {base.device_memory / 2**30:.1f} GiB"
+            if any(_fits(layouts, trial) for options in heuristic_layouts(trial, space).values()
+                   for layouts in options):
+                return f"{nodes} node(s) x {per} devices of {_size(base.device_memory)}"
     return None
