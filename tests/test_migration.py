@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.rollout import RolloutEngine, SamplingParams
