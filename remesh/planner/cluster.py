@@ -76,6 +76,19 @@ class Cluster:
         nodes = {self.node_of(r) for r in (*ranks_a, *ranks_b)}
         return self.inter_node if len(nodes) > 1 and self.inter_node is not None else self.intra_node
 
+    def collective(self, op: str, ranks) -> LinkCost:
+        """A collective's cost on 2 ranks (see estimator._allreduce), as the profile measured it
+        when the ranks share a node and the profile has that op for the cluster's backend; else
+        a ring over the link: an all-reduce is two passes of it, an all-gather one."""
+        if len({self.node_of(r) for r in ranks}) <= 1:
+            measured = self.profile.comm.get(self.backend, {}).get(op)
+            if measured is not None and self.intra_node is self.profile.comm[self.backend].get("p2p"):
+                return measured
+        link = self.link(ranks)
+        if op == "all_reduce":
+            return LinkCost(2 * link.latency_s, link.bytes_per_s)
+        return LinkCost(link.latency_s, 2 * link.bytes_per_s)
+
     def describe(self) -> str:
         return (f"{self.name}: {self.nodes} node(s) x {self.devices_per_node} devices, "
                 f"{self.device_memory / 2**30:.0f} GiB each, profile {self.profile.name} ({self.profile.source})")

@@ -83,13 +83,15 @@ def kv_bytes_per_token(a: ModelArgs, tp: int, bytes_per_el: int, layers: int | N
     return 2 * (a.n_layers if layers is None else layers) * (a.n_kv_heads // tp) * a.head_dim * bytes_per_el
 
 
-def _allreduce(link: LinkCost, n: int, nbytes: float) -> float:
-    """Ring all-reduce over n ranks."""
-    return 0.0 if n <= 1 else 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * nbytes / link.bytes_per_s
+def _allreduce(cost: LinkCost, n: int, nbytes: float) -> float:
+    """All-reduce over n ranks, from the cost of one measured on 2 ranks (a ring: n - 1 steps
+    of latency, 2 (n - 1) / n of the bytes through each rank's link, which is 1 at n = 2)."""
+    return 0.0 if n <= 1 else (n - 1) * cost.latency_s + (n - 1) / n * 2 * nbytes / cost.bytes_per_s
 
 
-def _allgather(link: LinkCost, n: int, total_bytes: float) -> float:
-    return 0.0 if n <= 1 else (n - 1) * link.latency_s + (n - 1) / n * total_bytes / link.bytes_per_s
+def _allgather(cost: LinkCost, n: int, total_bytes: float) -> float:
+    """All-gather of `total_bytes` over n ranks, from the cost of one measured on 2 ranks."""
+    return 0.0 if n <= 1 else (n - 1) * cost.latency_s + (n - 1) / n * 2 * total_bytes / cost.bytes_per_s
 
 
 @dataclass
@@ -140,7 +142,7 @@ class Estimator:
         per-layer costs, and tensor-parallel all-reduces (two per layer each way)."""
         p, w = self.profile, self.workload
         tp, layers = layout.tp, a.n_layers // layout.pp
-        link = self.cluster.link(layout.tp_group(layout.ranks[0]))
+        link = self.cluster.collective("all_reduce", layout.tp_group(layout.ranks[0]))
         passes = 3.0 if train else 1.0
         fixed = p.train_layer_overhead_s if train else p.layer_overhead_s
         residual = (p.train_layer_s_per_token_dim if train else
@@ -187,8 +189,11 @@ class Estimator:
                                    head_fraction=w.gen_len / (w.prompt_len + w.gen_len), train=True)
         params = self._local_params(mfc.role, layout)
         grad_bytes = params * w.bytes_per_el
-        dp_link = self.cluster.link(layout.dp_group(layout.ranks[0]))
-        update = params * self.profile.adam_s_per_param + _allreduce(dp_link, layout.dp, grad_bytes)
+        # dp gradient sum (runtime/grads.py): the grads packed into one buffer, all-reduced, copied back
+        update = params * self.profile.adam_s_per_param
+        if layout.dp > 1:
+            cost = self.cluster.collective("all_reduce", layout.dp_group(layout.ranks[0]))
+            update += _allreduce(cost, layout.dp, grad_bytes) + 4 * grad_bytes / self.profile.mem_bytes_per_s
         return steps * (per_step + update)
 
     def _pipelined(self, a: ModelArgs, layout: Layout, tokens: float, ctx: float, seqs: float, head_fraction: float,
@@ -221,7 +226,7 @@ class Estimator:
         steps = max(w.gen_len_max, tokens / slots)
         active = tokens / steps
         ctx = w.prompt_len + w.gen_len / 2
-        tp_link = self.cluster.link(layout.tp_group(layout.ranks[0]))
+        tp_link = self.cluster.collective("all_gather", layout.tp_group(layout.ranks[0]))
         step = (self._forward(a, layout, active, ctx, active, head_tokens=0, decode=True) + p.step_overhead_s
                 + self._head(a, layout.tp, active, sample=True)
                 + active * p.seq_overhead_s + _allgather(tp_link, layout.tp, active * a.vocab_size * 4))
