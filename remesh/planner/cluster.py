@@ -29,27 +29,30 @@ CLUSTERS_DIR = Path(__file__).resolve().parent / "clusters"
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ns|us|ms|s)\s*$")
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 _KEYS = {"nodes", "devices_per_node", "device_memory", "profile", "backend", "intra_node", "inter_node",
          "cores_per_node", "name"}
 
 
-def parse_bytes(value: Any, field: str) -> float:
-    """`80GiB`, `24GB`, `1.5e9` -> bytes."""
+def _quantity(value: Any, field: str, pattern: re.Pattern, units: dict[str, float], default_unit: str,
+              example: str) -> float:
+    """A number, or a string of a number and a unit (`pattern`: groups number, unit)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    m = _SIZE.match(str(value))
+    m = pattern.match(str(value))
     if not m:
-        raise ValueError(f"{field}: expected a size such as 80GiB or 24GB, got {value!r}")
-    return float(m[1]) * _UNITS[(m[2] or "B").lower()]
+        raise ValueError(f"{field}: expected {example}, got {value!r}")
+    return float(m[1]) * units[(m[2] or default_unit).lower()]
+
+
+def parse_bytes(value: Any, field: str) -> float:
+    """`80GiB`, `24GB`, `1.5e9` -> bytes."""
+    return _quantity(value, field, _SIZE, _UNITS, "B", "a size such as 80GiB or 24GB")
 
 
 def parse_seconds(value: Any, field: str) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    m = _TIME.match(str(value))
-    if not m:
-        raise ValueError(f"{field}: expected a time such as 5us or 1ms, got {value!r}")
-    return float(m[1]) * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[m[2]]
+    """`5us`, `1ms`, or a number of seconds -> seconds."""
+    return _quantity(value, field, _TIME, _SECONDS, "s", "a time such as 5us or 1ms")
 
 
 @dataclass

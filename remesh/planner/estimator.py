@@ -26,7 +26,6 @@ from remesh.planner.cluster import Cluster
 from remesh.planner.profile import HardwareProfile, LinkCost
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-BIG_PIECE = 1 << 20  # realloc.py sends pieces this large as their own messages
 
 
 @dataclass(frozen=True)
@@ -380,7 +379,7 @@ def _transfer_totals(a: ModelArgs, dtype: str, src: Layout, dst: Layout):
     (source stage, target stage) class and scaled: layers in one class move identically."""
     import dataclasses
 
-    from remesh.runtime.realloc import transfer_plan
+    from remesh.runtime.realloc import DIRECT_MIN_BYTES, transfer_plan
 
     classes = math.lcm(src.pp, dst.pp)
     reduced = dataclasses.replace(a, n_layers=classes)
@@ -400,7 +399,7 @@ def _transfer_totals(a: ModelArgs, dtype: str, src: Layout, dst: Layout):
             sent[t.src] = sent.get(t.src, 0) + nbytes
             recv[t.dst] = recv.get(t.dst, 0) + nbytes
             peers.add((t.src, t.dst))
-            if t.numel * bytes_per >= BIG_PIECE:  # sent as their own messages; the rest packed per peer
+            if t.numel * bytes_per >= DIRECT_MIN_BYTES:  # sent as their own messages; the rest packed per peer
                 msgs[t.src] = msgs.get(t.src, 0) + k
     for s, _ in peers:
         msgs[s] = msgs.get(s, 0) + 1

@@ -3,13 +3,12 @@ report `remesh plan` prints, and the timeline chart."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from remesh.dataflow.graph import graph_for
 from remesh.planner.cluster import Cluster
 from remesh.planner.estimator import Estimator, Workload
-from remesh.planner.search import Estimate, SearchResult, search
+from remesh.planner.search import SearchResult, search
 from remesh.planner.simulate import Timeline
 from remesh.rl.config import RLConfig
 
@@ -102,7 +101,3 @@ def plot_timeline(timeline: Timeline, path: str | Path, title: str = "") -> Path
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def describe_estimate(e: Estimate) -> str:
-    return f"{e.seconds:.3f} s" if math.isfinite(e.seconds) else "does not fit"

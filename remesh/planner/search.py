@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from remesh.dataflow.graph import MFC
 from remesh.plan.layout import Layout
-from remesh.plan.plan import ExecutionPlan
+from remesh.plan.plan import HEURISTICS, ExecutionPlan, heuristic_plan
 from remesh.planner.estimator import Estimator, MemoryBreakdown
 from remesh.planner.simulate import Timeline, simulate
 
@@ -41,7 +41,7 @@ class Estimate:
     plan: ExecutionPlan
     seconds: float  # simulated iteration time (inf: does not fit)
     memory: dict[int, MemoryBreakdown]
-    timeline: Timeline | None
+    timeline: Timeline
 
     @property
     def peak_memory(self) -> float:
@@ -101,12 +101,12 @@ def candidates(mfc: MFC, est: Estimator, space: SearchSpace = RUNTIME) -> list[L
     return out
 
 
-def estimate(layouts: dict[str, Layout], est: Estimator, timeline: bool = True) -> Estimate:
-    plan = ExecutionPlan(est.cluster.world, dict(layouts))
+def estimate(layouts: dict[str, Layout], est: Estimator) -> Estimate:
+    """A plan's memory and simulated timeline; its time is infinite when it does not fit."""
     memory = est.memory(layouts)
-    fits = all(m.total <= est.cluster.device_memory for m in memory.values())
-    tl = simulate(layouts, est) if fits or timeline else None
-    return Estimate(plan, tl.total if fits and tl else math.inf, memory, tl)
+    tl = simulate(layouts, est)
+    return Estimate(ExecutionPlan(est.cluster.world, dict(layouts)), tl.total if _within(memory, est) else math.inf,
+                    memory, tl)
 
 
 def heuristic_layouts(est: Estimator, space: SearchSpace = RUNTIME) -> dict[str, list[dict[str, Layout]]]:
@@ -115,26 +115,18 @@ def heuristic_layouts(est: Estimator, space: SearchSpace = RUNTIME) -> dict[str,
     roles = {m.role for m in graph.mfcs if m.role in est.workload.models}
     tps = sorted(set.intersection(*(set(tp_options(est, r)) for r in roles))) if roles else [1]
     layers = math.gcd(*(est.workload.models[r].n_layers for r in roles)) if roles else 1
-    out: dict[str, list[dict[str, Layout]]] = {}
-    for name in ("colocated", "split"):
-        groups = [tuple(range(world))] if name == "colocated" or world == 1 else [tuple(range(world // 2)),
-                                                                                  tuple(range(world // 2, world))]
-        out[name] = []
-        for tp in tps:
-            for pp in [p for p in _divisors(layers) if p <= space.max_pp]:
-                layouts = {}
-                for m in graph.mfcs:
-                    ranks = groups[0] if (name == "colocated" or m.call == "generate" or world == 1) else groups[-1]
-                    model_reward = m.role == "reward" and m.role in est.workload.models and not space.reward_tp
-                    t = tp if len(ranks) % tp == 0 and not model_reward else 1
-                    p = pp if m.call != "generate" and not model_reward and len(ranks) % (t * pp) == 0 else 1
-                    layouts[m.name] = Layout(ranks, len(ranks) // (t * p), t, p, p if p > 1 else 1)
-                out[name].append(layouts)
-    return out
+    dp_only = ("reward",) if "reward" in est.workload.models and not space.reward_tp else ()
+    return {name: [dict(heuristic_plan(name, graph, world, tp, pp, dp_only).layouts)
+                   for tp in tps for pp in _divisors(layers) if pp <= space.max_pp]
+            for name in HEURISTICS}
+
+
+def _within(memory: dict[int, MemoryBreakdown], est: Estimator) -> bool:
+    return all(m.total <= est.cluster.device_memory for m in memory.values())
 
 
 def _fits(layouts: dict[str, Layout], est: Estimator) -> bool:
-    return all(m.total <= est.cluster.device_memory for m in est.memory(layouts).values())
+    return _within(est.memory(layouts), est)
 
 
 def heuristic_estimates(est: Estimator, space: SearchSpace = RUNTIME) -> dict[str, Estimate | None]:
@@ -167,11 +159,7 @@ def search(est: Estimator, budget_s: float = 10.0, max_steps: int | None = None,
     def cost(layouts: dict[str, Layout]) -> float:
         key = tuple(layouts[m.name] for m in mfcs)
         if key not in cache:
-            memory = est.memory(layouts)
-            if any(m.total > est.cluster.device_memory for m in memory.values()):
-                cache[key] = math.inf
-            else:
-                cache[key] = simulate(layouts, est).total
+            cache[key] = simulate(layouts, est).total if _fits(layouts, est) else math.inf
         return cache[key]
 
     starts = [dict((m.name, h.plan.layouts[m.name]) for m in mfcs) for h in heur.values() if h is not None]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from remesh.dataflow.graph import EXTERNAL_INPUTS
-from remesh.plan.layout import Layout
+from remesh.plan.layout import Layout, format_ranks
 from remesh.planner.estimator import Estimator
 
 
@@ -39,8 +39,6 @@ class Timeline:
 
 
 def _ranks(ranks: tuple[int, ...]) -> str:
-    from remesh.plan.layout import format_ranks
-
     return format_ranks(tuple(sorted(ranks)))
 
 

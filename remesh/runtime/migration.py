@@ -152,7 +152,7 @@ class MigratingGenerator:
         """Latency and bandwidth between instance 0 and 1 (ping-pong of 8 bytes and 4 MiB), taken
         by every rank from instance 0's first rank so that all decide alike."""
         a, b = self.layout.rank_at(0, 0, 0), self.layout.rank_at(0, 1, 0)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        device = object_device() or torch.device("cpu")
         best = {}
         if self.rank in (a, b):
             peer = b if self.rank == a else a

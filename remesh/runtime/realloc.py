@@ -28,6 +28,9 @@ from torch import Tensor
 from remesh.plan.layout import Layout, ShardSpec
 
 
+DIRECT_MIN_BYTES = 2**20  # contiguous pieces this large travel as their own messages, without a copy
+
+
 @dataclass(frozen=True)
 class Transfer:
     src: int  # global rank that sends
@@ -136,7 +139,7 @@ def _buckets(pieces: list[Transfer], max_numel: int) -> list[list[Transfer]]:
 def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tensor] | None,
                plan: list[Transfer] | None = None, group: dist.ProcessGroup | None = None,
                bucket_bytes: int = 64 * 2**20, device: torch.device | str = "cpu",
-               direct_min_bytes: int = 2**20, out: dict[str, Tensor] | None = None,
+               direct_min_bytes: int = DIRECT_MIN_BYTES, out: dict[str, Tensor] | None = None,
                alias_local: bool = False) -> tuple[dict[str, Tensor], ReallocStats]:
     """Collective over every rank of src and dst (and only those need to call it).
 
