@@ -124,12 +124,17 @@ class Layout:
         _, d, t = self.coord(rank)
         return tuple(self.rank_at(p, d, t) for p in range(self.pp))
 
+    def replica_group(self, rank: int) -> tuple[int, ...]:
+        """Every rank of the rank's data-parallel replica (its stages and tp peers), in mesh order."""
+        _, d, _ = self.coord(rank)
+        return tuple(self.rank_at(p, d, t) for p in range(self.pp) for t in range(self.tp))
+
     def groups(self) -> list[tuple[int, ...]]:
-        """Every tp, dp and pp group of the mesh (size > 1), and the (first stage, last stage)
-        pairs that sum a tied embedding's gradient, for creating process groups up front."""
+        """Every tp, dp, pp and replica group of the mesh (size > 1), and the (first stage, last
+        stage) pairs that sum a tied embedding's gradient, for creating process groups up front."""
         out: set[tuple[int, ...]] = set()
         for r in self.ranks:
-            for g in (self.tp_group(r), self.dp_group(r), self.pp_group(r)):
+            for g in (self.tp_group(r), self.dp_group(r), self.pp_group(r), self.replica_group(r)):
                 if len(g) > 1:
                     out.add(g)
             if self.pp > 1:

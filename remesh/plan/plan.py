@@ -211,9 +211,6 @@ def validate(plan: ExecutionPlan, graph: DataflowGraph, models: dict[str, ModelA
             kw = {"dtype": dtype} if dtype is not None else {}
             specs[m.role] = ShardSpec(models[m.role], **kw)
         specs[m.role].check(layout, what=f"plan: {m.name}={layout}")
-        if m.call == "generate" and layout.pp > 1:
-            raise ValueError(f"plan: {m.name}={layout}: generation with pipeline stages is not supported; "
-                             f"use dp and tp for generate calls")
     if device_memory is not None:
         trainable = {m.role for m in graph.mfcs if m.call == "train_step"}
         need = static_memory(plan, graph, specs, trainable)

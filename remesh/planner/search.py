@@ -25,8 +25,10 @@ from remesh.planner.simulate import Timeline, simulate
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What plans may use. The default is what remesh's RL runtime runs today: no pipeline
-    stages, reward models data-parallel only; simulations of larger clusters widen it."""
+    """What plans may use. The default keeps to what the estimator has been checked against on
+    this runtime (bench/estimator.py): no pipeline stages (the runtime runs them, but their
+    estimates are unvalidated), reward models data-parallel only. Simulations of larger
+    clusters widen it."""
 
     max_pp: int = 1
     reward_tp: bool = False

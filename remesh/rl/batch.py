@@ -64,16 +64,43 @@ def _response_positions(responses: Responses, idx: Sequence[int], cu: list[int])
     return torch.cat(pos), torch.cat(rows), torch.cat(cols)
 
 
-def micro_batch_hidden(model: nn.Module, responses: Responses, idx: Sequence[int],
-                       device: torch.device) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """Hidden states at the positions predicting response tokens, those tokens, and where they go in [b, T]."""
+@dataclass
+class PackedMicroBatch:
+    """Samples `idx` of a Responses packed for one forward: the model's inputs, and which packed
+    positions predict which response token (row `where[0]`, column `where[1]` of [n, T])."""
+    tokens: Tensor  # [L] prompt + response tokens, packed
+    positions: Tensor  # [L]
+    seq_lens: list[int]
+    predict: Tensor  # packed positions that predict a response token
+    targets: Tensor  # the tokens they predict
+    where: tuple[Tensor, Tensor]
+    shape: tuple[int, int]  # (len(idx), longest response of the whole Responses)
+
+
+def pack_micro_batch(responses: Responses, idx: Sequence[int], device: torch.device) -> PackedMicroBatch:
     batch = pack_sequences(responses.sequences(idx))
     cu = batch.cu_seqlens.tolist()
     pos, rows, cols = _response_positions(responses, idx, cu)
     batch = batch.to(device)
-    hidden = model(batch.tokens, batch.positions, AttnContext.packed(batch.seq_lens(), device))
     pos = pos.to(device)
-    return hidden[pos], batch.tokens[pos + 1], (rows.to(device), cols.to(device))
+    return PackedMicroBatch(batch.tokens, batch.positions, batch.seq_lens(), pos, batch.tokens[pos + 1],
+                            (rows.to(device), cols.to(device)), (len(idx), responses.max_len))
+
+
+def logprobs_head(model: nn.Module, hidden: Tensor, mb: PackedMicroBatch, temperature: float = 1.0,
+                  chunk_tokens: int | None = None) -> Tensor:
+    """The packed forward's hidden states -> log p(response token), [n, T] fp32."""
+    lp = model.token_logprobs(hidden[mb.predict], mb.targets, temperature, chunk_tokens)
+    return scatter_rows(lp, mb.where, *mb.shape)
+
+
+def values_head(critic: nn.Module, hidden: Tensor, mb: PackedMicroBatch) -> Tensor:
+    """The packed forward's hidden states -> value of the state before each response token, [n, T]."""
+    return scatter_rows(critic.values(hidden[mb.predict]), mb.where, *mb.shape)
+
+
+def forward_packed(model: nn.Module, mb: PackedMicroBatch) -> Tensor:
+    return model(mb.tokens, mb.positions, AttnContext.packed(mb.seq_lens, mb.tokens.device))
 
 
 def scatter_rows(values: Tensor, where: tuple[Tensor, Tensor], n_rows: int, width: int) -> Tensor:
@@ -81,39 +108,8 @@ def scatter_rows(values: Tensor, where: tuple[Tensor, Tensor], n_rows: int, widt
     return out.index_put((where[0], where[1]), values)
 
 
-def micro_logprobs(model: nn.Module, responses: Responses, idx: Sequence[int], device: torch.device,
-                   temperature: float = 1.0, chunk_tokens: int | None = None) -> Tensor:
-    """log p(response token) for the samples `idx`, [len(idx), T] fp32 (differentiable)."""
-    h, targets, where = micro_batch_hidden(model, responses, idx, device)
-    lp = model.token_logprobs(h, targets, temperature, chunk_tokens)
-    return scatter_rows(lp, where, len(idx), responses.max_len)
-
-
-def micro_values(critic: nn.Module, responses: Responses, idx: Sequence[int], device: torch.device) -> Tensor:
-    """Critic value of the state before each response token, [len(idx), T] fp32 (differentiable)."""
-    h, _, where = micro_batch_hidden(critic, responses, idx, device)
-    return scatter_rows(critic.values(h), where, len(idx), responses.max_len)
-
-
 def micro_batches(responses: Responses, idx: Sequence[int], token_budget: int) -> list[list[int]]:
     """Token-budget micro-batches over the samples `idx` (lists of sample indices)."""
     all_lengths = responses.lengths()
     lengths = [all_lengths[i] for i in idx]
     return [[idx[k] for k in mb] for mb in balanced_micro_batches(lengths, token_budget)]
-
-
-@torch.no_grad()
-def all_logprobs(model: nn.Module, responses: Responses, device: torch.device, token_budget: int,
-                 temperature: float = 1.0, chunk_tokens: int | None = None) -> Tensor:
-    out = torch.zeros(len(responses), responses.max_len, device=device)
-    for mb in micro_batches(responses, list(range(len(responses))), token_budget):
-        out[mb] = micro_logprobs(model, responses, mb, device, temperature, chunk_tokens)
-    return out
-
-
-@torch.no_grad()
-def all_values(critic: nn.Module, responses: Responses, device: torch.device, token_budget: int) -> Tensor:
-    out = torch.zeros(len(responses), responses.max_len, device=device)
-    for mb in micro_batches(responses, list(range(len(responses))), token_budget):
-        out[mb] = micro_values(critic, responses, mb, device)
-    return out

@@ -18,8 +18,11 @@ Generation seeds every sequence by its prompt's index in the whole batch, so a p
 what one process samples. At the end of an iteration, the ranks exchange their statistics, so
 metrics and the KL controller are identical everywhere; rank 0 logs them.
 
-Supported so far: dp and tp for every call, rule-based rewards and reward models (dp only).
-Pipeline stages are accepted by the plan layer but not yet by this runtime.
+Pipeline stages (pp > 1): inference streams micro-batches through the stages, training runs
+the 1F1B schedule (`runtime/pipeline.py`), both with the one-process trainer's heads and losses
+evaluated on the last stage; generation runs the engine on every stage of a replica
+(`PipelineDecoder`). A reward model runs data-parallel only (tp = pp = 1), and sample migration
+is off for a generate call with pp > 1.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from remesh.model.llama import ModelArgs, Transformer
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
 from remesh.reward import build_reward_fn
-from remesh.rl.batch import Responses
+from remesh.rl.batch import PackedMicroBatch, Responses, micro_batches, pack_micro_batch
 from remesh.rl.config import RLConfig
 from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
@@ -51,6 +54,7 @@ from remesh.runtime.groups import ProcessGroups
 from remesh.runtime.launch import default_backend, init_distributed, spawn
 from remesh.runtime.migration import MigratingGenerator
 from remesh.runtime.parallelize import build_local_model
+from remesh.runtime.pipeline import MicroBatch, PipelineDecoder, PipelineStage, sync_tied_embedding
 from remesh.runtime.realloc import ReallocStats, reallocate
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
@@ -240,9 +244,11 @@ class PlannedRLTrainer(RLTrainer):
             share = balance_by_tokens({i: len(p.prompt_ids) for i, p in enumerate(self.batch_prompts)},
                                       layout.dp)[self._dp_rank]
             inputs = {"prompts": [self.batch_prompts[i] for i in share], "prompt_keys": share}
+            if layout.pp > 1:  # every stage drives the engine; logits come from the last stage
+                model = PipelineDecoder(model, layout, self.rank, self.groups.get(layout.pp_group(self.rank)))
             self.engine = self.engines.get(layout) or RolloutEngine(model, spec=self.cfg.rollout.spec,
                                                                     max_batch=self.cfg.rollout.max_batch,
-                                                                    agree=self._tp_agreement(layout))
+                                                                    agree=self._replica_agreement(layout))
             self.engine.model = model
             self.engines[layout] = self.engine
         elif mfc.role == "ref":
@@ -250,11 +256,14 @@ class PlannedRLTrainer(RLTrainer):
         elif mfc.role == "critic" and mfc.call == "inference":
             self.critic = model
         handler = self._handlers()[(mfc.role, mfc.call)]
+        gen_tokens = self._gen_tokens
         out = handler(mfc, {k: v for k, v in inputs.items() if not k.startswith("_")} if mfc.call != "generate"
                       else inputs)
         if mfc.role == "critic" and mfc.call == "inference":
             self.critic = self.models.get(("critic", self.train_layout["critic"]))
         holder = self.rank == holder_rank(layout, self._dp_rank)
+        if not holder:  # a replica's tp peers and stages generate the same tokens: counted once
+            self._gen_tokens = gen_tokens
         if holder or mfc.call == "train_step":
             self._store_outputs(mfc, out, inputs)
         if mfc.call == "train_step" and self.rank == layout.ranks[0]:
@@ -265,7 +274,7 @@ class PlannedRLTrainer(RLTrainer):
                   keys: list[int] | None) -> list[Rollout]:
         layout = self.plan.layouts[mfc.name]
         every = self.cfg.rollout.migrate_every
-        if layout.dp == 1 or every == 0:
+        if layout.dp == 1 or every == 0 or layout.pp > 1:
             return self.engine.generate(prompts, params, prompt_keys=keys)
         gen = self.migrators.get(layout)
         if gen is None:
@@ -278,13 +287,14 @@ class PlannedRLTrainer(RLTrainer):
             self.realloc_log.append(f"{mfc.name} sample migration: {gen.stats.describe()}")
         return out
 
-    def _tp_agreement(self, layout: Layout):
-        """Tensor-parallel peers decode in lockstep: each step they take the strategy their first
-        rank chose (the adaptive policy's timings differ between ranks)."""
-        group = self.groups.get(layout.tp_group(self.rank))
+    def _replica_agreement(self, layout: Layout):
+        """A replica's tensor-parallel peers and pipeline stages decode in lockstep: each step they
+        take the strategy their first rank chose (the adaptive policy's timings differ between ranks)."""
+        ranks = layout.replica_group(self.rank)
+        group = self.groups.get(ranks)
         if group is None:
             return None
-        first = layout.tp_group(self.rank)[0]
+        first = ranks[0]
 
         def agree(strategy):
             box = [strategy]
@@ -299,15 +309,20 @@ class PlannedRLTrainer(RLTrainer):
         return balance_by_tokens({i: lengths[i] for i in idx}, self._layout.dp)[self._dp_rank]
 
     def _reduce_sums(self, sums: dict[str, float], mismatch: Tensor) -> tuple[dict[str, float], float, float]:
-        group = self.groups.get(self._layout.dp_group(self.rank))
+        """Over dp, then over the stages: only the last stage computed losses and log-probs."""
+        lay = self._layout
+        if lay.coord(self.rank)[0] != lay.pp - 1:
+            mismatch = mismatch[:0]
         keys = [k for k in sums if k != "grad_norm"]  # the norm is already global
         t = torch.tensor([sums[k] for k in keys] + [float(mismatch.sum()), float(mismatch.numel())],
                          dtype=torch.float64, device=self.device)
         mx = torch.tensor([float(mismatch.max()) if mismatch.numel() else 0.0], dtype=torch.float64,
                           device=self.device)
-        if group is not None:
-            dist.all_reduce(t, group=group)
-            dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+        for ranks in (lay.dp_group(self.rank), lay.pp_group(self.rank)):
+            group = self.groups.get(ranks)
+            if group is not None:
+                dist.all_reduce(t, group=group)
+                dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
         out = dict(sums)
         out.update({k: float(v) for k, v in zip(keys, t[:len(keys)])})
         return out, float(mx), float(t[-2] / max(float(t[-1]), 1.0))
@@ -316,12 +331,39 @@ class PlannedRLTrainer(RLTrainer):
         layout = self._layout
         role = "actor" if model is self.actor else "critic"
         sync_gradients(model, self.groups.get(layout.dp_group(self.rank)))
+        sync_tied_embedding(model, self.specs[role], layout, self.rank, self.groups)
         norm = clip_grad_norm(model, tc_clip(grad_clip), self.specs[role], layout, self.rank,
                               self.groups.get(layout.tp_group(self.rank)), self.groups.get(layout.pp_group(self.rank)))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         return norm
+
+    # ---- pipeline stages: micro-batches streamed through them, heads on the last stage -----------
+    def _pipeline(self, model: Transformer, resp: Responses, micros: list[list[int]]
+                  ) -> tuple[PipelineStage, list[PackedMicroBatch], list[MicroBatch]]:
+        stage = PipelineStage(model, self._layout, self.rank, model.args.dim, next(model.parameters()).dtype)
+        packed = [pack_micro_batch(resp, idx, self.device) for idx in micros]
+        return stage, packed, [MicroBatch(p.tokens, p.positions, p.seq_lens) for p in packed]
+
+    def _forward_only(self, model, resp, head):
+        if self._layout.pp == 1:
+            return super()._forward_only(model, resp, head)
+        micros = micro_batches(resp, list(range(len(resp))), self.cfg.trainer.micro_batch_tokens)
+        stage, packed, mbs = self._pipeline(model, resp, micros)
+        out = torch.zeros(len(resp), resp.max_len, device=self.device)
+        with torch.no_grad(), self.amp():
+            parts = stage.forward(mbs, lambda h, i: head(model, h, packed[i]))
+        for idx, part in zip(micros, parts):  # nothing on the other stages (not the outputs' holders)
+            out[idx] = part
+        return out
+
+    def _forward_backward(self, model, resp, micros, head, loss_of):
+        if self._layout.pp == 1:
+            return super()._forward_backward(model, resp, micros, head, loss_of)
+        stage, packed, mbs = self._pipeline(model, resp, micros)
+        with self.amp():
+            stage.train_step(mbs, lambda h, i: loss_of(i, head(model, h, packed[i])))
 
     # ---- loop ----------------------------------------------------------------------------------
     def iterate(self) -> dict[str, float]:
@@ -458,10 +500,8 @@ def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
     plan = validate(resolve_plan(cfg.plan, graph, world_size), graph, role_args(cfg, graph), world_size)
     for m in graph.mfcs:  # what this runtime does not run yet
         lay = plan.layouts[m.name]
-        if lay.pp > 1:
-            raise ValueError(f"plan: {m.name}={lay}: pipeline stages are not supported by the RL runtime yet")
-        if m.role == "reward" and cfg.reward.model and lay.tp > 1:
-            raise ValueError(f"plan: {m.name}={lay}: a reward model runs data-parallel only (tp=1) for now")
+        if m.role == "reward" and cfg.reward.model and lay.tp * lay.pp > 1:
+            raise ValueError(f"plan: {m.name}={lay}: a reward model runs data-parallel only (tp=1, pp=1) for now")
     return plan
 
 

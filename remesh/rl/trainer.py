@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -27,7 +27,8 @@ from remesh.data import PromptExample, load_prompt_dataset
 from remesh.dataflow.executor import OneProcessExecutor
 from remesh.dataflow.graph import MFC, graph_for
 from remesh.reward import build_reward_fn
-from remesh.rl.batch import Responses, all_logprobs, all_values, micro_batches, micro_logprobs, micro_values
+from remesh.rl.batch import (PackedMicroBatch, Responses, forward_packed, logprobs_head, micro_batches, pack_micro_batch,
+                             values_head)
 from remesh.rl.config import RLConfig
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.rollout.drafters import load_draft_model
@@ -159,10 +160,7 @@ class RLTrainer:
         return self.engine.generate(prompts, params, prompt_keys=keys)
 
     def _ref_logprobs(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
-        with self.amp():
-            lp = all_logprobs(self.ref, inputs["responses"], self.device, self.cfg.trainer.micro_batch_tokens,
-                              self.cfg.rollout.temperature, self.cfg.actor.logprob_chunk_tokens)
-        return {"ref_logp": lp}
+        return {"ref_logp": self._forward_only(self.ref, inputs["responses"], self._logprobs_head)}
 
     def _score(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
         out = {}
@@ -180,9 +178,7 @@ class RLTrainer:
         return scores.float().to(self.device)
 
     def _values(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
-        with self.amp():
-            return {"values": all_values(self.critic, inputs["responses"], self.device,
-                                         self.cfg.trainer.micro_batch_tokens)}
+        return {"values": self._forward_only(self.critic, inputs["responses"], values_head)}
 
     def _advantages(self, inputs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """(advantages, returns, per-token KL of the behaviour policy to the reference).
@@ -237,6 +233,31 @@ class RLTrainer:
         opt.zero_grad(set_to_none=True)
         return float(norm)
 
+    def _logprobs_head(self, model: torch.nn.Module, hidden: Tensor, mb: PackedMicroBatch) -> Tensor:
+        return logprobs_head(model, hidden, mb, self.cfg.rollout.temperature, self.cfg.actor.logprob_chunk_tokens)
+
+    # how a model runs over packed micro-batches; a pipeline-parallel trainer streams them
+    # through its stages instead. `head(model, hidden, micro-batch)` -> [n, T] per-token values
+    def _forward_only(self, model: torch.nn.Module, resp: Responses,
+                      head: Callable[[torch.nn.Module, Tensor, PackedMicroBatch], Tensor]) -> Tensor:
+        """`head` of every sample, [B, T], without gradients."""
+        out = torch.zeros(len(resp), resp.max_len, device=self.device)
+        with torch.no_grad(), self.amp():
+            for idx in micro_batches(resp, list(range(len(resp))), self.cfg.trainer.micro_batch_tokens):
+                mb = pack_micro_batch(resp, idx, self.device)
+                out[idx] = head(model, forward_packed(model, mb), mb)
+        return out
+
+    def _forward_backward(self, model: torch.nn.Module, resp: Responses, micros: list[list[int]],
+                          head: Callable[[torch.nn.Module, Tensor, PackedMicroBatch], Tensor],
+                          loss_of: Callable[[int, Tensor], Tensor]) -> None:
+        """Gradients of the micro-batches' losses (`loss_of(i, head output)`, already weighted)."""
+        for i, idx in enumerate(micros):
+            mb = pack_micro_batch(resp, idx, self.device)
+            with self.amp():
+                out = head(model, forward_packed(model, mb), mb)
+            loss_of(i, out).backward()
+
     def _units(self, mask: Tensor, idx: list[int]) -> float:
         """What a mini-batch's loss is averaged over, so micro-batch losses add up exactly."""
         return float(mask[idx].sum()) if self.cfg.algo.loss_agg == "token_mean" else float(len(idx))
@@ -253,11 +274,10 @@ class RLTrainer:
         for epoch in range(a.ppo_epochs):
             for mb_i, mb in enumerate(self._minibatches(len(resp), epoch)):
                 units = self._units(mask, mb)
-                for micro in micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens):
-                    with self.amp():
-                        logp = micro_logprobs(self.actor, resp, micro, self.device, cfg.rollout.temperature,
-                                              cfg.actor.logprob_chunk_tokens)
-                    m = mask[micro]
+                micros = micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens)
+
+                def loss_of(i: int, logp: Tensor) -> Tensor:
+                    micro, m = micros[i], mask[micros[i]]
                     if epoch == 0 and mb_i == 0:  # parameters not yet updated: must equal the sampler's
                         mismatch.append(((logp.detach() - old_logp[micro]).abs() * m)[m.bool()])
                     if a.name == "remax":
@@ -273,9 +293,11 @@ class RLTrainer:
                         loss = loss + self.kl_ctl.value * kl_loss
                         sums["kl_loss"] += float(kl_loss.detach()) / self.steps_per_iter
                     weight = self._units(mask, micro) / units
-                    (loss * weight).backward()
                     sums["loss"] += float(loss.detach()) * weight / self.steps_per_iter
                     sums["clipfrac"] += clip * weight / self.steps_per_iter
+                    return loss * weight
+
+                self._forward_backward(self.actor, resp, micros, self._logprobs_head, loss_of)
                 norm = self._optimizer_step(self.actor, self.actor_opt, self.actor_sched, cfg.actor_optim.grad_clip)
                 sums["grad_norm"] += norm / self.steps_per_iter
         diffs = torch.cat(mismatch) if mismatch else torch.zeros(1)
@@ -298,15 +320,18 @@ class RLTrainer:
         for epoch in range(a.ppo_epochs):
             for mb in self._minibatches(len(resp), epoch):
                 units = self._units(mask, mb)
-                for micro in micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens):
-                    with self.amp():
-                        values = micro_values(self.critic, resp, micro, self.device)
+                micros = micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens)
+
+                def loss_of(i: int, values: Tensor) -> Tensor:
+                    micro = micros[i]
                     loss, st = value_loss(values, old_values[micro], returns[micro], mask[micro], a.value_clip,
                                           a.loss_agg, resp.max_len)
                     weight = self._units(mask, micro) / units
-                    (loss * weight).backward()
                     sums["loss"] += float(loss.detach()) * weight / self.steps_per_iter
                     sums["clipfrac"] += st["vf_clipfrac"] * weight / self.steps_per_iter
+                    return loss * weight
+
+                self._forward_backward(self.critic, resp, micros, values_head, loss_of)
                 norm = self._optimizer_step(self.critic, self.critic_opt, self.critic_sched,
                                             cfg.critic_optim.grad_clip)
                 sums["grad_norm"] += norm / self.steps_per_iter
@@ -408,6 +433,7 @@ def rollout_metrics(scores: Tensor, greedy_scores: Tensor | None, lengths: list[
         metrics["reward/greedy_mean"] = float(greedy_scores.mean())
     metrics.update({f"time/{k}": v for k, v in times.items()})
     gen_time = sum(v for k, v in times.items() if k.startswith("actor_gen") or k == "actor_greedy")
+    metrics["perf/gen_tokens"] = gen_tokens
     metrics["perf/gen_tokens_per_s"] = gen_tokens / max(gen_time, 1e-9)
     return metrics
 

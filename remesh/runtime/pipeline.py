@@ -11,6 +11,11 @@ both sides from the micro-batch, which every stage holds.
 
 The hidden states between stages are [tokens, dim] of the packed micro-batch, so no padding
 crosses the wire either.
+
+`PipelineDecoder` runs generation across stages: every stage drives the same rollout engine
+(same sequences, slots and agreed drafting strategy, each stage with its own layers' KV cache);
+a forward passes the hidden states stage to stage, and the last stage's logits are broadcast to
+the others, which then sample exactly the tokens the last stage samples (per-sequence streams).
 """
 
 from __future__ import annotations
@@ -124,6 +129,46 @@ class PipelineStage:
         finally:
             self._flush()
         return total
+
+
+class PipelineDecoder(nn.Module):
+    """One data-parallel replica's pipeline stages, seen by the rollout engine as one model."""
+
+    def __init__(self, stage_model: nn.Module, layout: Layout, rank: int, pp_group: dist.ProcessGroup):
+        super().__init__()
+        self.stage_model = stage_model  # a submodule: parameters() and train()/eval() reach it
+        self.args = stage_model.args
+        self.stage, dp, tp = layout.coord(rank)
+        self.first, self.last = self.stage == 0, self.stage == layout.pp - 1
+        self.prev = None if self.first else layout.rank_at(self.stage - 1, dp, tp)
+        self.next = None if self.last else layout.rank_at(self.stage + 1, dp, tp)
+        self.last_rank, self.group = layout.rank_at(layout.pp - 1, dp, tp), pp_group
+
+    def forward(self, tokens: Tensor, positions: Tensor, ctx: AttnContext) -> Tensor:
+        """This stage's hidden states [T, dim]; only the last stage's are the model's output
+        (the others' are only good for their row count, which `logits` takes)."""
+        if self.first:
+            h = self.stage_model(tokens, positions, ctx)
+        else:
+            ref = next(self.stage_model.parameters())
+            h = torch.empty(tokens.shape[0], self.args.dim, dtype=ref.dtype, device=ref.device)
+            dist.recv(h, self.prev)
+            h = self.stage_model(h, positions, ctx)
+        if not self.last:
+            dist.send(h.contiguous(), self.next)
+        return h
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """fp32 logits of the rows of `hidden`, the same on every stage."""
+        if self.last:
+            out = self.stage_model.logits(hidden).float().contiguous()
+        else:
+            out = torch.empty(hidden.shape[0], self.args.vocab_size, device=hidden.device)
+        dist.broadcast(out, self.last_rank, group=self.group)
+        return out
+
+    def new_kv_cache(self, *args: Any, **kwargs: Any):
+        return self.stage_model.new_kv_cache(*args, **kwargs)
 
 
 def sync_tied_embedding(model: nn.Module, spec: ShardSpec, layout: Layout, rank: int, groups: ProcessGroups) -> None:
