@@ -64,26 +64,35 @@ def test_plan_gives_the_one_process_metrics(rl_workspace, algo, capfd):
 @pytest.mark.timeout(600)
 def test_pipeline_stages_give_the_one_process_metrics(rl_workspace):
     """PPO with pipeline stages in every kind of call: generation across two stages, inference
-    and 1F1B training with pp x dp and pp x tp, on a tied model (the head on the last stage
-    shares the first stage's embedding: its gradient is summed over the two)."""
+    and 1F1B training with pp x dp and pp x tp, a learned reward model (plus a rule term) with
+    pp x tp, on a tied model (the head on the last stage shares the first stage's embedding:
+    its gradient is summed over the two)."""
+    import torch
+
     from remesh.checkpoint import load_tokenizer, save_hf
     from tests.models import tiny_model
 
     ws = rl_workspace
     tok = load_tokenizer(ws / "model")
     save_hf(tiny_model("qwen2", vocab_size=len(tok), n_layers=2, dim=64), ws / "tied_model", tok)
+    rm = tiny_model("llama", seed=3, head="value", vocab_size=len(tok), n_layers=2, dim=64)
+    with torch.no_grad():
+        rm.score.weight.normal_()  # rewards that differ between samples
+    save_hf(rm, ws / "reward_model", tok)
     runs = {}
     for name, nproc, plan in (("pp_one", 1, None),
                               ("pp_plan", 4, "actor_gen=d1p2@0-1 actor_train=d2p2@0-3 ref_inf=d1p2t2@0-3 "
-                                             "rew_inf=d2@2-3 critic_inf=d1p2@2-3 critic_train=d1p2t2@0-3")):
+                                             "rew_inf=d1p2t2@0-3 critic_inf=d1p2@2-3 critic_train=d1p2t2@0-3")):
         cfg = _config(ws, "ppo", name, **SECTIONS["ppo"])
         cfg["actor"]["path"] = str(ws / "tied_model")
+        cfg["reward"]["model"] = str(ws / "reward_model")
         cfg["trainer"].update(iterations=2, nproc=nproc)
         if plan:
             cfg["plan"] = plan
         runs[name] = read_metrics(train_rl(_load(ws, cfg, name)).metrics_file)
     for ra, rb in zip(runs["pp_one"], runs["pp_plan"]):
-        for k in KEYS + ("critic/loss", "critic/grad_norm", "logprob_mismatch/max", "perf/gen_tokens"):
+        assert ra["reward/std"] > 0.01  # the learned reward tells samples apart
+        for k in KEYS + ("reward/std", "critic/loss", "critic/grad_norm", "logprob_mismatch/max", "perf/gen_tokens"):
             assert abs(ra[k] - rb[k]) <= ATOL + RTOL * abs(ra[k]), (k, ra[k], rb[k])
 
 

@@ -119,13 +119,11 @@ def load_plan(path: str | Path) -> ExecutionPlan:
     return plan_from_dict(data, where=str(path))
 
 
-def heuristic_plan(name: str, graph: DataflowGraph, world_size: int, tp: int = 1, pp: int = 1,
-                   dp_only: tuple[str, ...] = ()) -> ExecutionPlan:
+def heuristic_plan(name: str, graph: DataflowGraph, world_size: int, tp: int = 1, pp: int = 1) -> ExecutionPlan:
     """`colocated`: every MFC on all ranks with one strategy (DeepSpeed-Chat, verl's hybrid
     engine). `split`: generation on the first half of the ranks, everything else on the second
     (OpenRLHF's separate generation engines); one rank: same as colocated. Every call takes `tp`
-    and `pp` where its mesh allows (generation no pipeline stages); roles in `dp_only` run
-    data-parallel only."""
+    and `pp` where its mesh allows (generation no pipeline stages)."""
     if name not in HEURISTICS:
         raise ValueError(f"unknown heuristic plan {name!r} (valid: {', '.join(HEURISTICS)})")
     everyone = tuple(range(world_size))
@@ -137,9 +135,7 @@ def heuristic_plan(name: str, graph: DataflowGraph, world_size: int, tp: int = 1
         else:
             ranks = everyone[:half] if m.call == "generate" else everyone[half:]
             t = tp if len(ranks) % tp == 0 else 1
-        if m.role in dp_only:
-            t = 1
-        p = pp if m.call != "generate" and m.role not in dp_only and len(ranks) % (t * pp) == 0 else 1
+        p = pp if m.call != "generate" and len(ranks) % (t * pp) == 0 else 1
         layouts[m.name] = Layout(ranks, len(ranks) // (t * p), t, p, p)
     return ExecutionPlan(world_size, layouts)
 

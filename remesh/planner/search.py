@@ -27,15 +27,13 @@ from remesh.planner.simulate import Timeline, simulate
 class SearchSpace:
     """What plans may use. The default keeps to what the estimator has been checked against on
     this runtime (bench/estimator.py): no pipeline stages (the runtime runs them, but their
-    estimates are unvalidated), reward models data-parallel only. Simulations of larger
-    clusters widen it."""
+    estimates are unvalidated). Simulations of larger clusters widen it."""
 
     max_pp: int = 1
-    reward_tp: bool = False
 
 
 RUNTIME = SearchSpace()
-SIMULATION = SearchSpace(max_pp=16, reward_tp=True)
+SIMULATION = SearchSpace(max_pp=16)
 
 
 @dataclass
@@ -82,12 +80,8 @@ def candidates(mfc: MFC, est: Estimator, space: SearchSpace = RUNTIME) -> list[L
     within a node, pp dividing the layers (none for generation), micro-batches pp or 2pp."""
     world = est.cluster.world
     a = est.workload.models.get(mfc.role)
-    max_pp = space.max_pp
-    if mfc.role == "reward" and a is not None and not space.reward_tp:
-        max_pp, tps = 1, [1]
-    else:
-        tps = tp_options(est, mfc.role)
-    pps = [1] if mfc.call == "generate" or a is None else [p for p in _divisors(a.n_layers) if p <= max_pp]
+    tps = tp_options(est, mfc.role)
+    pps = [1] if mfc.call == "generate" or a is None else [p for p in _divisors(a.n_layers) if p <= space.max_pp]
     sizes = list(range(1, world + 1)) if world <= 8 else [s for s in _divisors(world) if s & (s - 1) == 0 or s == world]
     out = []
     for size in sizes:
@@ -117,8 +111,7 @@ def heuristic_layouts(est: Estimator, space: SearchSpace = RUNTIME) -> dict[str,
     roles = {m.role for m in graph.mfcs if m.role in est.workload.models}
     tps = sorted(set.intersection(*(set(tp_options(est, r)) for r in roles))) if roles else [1]
     layers = math.gcd(*(est.workload.models[r].n_layers for r in roles)) if roles else 1
-    dp_only = ("reward",) if "reward" in est.workload.models and not space.reward_tp else ()
-    return {name: [dict(heuristic_plan(name, graph, world, tp, pp, dp_only).layouts)
+    return {name: [dict(heuristic_plan(name, graph, world, tp, pp).layouts)
                    for tp in tps for pp in _divisors(layers) if pp <= space.max_pp]
             for name in HEURISTICS}
 

@@ -177,10 +177,11 @@ class SumRewardFn:
 # ---------------------------------------------------------------- from config
 
 
-def load_learned_reward(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                        ) -> LearnedReward:
+def load_learned_reward(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        model: nn.Module | None = None) -> LearnedReward:
     """A reward model saved by ``remesh rm`` (HF folder with a value head, plus its tokenizer).
-    A causal-LM checkpoint is refused: its value head would be a fresh zero head."""
+    A causal-LM checkpoint is refused: its value head would be a fresh zero head. ``model``: the
+    folder's model already built (e.g. a rank's shards of it under an execution plan)."""
     from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path
     from remesh.checkpoint.hf import load_hf_config
 
@@ -188,7 +189,9 @@ def load_learned_reward(path: str, device: torch.device | str = "cpu", dtype: to
     if load_hf_config(folder).head != "value":
         raise RewardConfigError(f"reward.model {path!r} is a causal LM, not a reward model (no value head); "
                                 f"train one with `remesh rm` and point reward.model at its output")
-    return LearnedReward(load_hf(folder, head="value", dtype=dtype, device=device), load_tokenizer(folder))
+    if model is None:
+        model = load_hf(folder, head="value", dtype=dtype, device=device)
+    return LearnedReward(model, load_tokenizer(folder))
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
@@ -201,7 +204,8 @@ def same_tokenizer(a: Any, b: Any) -> bool:
 
 
 def build_reward_fn(cfg: Any, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float32,
-                    micro_batch_tokens: int = 4096, policy_tokenizer: Any = None) -> RewardFn:
+                    micro_batch_tokens: int = 4096, policy_tokenizer: Any = None,
+                    model: nn.Module | None = None) -> RewardFn:
     """The RewardFn of a reward config: ``cfg.model`` (reward-model folder or None) and
     ``cfg.terms`` (objects with name / weight / args, e.g. RewardTerm); the learned score and the
     rule terms are summed when both are set.
@@ -209,13 +213,14 @@ def build_reward_fn(cfg: Any, device: torch.device | str = "cpu", *, dtype: torc
     The learned reward scores the policy's token sequences, unless ``policy_tokenizer`` is given
     and differs from the reward model's (``same_tokenizer``): then the texts are re-tokenised
     with the reward model's tokenizer. Rule terms are built (user files imported, args checked)
-    here, so config mistakes surface before any rollout.
+    here, so config mistakes surface before any rollout. ``model``: the reward model, already
+    built (a rank's part of it under an execution plan), instead of loading ``cfg.model``.
     """
-    model = getattr(cfg, "model", None)
+    folder = getattr(cfg, "model", None)
     terms = list(getattr(cfg, "terms", None) or [])
     parts: list[RewardFn] = []
-    if model:
-        learned = load_learned_reward(model, device, dtype)
+    if folder:
+        learned = load_learned_reward(folder, device, dtype, model)
         retok = policy_tokenizer is not None and not same_tokenizer(policy_tokenizer, learned.tokenizer)
         parts.append(LearnedRewardFn(learned, micro_batch_tokens, retokenize=retok))
     if terms:

@@ -20,9 +20,9 @@ metrics and the KL controller are identical everywhere; rank 0 logs them.
 
 Pipeline stages (pp > 1): inference streams micro-batches through the stages, training runs
 the 1F1B schedule (`runtime/pipeline.py`), both with the one-process trainer's heads and losses
-evaluated on the last stage; generation runs the engine on every stage of a replica
-(`PipelineDecoder`). A reward model runs data-parallel only (tp = pp = 1), and sample migration
-is off for a generate call with pp > 1.
+evaluated on the last stage; generation and reward scoring run their code on every stage of a
+replica (`PipelineModel`). Sample
+migration is off for a generate call with pp > 1.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from remesh.runtime.groups import ProcessGroups
 from remesh.runtime.launch import default_backend, init_distributed, spawn
 from remesh.runtime.migration import MigratingGenerator
 from remesh.runtime.parallelize import build_local_model
-from remesh.runtime.pipeline import MicroBatch, PipelineDecoder, PipelineStage, sync_tied_embedding
+from remesh.runtime.pipeline import MicroBatch, PipelineModel, PipelineStage, sync_tied_embedding
 from remesh.runtime.realloc import ReallocStats, reallocate
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
@@ -114,9 +114,14 @@ class PlannedRLTrainer(RLTrainer):
         for m in self.graph.mfcs:
             lay = self.plan.layouts[m.name]
             if m.role in ("ref", "reward") and self.rank in lay.ranks and (m.role, lay) not in self.models:
-                if m.role == "reward":
-                    self.models[(m.role, lay)] = None  # the reward function loads its own (dp only)
-                    self.reward_fn = build_reward_fn(cfg.reward, self.device)
+                if m.role == "reward":  # the reward function scores with the rank's part of the model
+                    model = None
+                    if cfg.reward.model:
+                        model = build(m.role, lay).requires_grad_(False).eval()
+                        if lay.pp > 1:
+                            model = PipelineModel(model, lay, self.rank, self.groups.get(lay.pp_group(self.rank)))
+                    self.models[(m.role, lay)] = model
+                    self.reward_fn = build_reward_fn(cfg.reward, self.device, model=model)
                 else:
                     self.models[(m.role, lay)] = build(m.role, lay).requires_grad_(False).eval()
         full.clear()
@@ -245,7 +250,7 @@ class PlannedRLTrainer(RLTrainer):
                                       layout.dp)[self._dp_rank]
             inputs = {"prompts": [self.batch_prompts[i] for i in share], "prompt_keys": share}
             if layout.pp > 1:  # every stage drives the engine; logits come from the last stage
-                model = PipelineDecoder(model, layout, self.rank, self.groups.get(layout.pp_group(self.rank)))
+                model = PipelineModel(model, layout, self.rank, self.groups.get(layout.pp_group(self.rank)))
             self.engine = self.engines.get(layout) or RolloutEngine(model, spec=self.cfg.rollout.spec,
                                                                     max_batch=self.cfg.rollout.max_batch,
                                                                     agree=self._replica_agreement(layout))
@@ -497,12 +502,7 @@ def role_args(cfg: RLConfig, graph: DataflowGraph) -> dict[str, ModelArgs]:
 def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
     """Validate the run's plan without any process group (fails before processes start)."""
     graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
-    plan = validate(resolve_plan(cfg.plan, graph, world_size), graph, role_args(cfg, graph), world_size)
-    for m in graph.mfcs:  # what this runtime does not run yet
-        lay = plan.layouts[m.name]
-        if m.role == "reward" and cfg.reward.model and lay.tp * lay.pp > 1:
-            raise ValueError(f"plan: {m.name}={lay}: a reward model runs data-parallel only (tp=1, pp=1) for now")
-    return plan
+    return validate(resolve_plan(cfg.plan, graph, world_size), graph, role_args(cfg, graph), world_size)
 
 
 def _planned_worker(rank: int, world: int, cfg: RLConfig, plan: ExecutionPlan) -> RLResult:

@@ -12,10 +12,12 @@ both sides from the micro-batch, which every stage holds.
 The hidden states between stages are [tokens, dim] of the packed micro-batch, so no padding
 crosses the wire either.
 
-`PipelineDecoder` runs generation across stages: every stage drives the same rollout engine
-(same sequences, slots and agreed drafting strategy, each stage with its own layers' KV cache);
-a forward passes the hidden states stage to stage, and the last stage's logits are broadcast to
-the others, which then sample exactly the tokens the last stage samples (per-sequence streams).
+`PipelineModel` presents one replica's stages as one model to code that runs a forward and
+then a head on some rows (the rollout engine, reward scoring): every stage runs that code alike;
+a forward passes the hidden states stage to stage, and the head's output (logits or values) is
+computed on the last stage and broadcast to the others. In generation every stage drives the
+same engine (same sequences, slots and agreed drafting strategy, each stage with its own
+layers' KV cache) and samples exactly the tokens the last stage samples (per-sequence streams).
 """
 
 from __future__ import annotations
@@ -131,8 +133,8 @@ class PipelineStage:
         return total
 
 
-class PipelineDecoder(nn.Module):
-    """One data-parallel replica's pipeline stages, seen by the rollout engine as one model."""
+class PipelineModel(nn.Module):
+    """One data-parallel replica's pipeline stages, seen as one model by the code every stage runs."""
 
     def __init__(self, stage_model: nn.Module, layout: Layout, rank: int, pp_group: dist.ProcessGroup):
         super().__init__()
@@ -158,14 +160,21 @@ class PipelineDecoder(nn.Module):
             dist.send(h.contiguous(), self.next)
         return h
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """fp32 logits of the rows of `hidden`, the same on every stage."""
+    def _from_last(self, head: Callable[[Tensor], Tensor], hidden: Tensor, width: int | None) -> Tensor:
+        """fp32 head output of the rows of `hidden`, computed on the last stage, the same on every stage."""
         if self.last:
-            out = self.stage_model.logits(hidden).float().contiguous()
+            out = head(hidden).float().contiguous()
         else:
-            out = torch.empty(hidden.shape[0], self.args.vocab_size, device=hidden.device)
+            shape = (hidden.shape[0],) if width is None else (hidden.shape[0], width)
+            out = torch.empty(shape, device=hidden.device)
         dist.broadcast(out, self.last_rank, group=self.group)
         return out
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self._from_last(lambda h: self.stage_model.logits(h), hidden, self.args.vocab_size)
+
+    def values(self, hidden: Tensor) -> Tensor:
+        return self._from_last(lambda h: self.stage_model.values(h), hidden, None)
 
     def new_kv_cache(self, *args: Any, **kwargs: Any):
         return self.stage_model.new_kv_cache(*args, **kwargs)
