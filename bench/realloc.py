@@ -2,7 +2,11 @@
 point-to-point bandwidth of the same backend, measured in the same run.
 
 For every layout pair, on 4 processes (gloo on CPU):
-- realloc: `reallocate` (transfer plan, bucketed isend/irecv, unpack into target shards);
+- realloc: `reallocate` as the RL runtime calls it every iteration: shards a rank already holds
+  whole taken without a copy (alias_local), the rest refilled into the previous iteration's
+  target tensors (transfer plan, bucketed isend/irecv, unpack into target shards);
+- cold: the first iteration's move, which allocates its target tensors (fresh memory: the
+  kernel maps and zeroes every page on first touch);
 - raw: the same traffic matrix (every sender -> receiver pair of the plan, the same bytes) as one
   contiguous buffer per pair, posted at once: what the backend moves with no slicing, packing or
   unpacking, i.e. the bandwidth a reallocation could at best reach with this traffic.
@@ -10,10 +14,7 @@ Both are timed as the slowest rank's wall time, alternated, median of --reps. Al
 one-pair bandwidth (rank 0 -> 1, one 64 MiB message) for reference.
 
 Headline: realloc_bw_fraction = median over pairs of raw time / realloc time (1.0: as fast as
-the backend's raw transfers), with the minimum beside it. As in the RL runtime, a target shard
-that a rank already holds whole is taken without a copy (alias_local). A reallocation allocates its target
-tensors (the runtime frees another layout's copy after the call); "reused" times the same move
-into the previous move's tensors, which the raw baseline's preallocated buffers correspond to.
+the backend's raw transfers), with the minimum and the cold moves' median beside it.
 
     python bench/realloc.py [--quick] [--reps 5]
 """
@@ -82,14 +83,14 @@ def _worker(rank: int, world: int, folder: str, pairs: list[tuple[str, str]], re
             if t.src != t.dst:
                 traffic[(t.src, t.dst)] += t.numel
         shards = {n: v.clone() for n, v in spec.shard_state(full, src, rank).items()} if rank in src.ranks else None
-        realloc_s, reused_s, raw_s = [], [], []
+        cold_s, realloc_s, raw_s = [], [], []
         for _ in range(reps):
             dist.barrier()
-            got, stats = reallocate(spec, src, dst, shards, plan=plan, alias_local=True)  # as the RL runtime does
-            realloc_s.append(_slowest(stats.seconds))
+            got, stats = reallocate(spec, src, dst, shards, plan=plan, alias_local=True)  # first iteration
+            cold_s.append(_slowest(stats.seconds))
             dist.barrier()
-            got, stats = reallocate(spec, src, dst, shards, plan=plan, out=got)  # into the same tensors
-            reused_s.append(_slowest(stats.seconds))
+            got, stats = reallocate(spec, src, dst, shards, plan=plan, alias_local=True, out=got)  # later ones
+            realloc_s.append(_slowest(stats.seconds))
             raw_s.append(_raw(traffic, rank) if traffic else float("nan"))
         for n, v in got.items():  # the move is exact
             assert torch.equal(v, spec.shard_state(full, dst, rank)[n]), n
@@ -100,9 +101,9 @@ def _worker(rank: int, world: int, folder: str, pairs: list[tuple[str, str]], re
             "realloc_gib_s": sent / median(realloc_s) / 2**30 if sent else None,
             "raw_gib_s": sent / median(raw_s) / 2**30 if sent else None,
             "fraction": median(raw_s) / median(realloc_s) if sent else None,
-            "reused_s": median(reused_s),
-            "fraction_reused": median(raw_s) / median(reused_s) if sent else None,
-            "realloc_s_all": realloc_s, "reused_s_all": reused_s, "raw_s_all": raw_s}
+            "cold_s": median(cold_s),
+            "fraction_cold": median(raw_s) / median(cold_s) if sent else None,
+            "realloc_s_all": realloc_s, "cold_s_all": cold_s, "raw_s_all": raw_s}
         del got
     return out
 
@@ -116,15 +117,15 @@ def main() -> None:
     res = spawn(_worker, 4, args=(folder, pairs, reps), timeout_s=1800, collective_timeout_s=600)[0]
     rows = []
     for name, d in res["pairs"].items():
-        rows.append([name, d["bytes_sent"] / 2**20, d["realloc_s"] * 1e3, d["reused_s"] * 1e3,
+        rows.append([name, d["bytes_sent"] / 2**20, d["realloc_s"] * 1e3, d["cold_s"] * 1e3,
                      d["raw_s"] * 1e3 if d["bytes_sent"] else 0, d["realloc_gib_s"] or 0, d["raw_gib_s"] or 0,
-                     d["fraction"] or 0, d["fraction_reused"] or 0])
-    print_table(["layouts", "MiB sent", "realloc ms", "reused ms", "raw ms", "realloc GiB/s", "raw GiB/s", "fraction",
-                 "reused fraction"], rows)
+                     d["fraction"] or 0, d["fraction_cold"] or 0])
+    print_table(["layouts", "MiB sent", "realloc ms", "cold ms", "raw ms", "realloc GiB/s", "raw GiB/s", "fraction",
+                 "cold fraction"], rows)
     pairs = [d for d in res["pairs"].values() if d["fraction"] is not None]
     headline = {"realloc_bw_fraction": round(median([d["fraction"] for d in pairs]), 3),
                 "realloc_bw_fraction_min": round(min(d["fraction"] for d in pairs), 3),
-                "realloc_bw_fraction_reused": round(median([d["fraction_reused"] for d in pairs]), 3)}
+                "realloc_bw_fraction_cold": round(median([d["fraction_cold"] for d in pairs]), 3)}
     finish("realloc" + ("_quick" if args.quick else ""), headline, res, backend="gloo", world_size=4, reps=reps,
            model="SmolLM2-135M-Instruct fp32", one_pair_gib_s=round(res["one_pair_gib_s"], 3),
            wall_s=round(time.perf_counter() - t0, 1))

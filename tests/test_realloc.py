@@ -39,6 +39,15 @@ def _realloc_random_pairs(rank: int, world: int, family: str, pairs: int) -> lis
             assert torch.equal(t, expected[n]), (str(src), str(dst), n)  # bitwise
         plan_bytes = sum(t.numel for t in transfer_plan(spec, src, dst) if t.src != t.dst) * 4
         assert stats.bytes_sent == plan_bytes
+        # the next iteration: the source changed in place (an optimizer step), the move refills the
+        # previous targets in place (the same tensors), aliased shards stay the source tensors
+        if shards is not None:
+            for t in shards.values():
+                t.mul_(-2.0)
+        again, _ = reallocate(spec, src, dst, shards, bucket_bytes=4096, alias_local=i % 3 == 0, out=out)
+        expected = spec.shard_state({n: -2.0 * t for n, t in full.items()}, dst, rank) if rank in dst.ranks else {}
+        for n, t in again.items():
+            assert t is out[n] and torch.equal(t, expected[n]), (str(src), str(dst), n)
         checked.append(f"{src}->{dst}")
     return checked
 

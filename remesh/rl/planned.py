@@ -9,8 +9,9 @@ it, so MFCs on disjoint meshes run concurrently. For each MFC:
    rank then computes its token-balanced share of every mini-batch;
 2. the role's parameters are put into the MFC's layout: trainable roles keep their training
    copy in the train call's layout (the optimizer owns it) and are reallocated into another
-   layout before a call that needs one (`runtime/realloc.py`), the copy dropped after the
-   iteration; frozen roles (ref, reward) are built once in their call's layout;
+   layout before a call that needs one (`runtime/realloc.py`); the copy lives to the end of the
+   iteration, and its tensors are refilled in place by the next iteration's move; frozen roles
+   (ref, reward) are built once in their call's layout;
 3. the one-process trainer's handler runs on the local model and data (the RL math is the same
    code); gradients are summed over dp and clipped by the global norm (`runtime/grads.py`).
 
@@ -91,6 +92,9 @@ class PlannedRLTrainer(RLTrainer):
         self.migrators: dict[Layout, MigratingGenerator] = {}
         self.realloc_log: list[str] = []
         self._built: set[tuple[str, Layout]] = set()  # other-layout copies made this iteration
+        # their tensors, refilled in place by the next iteration's move: no allocation and no first
+        # touch of fresh memory. No extra peak: a copy lives to the end of its iteration anyway
+        self._copy_tensors: dict[tuple[str, Layout], dict[str, Tensor]] = {}
         full: dict[str, dict[str, Tensor]] = {}
 
         def build(role: str, layout: Layout) -> Transformer:
@@ -140,10 +144,12 @@ class PlannedRLTrainer(RLTrainer):
         spec = self.specs[role]
         shards = _shards(self.models[(role, src)], spec) if self.rank in src.ranks else None
         # read-only copy, used before the training copy next changes: shards it holds whole are aliased
-        out, stats = reallocate(spec, src, layout, shards, group=None, device=self.device, alias_local=True)
+        out, stats = reallocate(spec, src, layout, shards, group=None, device=self.device, alias_local=True,
+                                out=self._copy_tensors.get((role, layout)))
         self._log_realloc(role, src, layout, stats)
         if self.rank not in layout.ranks:
             return None
+        self._copy_tensors[(role, layout)] = out
         model = build_local_model(self.args[role], layout, self.rank, out, self.groups.get(layout.tp_group(self.rank)),
                                   self.device).requires_grad_(False)
         self.models[(role, layout)] = model

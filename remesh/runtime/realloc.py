@@ -9,10 +9,12 @@ every replica instead of falling on dp rank 0. Every rank computes the same plan
 
 `reallocate` executes it with torch.distributed point-to-point, in rounds of at most
 `bucket_bytes` per peer, every round's sends and receives posted together. A large piece that
-is contiguous on both sides (whole tensors, dim-0 slices) travels as its own message, sent from
-the source tensor and received into the target tensor, with no copy; the small or strided
-pieces of the round are packed into one flat message per peer and unpacked on arrival. It returns the target shards and the bytes, time
-and bandwidth of the move.
+is contiguous on at least one side travels as its own message, sent from the source tensor or
+received into the target tensor where it is contiguous there (whole tensors and dim-0 slices:
+no copy at all; a tensor-parallel row split: one copy, on its strided side); the small pieces
+of the round are packed into one flat message per peer and unpacked on arrival. Packing and
+strided pieces go through one staging buffer per peer, reused from round to round. It returns
+the target shards and the bytes, time and bandwidth of the move.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
 
     `shards`: this rank's source shards (None when it is not in the source mesh). Returns this
     rank's target shards ({} when it is not in the target mesh) and the move's statistics.
-    `out`: target shards of an earlier move between the same layouts, to refill in place.
+    `out`: target shards of an earlier move between the same layouts, refilled in place (no
+    allocation, no first touch of fresh memory: the RL runtime moves the same layouts every iteration).
     `alias_local`: a target shard that is exactly a source shard on the same rank is returned as
     that tensor, not copied (for a read-only copy used before the source next changes).
     `group`: the process group whose ranks the layouts name (default: the world)."""
@@ -157,19 +160,26 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
     max_numel = max(1, bucket_bytes // spec.element_size)
     t0 = time.perf_counter()
     shapes = spec.local_shapes(dst, rank) if rank in dst.ranks else {}
-    if out is not None:  # the previous move's target tensors, refilled in place (no allocation)
+    if out is not None:
         got = {n: tuple(t.shape) for n, t in out.items()}
         if got != shapes:
             raise ValueError(f"reallocate: the given target tensors do not match {dst} on rank {rank}")
     sends, recvs, local = _pieces(plan, rank)
     aliased: dict[str, Tensor] = {}
-    if alias_local and out is None and rank in dst.ranks:
+    if alias_local and rank in dst.ranks:
         aliased = {t.name: shards[t.name] for t in local if t.src_start == t.dst_start == 0
                    and tuple(shards[t.name].shape) == shapes[t.name] and t.length == shapes[t.name][t.dim]}
         local = [t for t in local if t.name not in aliased]
-    if out is None:
-        out = {n: aliased.get(n) if n in aliased else torch.empty(s, dtype=dtype, device=device)
-               for n, s in shapes.items()}
+    reuse, own = out or {}, shards or {}
+
+    def target(n: str, shape: tuple[int, ...]) -> Tensor:
+        if n in aliased:
+            return aliased[n]
+        if n in reuse and reuse[n] is not own.get(n):  # never refill a source tensor aliased last time
+            return reuse[n]
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    out = {n: target(n, shape) for n, shape in shapes.items()}
     for t in local:
         out[t.name].narrow(t.dim, t.dst_start, t.length).copy_(shards[t.name].narrow(t.dim, t.src_start, t.length))
     send_buckets = {peer: _buckets(v, max_numel) for peer, v in sends.items()}
@@ -183,36 +193,74 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
     src_shapes = {r: spec.local_shapes(src, r) for r in src.ranks}
     dst_shapes = {r: spec.local_shapes(dst, r) for r in dst.ranks}
 
-    def direct(t: Transfer) -> bool:
-        """Large and contiguous on both sides: sent from and received into the tensors themselves."""
-        return (t.numel * spec.element_size >= direct_min_bytes
-                and _contiguous(src_shapes[t.src][t.name], t.dim, t.length)
-                and _contiguous(dst_shapes[t.dst][t.name], t.dim, t.length))
+    def src_contiguous(t: Transfer) -> bool:
+        return _contiguous(src_shapes[t.src][t.name], t.dim, t.length)
+
+    def dst_contiguous(t: Transfer) -> bool:
+        return _contiguous(dst_shapes[t.dst][t.name], t.dim, t.length)
+
+    def own_message(t: Transfer) -> bool:
+        """Large and contiguous on at least one side: its own message, sent from or received into
+        the tensor itself on that side (one copy at most, on the strided side)."""
+        return t.numel * spec.element_size >= direct_min_bytes and (src_contiguous(t) or dst_contiguous(t))
+
+    # staging for packed and strided pieces, one buffer per peer and direction, reused round to round
+    send_stage: dict[int, Tensor] = {}
+    recv_stage: dict[int, Tensor] = {}
+
+    def staging(store: dict[int, Tensor], peer: int, numel: int) -> Tensor:
+        if peer not in store or store[peer].numel() < numel:
+            store[peer] = torch.empty(numel, dtype=dtype, device=device)
+        return store[peer]
 
     for k in range(rounds):
         ops, unpack, keep = [], [], []  # keep: send buffers stay alive until their wait
         for peer, buckets in send_buckets.items():
-            if k < len(buckets):
-                packed = [t for t in buckets[k] if not direct(t)]
-                views = [shards[t.name].narrow(t.dim, t.src_start, t.length) for t in buckets[k] if direct(t)]
-                if packed:
-                    views.insert(0, torch.cat([shards[t.name].narrow(t.dim, t.src_start, t.length).reshape(-1)
-                                               for t in packed]))
-                for tag, v in enumerate(views):
-                    v = v.to(device)
-                    keep.append(v)
-                    ops.append(dist.isend(v, peer_rank(peer), group=group, tag=tag))
-                    messages += 1
+            if k >= len(buckets):
+                continue
+            packed = [t for t in buckets[k] if not own_message(t)]
+            own = [t for t in buckets[k] if own_message(t)]
+            buf = staging(send_stage, peer, sum(t.numel for t in packed) + sum(t.numel for t in own
+                                                                                if not src_contiguous(t)))
+            messages_out, offset = [], 0
+            if packed:
+                for t in packed:
+                    piece = shards[t.name].narrow(t.dim, t.src_start, t.length)
+                    buf[offset:offset + t.numel].view(piece.shape).copy_(piece)
+                    offset += t.numel
+                messages_out.append(buf[:offset])
+            for t in own:
+                piece = shards[t.name].narrow(t.dim, t.src_start, t.length)
+                if not src_contiguous(t):
+                    piece = buf[offset:offset + t.numel].view(piece.shape).copy_(piece)
+                    offset += t.numel
+                messages_out.append(piece)
+            for tag, v in enumerate(messages_out):
+                keep.append(v.to(device))
+                ops.append(dist.isend(keep[-1], peer_rank(peer), group=group, tag=tag))
+                messages += 1
         for peer, buckets in recv_buckets.items():
-            if k < len(buckets):
-                packed = [t for t in buckets[k] if not direct(t)]
-                views = [out[t.name].narrow(t.dim, t.dst_start, t.length) for t in buckets[k] if direct(t)]
-                if packed:
-                    flat = torch.empty(sum(t.numel for t in packed), dtype=dtype, device=device)
-                    views.insert(0, flat)
-                    unpack.append((flat, packed))
-                for tag, v in enumerate(views):
-                    ops.append(dist.irecv(v, peer_rank(peer), group=group, tag=tag))
+            if k >= len(buckets):
+                continue
+            packed = [t for t in buckets[k] if not own_message(t)]
+            own = [t for t in buckets[k] if own_message(t)]
+            buf = staging(recv_stage, peer, sum(t.numel for t in packed) + sum(t.numel for t in own
+                                                                               if not dst_contiguous(t)))
+            messages_in, offset = [], 0
+            if packed:
+                offset = sum(t.numel for t in packed)
+                messages_in.append(buf[:offset])
+                unpack.append((buf[:offset], packed))
+            for t in own:
+                target = out[t.name].narrow(t.dim, t.dst_start, t.length)
+                if dst_contiguous(t):
+                    messages_in.append(target)
+                else:
+                    messages_in.append(buf[offset:offset + t.numel])
+                    unpack.append((buf[offset:offset + t.numel], [t]))
+                    offset += t.numel
+            for tag, v in enumerate(messages_in):
+                ops.append(dist.irecv(v, peer_rank(peer), group=group, tag=tag))
         for op in ops:
             op.wait()
         for flat, pieces in unpack:
