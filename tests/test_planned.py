@@ -26,7 +26,8 @@ PLANS = {
 SECTIONS = {
     "ppo": {"algo": {"name": "ppo", "ppo_epochs": 1, "mini_batches": 2},
             "rollout": {"n_samples": 1, "migrate_every": 1}, "kl": {"coef": 0.05}},
-    "remax": {"rollout": {"n_samples": 1}, "kl": {"coef": 0.05}},
+    # the actor's Adam state sharded over its 2 data-parallel ranks (ZeRO-1)
+    "remax": {"rollout": {"n_samples": 1}, "kl": {"coef": 0.05}, "actor_optim": {"zero": True}},
 }
 
 
@@ -54,11 +55,18 @@ def test_plan_gives_the_one_process_metrics(rl_workspace, algo, capfd):
         for k in KEYS + {"ppo": ("critic/loss",), "remax": ("reward/greedy_mean",)}[algo]:
             assert abs(ra[k] - rb[k]) <= ATOL + RTOL * abs(ra[k]), (k, ra[k], rb[k])
     assert (result.final_model / "model.safetensors").exists() or (result.final_model / "config.json").exists()
+    out = capfd.readouterr().out
     if algo == "ppo":  # the two generation instances exchanged samples, which changed no metric
         import re
 
-        moved = re.search(r"actor_gen sample migration: \d+ rounds, (\d+) sequences moved", capfd.readouterr().out)
+        moved = re.search(r"actor_gen sample migration: \d+ rounds, (\d+) sequences moved", out)
         assert moved and int(moved.group(1)) >= 1  # loads 1 and 3 at the first exchange
+    else:  # rank 0 keeps the Adam state of about half its parameters
+        import re
+
+        mine, total = re.search(r"actor optimizer: ZeRO-1 over dp=2, Adam state of ([\d,]+) of this rank's ([\d,]+)",
+                                out).groups()
+        assert 0.3 < int(mine.replace(",", "")) / int(total.replace(",", "")) < 0.7
 
 
 @pytest.mark.timeout(600)

@@ -14,7 +14,7 @@ from remesh.plan.layout import Layout, ShardSpec
 from remesh.plan.plan import parse_plan, validate
 from remesh.planner.cluster import Cluster, parse_bytes
 from remesh.planner.estimator import (Estimator, Workload, _transfer_totals, kv_bytes_per_token, layer_flops,
-                                      layer_linears, layer_params)
+                                      layer_linears, layer_params, zero_shares)
 from remesh.planner.profile import HardwareProfile, LinkCost
 from remesh.planner.search import NoPlanFits, search
 from remesh.planner.simulate import simulate
@@ -85,6 +85,14 @@ def test_memory_of_a_layout_by_hand():
     assert mem[0].copies == (n - (2 * 2 + 1) * 64) * 4
     # generation's KV cache: 8 sequences (4 prompts x 2) x (12 + 8 + 1) positions on the one instance
     assert mem[0].transient >= 8 * 21 * kv_bytes_per_token(A, 1, 4)
+    # ZeRO-1 over 2 replicas: matrices largest first onto the least loaded rank (eight of 96x64 or
+    # 64x96, four of 64x64, four of 64x32: half each), then the five norms of 64 (3 to rank 0)
+    assert zero_shares([(4, 4), (2, 3), (10,), (3,)], 2) == [16 + 3, 6 + 10]
+    est = Estimator(_workload(graph, n_samples=2, migrate=False, zero=("actor",)), _cluster(devices=2))
+    mem = est.memory(parse_plan("actor_gen=d1@0 rew_inf=d2@0-1 actor_train=d2@0-1", 2).layouts)
+    half = 4 * 6144 + 2 * 4096 + 2 * 2048
+    assert (mem[0].optimizer, mem[1].optimizer) == (2 * (half + 3 * 64) * 4, 2 * (half + 2 * 64) * 4)
+    assert mem[0].params == n * 4  # parameters and gradients stay whole
 
 
 def test_reallocation_totals_from_a_reduced_model_match_the_full_plan():

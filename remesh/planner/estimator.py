@@ -47,6 +47,7 @@ class Workload:
     max_batch: int = 64  # engine slots per generation instance
     migrate: bool = True  # sample migration evens out generation instances
     max_draft_nodes: int = 0  # extra cache positions per sequence (speculation)
+    zero: tuple[str, ...] = ()  # trainable roles whose Adam state is sharded over dp (ZeRO-1)
 
     def sequences(self, mfc: MFC) -> int:
         return self.prompts if mfc.option("greedy", False) else self.prompts * self.n_samples
@@ -86,6 +87,18 @@ def _allreduce(cost: LinkCost, n: int, nbytes: float) -> float:
     """All-reduce over n ranks, from the cost of one measured on 2 ranks (a ring: n - 1 steps
     of latency, 2 (n - 1) / n of the bytes through each rank's link, which is 1 at n = 2)."""
     return 0.0 if n <= 1 else (n - 1) * cost.latency_s + (n - 1) / n * 2 * nbytes / cost.bytes_per_s
+
+
+def zero_shares(shapes: list[tuple[int, ...]], dp: int) -> list[int]:
+    """Parameters whose Adam state each dp rank keeps under ZeRO-1, partitioned as torch's
+    ZeroRedundancyOptimizer does: per parameter group (matrices, then vectors and norms), largest
+    first onto the least loaded rank."""
+    totals = [0] * dp
+    for group in ([s for s in shapes if len(s) >= 2], [s for s in shapes if len(s) < 2]):
+        for n in sorted((math.prod(s) for s in group), reverse=True):
+            k = min(range(dp), key=lambda i: (totals[i], i))
+            totals[k] += n
+    return totals
 
 
 def _allgather(cost: LinkCost, n: int, total_bytes: float) -> float:
@@ -189,10 +202,15 @@ class Estimator:
         params = self._local_params(mfc.role, layout)
         grad_bytes = params * w.bytes_per_el
         # dp gradient sum (runtime/grads.py): the grads packed into one buffer, all-reduced, copied back
-        update = params * self.profile.adam_s_per_param
+        update = self._optimizer_params(mfc.role, layout) * self.profile.adam_s_per_param
         if layout.dp > 1:
-            cost = self.cluster.collective("all_reduce", layout.dp_group(layout.ranks[0]))
+            group = layout.dp_group(layout.ranks[0])
+            cost = self.cluster.collective("all_reduce", group)
             update += _allreduce(cost, layout.dp, grad_bytes) + 4 * grad_bytes / self.profile.mem_bytes_per_s
+            if mfc.role in w.zero:  # each rank broadcasts the parameters it updated, one tensor at a time
+                gather = self.cluster.collective("all_gather", group)
+                tensors = len(_spec(self.workload.models[mfc.role], w.dtype).params(layout.pp))
+                update += _allgather(gather, layout.dp, grad_bytes) + tensors * gather.latency_s
         return steps * (per_step + update)
 
     def _pipelined(self, a: ModelArgs, layout: Layout, tokens: float, ctx: float, seqs: float, head_fraction: float,
@@ -268,6 +286,18 @@ class Estimator:
             return max(per_stage)
         return per_stage[layout.coord(rank)[0]]
 
+    def _optimizer_params(self, role: str, layout: Layout, rank: int | None = None) -> int:
+        """Parameters whose Adam state `rank` keeps (default: the most loaded rank)."""
+        if role not in self.workload.zero or layout.dp == 1:
+            return self._local_params(role, layout, rank)
+        key = ("zero", role, layout)
+        if key not in self._cache:
+            spec = _spec(self.workload.models[role], self.workload.dtype)
+            self._cache[key] = {r: zero_shares(list(spec.local_shapes(layout, r).values()),
+                                               layout.dp)[layout.coord(r)[1]] for r in layout.ranks}
+        shares = self._cache[key]
+        return max(shares.values()) if rank is None else shares[rank]
+
     def transient_bytes(self, mfc: MFC, layout: Layout) -> float:
         """Activations, KV cache and logits of one call on its most loaded rank."""
         w = self.workload
@@ -309,7 +339,7 @@ class Estimator:
                 n = self._local_params(role, layout, r)
                 out[r].params += n * w.bytes_per_el
                 out[r].grads += n * w.bytes_per_el
-                out[r].optimizer += 2 * n * 4
+                out[r].optimizer += 2 * self._optimizer_params(role, layout, r) * 4
         seen: set[tuple[str, Layout, int]] = set()
         for m in w.graph.mfcs:
             layout = plan_layouts[m.name]

@@ -106,12 +106,18 @@ class PlannedRLTrainer(RLTrainer):
             return build_local_model(self.args[role], layout, self.rank, shards, tp_group, self.device)
 
         self.actor = self.critic = self.ref = None
+        self._notes: list[str] = []
         for role, layout in self.train_layout.items():
             if self.rank in layout.ranks:
                 model = build(role, layout)
                 self.models[(role, layout)] = model
                 opt_cfg = cfg.actor_optim if role == "actor" else cfg.critic_optim
-                opt = build_optimizer(model, opt_cfg)
+                opt = build_optimizer(model, opt_cfg, self.groups.get(layout.dp_group(self.rank)))
+                if hasattr(opt, "optim"):  # ZeRO-1: this rank updates (and keeps Adam state for) its part
+                    mine = sum(p.numel() for g in opt.optim.param_groups for p in g["params"])
+                    total = sum(p.numel() for p in model.parameters())
+                    self._notes.append(f"{role} optimizer: ZeRO-1 over dp={layout.dp}, Adam state of "
+                                       f"{mine:,} of this rank's {total:,} parameters on rank {self.rank}")
                 setattr(self, role, model)
                 setattr(self, f"{role}_opt", opt)
                 setattr(self, f"{role}_sched", build_scheduler(opt, self.total_steps, opt_cfg))
@@ -448,6 +454,8 @@ class PlannedRLTrainer(RLTrainer):
             dump_config(self.cfg, self.out / "config.yaml")
             (self.out / "plan.yaml").write_text(self.plan.to_yaml())
             print(f"remesh: plan on {self.world} ranks: {self.plan.one_line()}", flush=True)
+            for note in self._notes:
+                print(f"remesh: {note}", flush=True)
             logger = MetricsLogger(self.out, tc.tensorboard, tc.wandb_project, config_to_dict(self.cfg))
             from tqdm.auto import tqdm
 

@@ -42,6 +42,9 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
     min_lr_ratio: float = 0.1  # final lr / lr for cosine and linear decay
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # ZeRO-1: under an execution plan, each data-parallel rank of a train call keeps the Adam state
+    # of 1/dp of the parameters and broadcasts the ones it updates (no effect on one process)
+    zero: bool = False
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from remesh.train.configs import OptimConfig
@@ -25,13 +26,21 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms and biases (1-D parameters)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, dp_group: dist.ProcessGroup | None = None
+                    ) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases (1-D parameters). With `cfg.zero` and a
+    data-parallel group, its state is sharded over the group (torch's ZeroRedundancyOptimizer:
+    every rank must call `step`, after the gradients are summed over the group)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in params) or None  # fused kernel on CUDA; default (foreach) elsewhere
+    if cfg.zero and dp_group is not None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, process_group=dp_group, lr=cfg.lr,
+                                       betas=cfg.betas, eps=cfg.eps, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
