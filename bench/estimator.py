@@ -10,8 +10,9 @@ the estimator predicts plain decoding. Rule-based reward (VADER).
 
 Per run: estimated vs measured iteration time and per-MFC time (the simulated duration of the
 call, core sharing included, vs the slowest rank's measured time), and estimated vs measured
-peak memory per rank (VmHWM during the last iteration minus the process's resident size before
-any model was built: the tensors of the iteration, as the estimator counts them).
+peak memory per rank (VmHWM during each call of the last iteration, and the resident size after
+it, minus the process's resident size before any model was built: the tensors of the iteration,
+as the estimator counts them), also per call.
 
 Then, for ReMax and PPO on 2 and 4 ranks: the searched plan's measured iteration time vs the
 colocated and split plans' (each with its best uniform strategy, as the search compares them).
@@ -90,18 +91,29 @@ def make_config(model: str, algo: str, plan: str, nproc: int, out: Path) -> RLCo
 def _rank(rank: int, world: int, cfg: RLConfig, plan, iters: int) -> dict:
     from remesh.rl.planned import PlannedRLTrainer
 
+    calls: dict[str, int] = {}  # the last iteration's peak during each call this rank runs
+
     class FixedLength(PlannedRLTrainer):  # bench-only: every response is max_new_tokens long
         def _stop_ids(self) -> list[int]:
             return []
 
+        def _execute(self, mfc, samples, model):
+            if measuring and self.rank in self.plan.layouts[mfc.name].ranks:
+                Path("/proc/self/clear_refs").write_text("5")
+                try:
+                    return super()._execute(mfc, samples, model)
+                finally:
+                    calls[mfc.name] = peak_rss_bytes() - base
+            return super()._execute(mfc, samples, model)
+
     base = rss_bytes()
     trainer = FixedLength(cfg, plan)
-    metrics = []
+    metrics, measuring = [], False
     for i in range(iters):
-        if i == iters - 1:
-            Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+        measuring = i == iters - 1
         metrics.append(trainer.iterate())
-    return {"metrics": metrics, "peak": peak_rss_bytes() - base}
+    # peak RSS over the last iteration: the calls' peaks, and what stayed resident after them
+    return {"metrics": metrics, "peak": max([*calls.values(), rss_bytes() - base]), "calls": calls}
 
 
 def run(cfg: RLConfig, world: int, iters: int) -> dict:
@@ -111,7 +123,7 @@ def run(cfg: RLConfig, world: int, iters: int) -> dict:
     ranks = spawn(_rank, world, args=(cfg, plan, iters), timeout_s=1800, collective_timeout_s=900)
     measured = ranks[0]["metrics"][1:]
     times = {k.removeprefix("time/"): median([m[k] for m in measured]) for k in measured[0] if k.startswith("time/")}
-    return {"times": times, "peak": [r["peak"] for r in ranks]}
+    return {"times": times, "peak": [r["peak"] for r in ranks], "calls": [r["calls"] for r in ranks]}
 
 
 def main() -> None:
@@ -164,7 +176,10 @@ def main() -> None:
                         "world": world, "plan": plan_text, "iteration_measured_s": round(got["times"]["iteration"], 3),
                         "iteration_estimated_s": round(e.seconds, 3), "iteration_err": round(it_err, 3),
                         "mfcs": per_mfc, "peak_measured_mib": [round(p / 2**20) for p in got["peak"]],
-                        "peak_estimated_mib": [round(m / 2**20) for m in mem_est]})
+                        "peak_estimated_mib": [round(m / 2**20) for m in mem_est],
+                        "call_peaks_measured_mib": [{k: round(v / 2**20) for k, v in c.items()} for c in got["calls"]],
+                        "call_peaks_estimated_mib": [{m: round(est.call_memory(layouts, m, r) / 2**20)
+                                                      for m in c} for r, c in enumerate(got["calls"])]})
         print(f"[{i + 1}/{len(cases)}] {label}: measured {got['times']['iteration']:.2f} s, "
               f"estimated {e.seconds:.2f} s ({it_err:+.0%})", flush=True)
     print_table(["run", "measured s", "estimated s", "iter err", "max call err", "peak MiB", "est MiB"], rows)

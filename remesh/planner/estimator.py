@@ -202,7 +202,10 @@ class Estimator:
         params = self._local_params(mfc.role, layout)
         grad_bytes = params * w.bytes_per_el
         # dp gradient sum (runtime/grads.py): the grads packed into one buffer, all-reduced, copied back
-        update = self._optimizer_params(mfc.role, layout) * self.profile.adam_s_per_param
+        # AdamW on the parameters this rank updates; global-norm clipping: a read of every gradient
+        # for the norm, a read and a write to scale them
+        update = (self._optimizer_params(mfc.role, layout) * self.profile.adam_s_per_param
+                  + 3 * grad_bytes / self.profile.mem_bytes_per_s)
         if layout.dp > 1:
             group = layout.dp_group(layout.ranks[0])
             cost = self.cluster.collective("all_reduce", group)
@@ -311,15 +314,18 @@ class Estimator:
             slots = min(w.max_batch, w.sequences(mfc) if w.migrate and layout.dp > 1 else seqs)
             max_len = w.prompt_len_max + w.gen_len_max + w.max_draft_nodes + 1
             cache = slots * max_len * kv_bytes_per_token(a, layout.tp, b)
-            rows = max(slots * (1 + w.max_draft_nodes), w.prompts * w.prompt_len_max / max(layout.dp, 1))
-            logits = rows * a.vocab_size * 4 * 2  # gathered logits and their softmax, fp32
+            # logits of each slot's verified positions (a prefill takes only each prompt's last one)
+            logits = slots * (1 + w.max_draft_nodes) * a.vocab_size * 4 * 2  # gathered, and softmax, fp32
             prefill = w.prompts / layout.dp * w.prompt_len_max * (a.dim * 4 + a.ffn_dim * 3 // layout.tp) * b
             return cache + logits + prefill
         tokens = min(w.micro_batch_tokens, seqs * (w.prompt_len_max + w.gen_len_max))
         layers = a.n_layers // layout.pp
         # one layer's live tensors in a forward: residual, norm, q/k/v, attention out, 3 ffn-wide
         live = tokens * (4 * a.dim + 2 * a.n_kv_heads * a.head_dim // layout.tp + 3 * a.ffn_dim // layout.tp) * b
-        head = tokens * (a.vocab_size // layout.tp if a.head == "lm" else 1) * 4 * 2
+        # the head runs on the response tokens only (the positions that predict them): fp32 logits
+        # and their log-softmax
+        head_rows = min(tokens, seqs * w.gen_len_max)
+        head = head_rows * (a.vocab_size // layout.tp if a.head == "lm" else 1) * 4 * 2
         if mfc.call == "inference":
             return live + head
         # saved for backward, per layer and token: norm in/out, q, k, v, attention out,
@@ -327,7 +333,12 @@ class Estimator:
         saved = tokens * (5 * a.dim + (a.n_heads + 2 * a.n_kv_heads) * a.head_dim // layout.tp
                           + 4 * a.ffn_dim // layout.tp) * b
         in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B: up to pp micro-batches in flight on stage 0
-        return saved * layers * in_flight + live + head
+        # the head's backward: the log-softmax output it saved, its gradient and the logits' gradient
+        head = head * 3 // 2
+        # after backward, the optimizer step: foreach AdamW allocates the second moment's square
+        # root (1x the parameters it updates, fp32) where the activations were
+        step = self._optimizer_params(mfc.role, layout) * 4
+        return max(saved * layers * in_flight + live + head, step)
 
     def memory(self, plan_layouts: dict[str, Layout]) -> dict[int, MemoryBreakdown]:
         """Peak bytes per rank under a plan (the runtime's lifetimes; see the module docstring)."""
@@ -361,6 +372,12 @@ class Estimator:
                 if t > out[r].transient:
                     out[r].transient, out[r].transient_mfc = t, m.name
         return out
+
+    def call_memory(self, plan_layouts: dict[str, Layout], name: str, rank: int) -> float:
+        """Bytes on `rank` while the call `name` runs: what stays resident, plus its transient."""
+        m = self.memory(plan_layouts)[rank]
+        mfc = next(x for x in self.workload.graph.mfcs if x.name == name)
+        return m.total - m.transient + self.transient_bytes(mfc, plan_layouts[name])
 
     def _copy_bytes(self, role: str, src: Layout, dst: Layout, rank: int) -> float:
         """A copy's bytes on `rank`, less the shards it takes whole from the training copy there.

@@ -38,27 +38,26 @@ def clip_grad_norm(model: nn.Module, max_norm: float, spec: ShardSpec, layout: L
     clipping); returns the norm before clipping, identical on every rank of the layout."""
     stage, _, tp_rank = layout.coord(rank)
     device = next(model.parameters()).device  # collectives on the backend's device (NCCL: CUDA)
-    sharded = torch.zeros((), dtype=torch.float64, device=device)
-    replicated = torch.zeros((), dtype=torch.float64, device=device)
+    sharded, replicated = [], []
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         info = spec.param(name, layout.pp)
         if stage != info.stages[0]:  # a tied embedding's last-stage copy (its gradient already summed)
             continue
-        sq = p.grad.detach().double().pow(2).sum()
         if info.tp_dim is not None:
-            sharded += sq
+            sharded.append(p.grad)
         elif tp_rank == 0:  # the same on every tp rank: count it once
-            replicated += sq
-    total = sharded + replicated
+            replicated.append(p.grad)
+    # squared norms (torch's foreach norms per tensor), summed in float64 across shards and stages
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for grads in (sharded, replicated):
+        if grads:
+            total += torch.nn.utils.get_total_norm(grads, 2.0).double().square()
     for group in (tp_group, pp_group):
         if group is not None:
             dist.all_reduce(total, group=group)
-    norm = float(total.sqrt())
-    if max_norm != float("inf") and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm
+    norm = total.sqrt()
+    if max_norm != float("inf"):
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, norm)
+    return float(norm)
