@@ -25,8 +25,10 @@ import torch
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 GEMM_M = (1, 4, 16, 64, 256, 1024, 4096)
-# projections of small and large layers, and LM heads (large n)
-GEMM_KN = ((256, 256), (256, 1024), (1024, 256), (1024, 1024), (2048, 2048), (256, 16384), (1024, 16384))
+# projections of small and large layers, and LM heads of 16k to 150k vocabularies (large n)
+GEMM_KN = ((256, 256), (256, 1024), (1024, 256), (1024, 1024), (2048, 2048), (256, 16384), (1024, 16384),
+           (256, 65536), (1024, 65536))
+CPU_GEMM_MAX_MACS = 1 << 36  # larger multiplies take seconds on a CPU; their rate is the m = 1024 one
 COMM_BYTES = (1 << 10, 1 << 16, 1 << 20, 1 << 23)
 
 
@@ -166,6 +168,10 @@ def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[flo
         rows = []
         for m in GEMM_M:
             for k, n in GEMM_KN:
+                if device.type == "cpu" and m * k * n > CPU_GEMM_MAX_MACS:
+                    if progress:
+                        progress()
+                    continue
                 x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
                 w = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)  # x @ w.T
                 grad = torch.ones(m, n, device=device, dtype=dtype)
