@@ -130,12 +130,15 @@ def test_kv_cache_prefill_then_decode(case):
     torch.testing.assert_close(torch.cat(out), ref, atol=1e-5, rtol=0)
 
 
+# slots with a gap (decoding gathers each sequence's rows), a contiguous run out of order and a
+# sorted run not starting at 0 (decoding reads the cache in place, in slot order)
+@pytest.mark.parametrize("slots", [[2, 0, 3], [1, 0, 2], [1, 2, 3]])
 @pytest.mark.parametrize("case", CACHE_CASES)
-def test_kv_cache_ragged_prefill_batched_decode(case):
+def test_kv_cache_ragged_prefill_batched_decode(case, slots):
     """Several sequences with different prompt lengths in different slots: one ragged prefill,
     then batched one-token decode steps; every logit equals that sequence's full forward."""
     model = cache_model(case)
-    prompt_lens, n_decode, slots = [3, 9, 5], 4, [2, 0, 3]
+    prompt_lens, n_decode = [3, 9, 5], 4
     seqs = [torch.randint(0, VOCAB, (n + n_decode,)) for n in prompt_lens]
     refs = [full_logits(model, s) for s in seqs]
     cache = model.new_kv_cache(n_slots=4, max_len=16)

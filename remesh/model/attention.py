@@ -70,6 +70,10 @@ class AttnContext:
     # derived once: cache write index of every new token, and context length per sequence
     _write_slot: Tensor | None = None
     _write_pos: Tensor | None = None
+    # when the slots are a contiguous run (in any order): its first slot, and the order that sorts
+    # the sequences by slot (None: already sorted); decoding then reads the cache as a view
+    _run_start: int | None = None
+    _run_order: Tensor | None = None
 
     @classmethod
     def packed(cls, seqlens: list[int], device: torch.device | str = "cpu") -> AttnContext:
@@ -91,6 +95,11 @@ class AttnContext:
         for n, start in zip(seqlens, cache_lens):
             if start + n > cache.max_len:
                 raise ValueError(f"KV cache overflow: {start} cached + {n} new tokens > max_len {cache.max_len}")
+        slot_list = [int(x) for x in slots]
+        if slot_list and max(slot_list) - min(slot_list) + 1 == len(set(slot_list)) == len(slot_list):
+            ctx._run_start = min(slot_list)
+            if slot_list != sorted(slot_list):
+                ctx._run_order = torch.tensor(sorted(range(len(slot_list)), key=slot_list.__getitem__), device=device)
         ctx._write_slot = torch.repeat_interleave(ctx.slots, torch.tensor(seqlens, device=device))
         ctx._write_pos = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(cache_lens, seqlens)])
         return ctx
@@ -161,12 +170,20 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
     if len(set(ctx.seqlens)) == 1:
         # decode / draft verification: every sequence has n new tokens, contexts differ in length
         b, n, ctx_len = len(ctx.seqlens), ctx.seqlens[0], max(ends)
-        keys = kc[ctx.slots, :, :ctx_len]
-        vals = vc[ctx.slots, :, :ctx_len]
+        queries = q.view(b, n, *q.shape[1:]).transpose(1, 2)
         mask = _cache_mask(ctx, n, ctx_len, q.device)
-        out = F.scaled_dot_product_attention(q.view(b, n, *q.shape[1:]).transpose(1, 2), keys.to(q.dtype),
-                                             vals.to(q.dtype), attn_mask=mask, scale=scale,
+        order = ctx._run_order
+        if ctx._run_start is not None:  # the slots are a contiguous run: read the cache in place
+            keys = kc[ctx._run_start:ctx._run_start + b, :, :ctx_len]
+            vals = vc[ctx._run_start:ctx._run_start + b, :, :ctx_len]
+            if order is not None:  # queries and masks in slot order
+                queries, mask = queries[order], mask[order]
+        else:  # gather each sequence's rows (a copy of its whole context, every layer)
+            keys, vals, order = kc[ctx.slots, :, :ctx_len], vc[ctx.slots, :, :ctx_len], None
+        out = F.scaled_dot_product_attention(queries, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
+        if order is not None:
+            out = torch.empty_like(out).index_copy_(0, order, out)  # back to the batch's order
         return out.transpose(1, 2).reshape(q.shape)
     # ragged prefill: one call per sequence over its own prefix
     outs, start = [], 0
