@@ -213,15 +213,20 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
             store[peer] = torch.empty(numel, dtype=dtype, device=device)
         return store[peer]
 
+    def split(pieces: list[Transfer], contiguous_here) -> tuple[list[Transfer], list[Transfer], int]:
+        """A peer's pieces of a round: packed together, or each its own message; and the staging
+        they need on this side (the packed ones, and own ones strided here)."""
+        packed = [t for t in pieces if not own_message(t)]
+        own = [t for t in pieces if own_message(t)]
+        return packed, own, sum(t.numel for t in packed) + sum(t.numel for t in own if not contiguous_here(t))
+
     for k in range(rounds):
         ops, unpack, keep = [], [], []  # keep: send buffers stay alive until their wait
         for peer, buckets in send_buckets.items():
             if k >= len(buckets):
                 continue
-            packed = [t for t in buckets[k] if not own_message(t)]
-            own = [t for t in buckets[k] if own_message(t)]
-            buf = staging(send_stage, peer, sum(t.numel for t in packed) + sum(t.numel for t in own
-                                                                                if not src_contiguous(t)))
+            packed, own, need = split(buckets[k], src_contiguous)
+            buf = staging(send_stage, peer, need)
             messages_out, offset = [], 0
             if packed:
                 for t in packed:
@@ -242,10 +247,8 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
         for peer, buckets in recv_buckets.items():
             if k >= len(buckets):
                 continue
-            packed = [t for t in buckets[k] if not own_message(t)]
-            own = [t for t in buckets[k] if own_message(t)]
-            buf = staging(recv_stage, peer, sum(t.numel for t in packed) + sum(t.numel for t in own
-                                                                               if not dst_contiguous(t)))
+            packed, own, need = split(buckets[k], dst_contiguous)
+            buf = staging(recv_stage, peer, need)
             messages_in, offset = [], 0
             if packed:
                 offset = sum(t.numel for t in packed)
