@@ -45,7 +45,7 @@ from remesh.model.llama import ModelArgs, Transformer
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
 from remesh.reward import build_reward_fn
-from remesh.rl.batch import PackedMicroBatch, Responses, micro_batches, pack_micro_batch
+from remesh.rl.batch import PackedMicroBatch, Responses
 from remesh.rl.config import RLConfig
 from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
@@ -357,28 +357,20 @@ class PlannedRLTrainer(RLTrainer):
         return norm
 
     # ---- pipeline stages: micro-batches streamed through them, heads on the last stage -----------
-    def _pipeline(self, model: Transformer, resp: Responses, micros: list[list[int]]
-                  ) -> tuple[PipelineStage, list[PackedMicroBatch], list[MicroBatch]]:
+    def _stage(self, model: Transformer, packed: list[PackedMicroBatch]) -> tuple[PipelineStage, list[MicroBatch]]:
         stage = PipelineStage(model, self._layout, self.rank, model.args.dim, next(model.parameters()).dtype)
-        packed = [pack_micro_batch(resp, idx, self.device) for idx in micros]
-        return stage, packed, [MicroBatch(p.tokens, p.positions, p.seq_lens) for p in packed]
+        return stage, [MicroBatch(p.tokens, p.positions, p.seq_lens) for p in packed]
 
-    def _forward_only(self, model, resp, head):
+    def _run_forward(self, model, packed, head):
         if self._layout.pp == 1:
-            return super()._forward_only(model, resp, head)
-        micros = micro_batches(resp, list(range(len(resp))), self.cfg.trainer.micro_batch_tokens)
-        stage, packed, mbs = self._pipeline(model, resp, micros)
-        out = torch.zeros(len(resp), resp.max_len, device=self.device)
-        with torch.no_grad(), self.amp():
-            parts = stage.forward(mbs, lambda h, i: head(model, h, packed[i]))
-        for idx, part in zip(micros, parts):  # nothing on the other stages (not the outputs' holders)
-            out[idx] = part
-        return out
+            return super()._run_forward(model, packed, head)
+        stage, mbs = self._stage(model, packed)  # [] on the other stages (not the outputs' holders)
+        return stage.forward(mbs, lambda h, i: head(model, h, packed[i]))
 
-    def _forward_backward(self, model, resp, micros, head, loss_of):
+    def _run_backward(self, model, packed, head, loss_of):
         if self._layout.pp == 1:
-            return super()._forward_backward(model, resp, micros, head, loss_of)
-        stage, packed, mbs = self._pipeline(model, resp, micros)
+            return super()._run_backward(model, packed, head, loss_of)
+        stage, mbs = self._stage(model, packed)
         with self.amp():
             stage.train_step(mbs, lambda h, i: loss_of(i, head(model, h, packed[i])))
 

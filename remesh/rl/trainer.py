@@ -236,24 +236,34 @@ class RLTrainer:
     def _logprobs_head(self, model: torch.nn.Module, hidden: Tensor, mb: PackedMicroBatch) -> Tensor:
         return logprobs_head(model, hidden, mb, self.cfg.rollout.temperature, self.cfg.actor.logprob_chunk_tokens)
 
-    # how a model runs over packed micro-batches; a pipeline-parallel trainer streams them
-    # through its stages instead. `head(model, hidden, micro-batch)` -> [n, T] per-token values
+    # a model over packed micro-batches: `head(model, hidden, micro-batch)` -> [n, T] per-token values
     def _forward_only(self, model: torch.nn.Module, resp: Responses,
                       head: Callable[[torch.nn.Module, Tensor, PackedMicroBatch], Tensor]) -> Tensor:
         """`head` of every sample, [B, T], without gradients."""
+        micros = micro_batches(resp, list(range(len(resp))), self.cfg.trainer.micro_batch_tokens)
         out = torch.zeros(len(resp), resp.max_len, device=self.device)
         with torch.no_grad(), self.amp():
-            for idx in micro_batches(resp, list(range(len(resp))), self.cfg.trainer.micro_batch_tokens):
-                mb = pack_micro_batch(resp, idx, self.device)
-                out[idx] = head(model, forward_packed(model, mb), mb)
+            parts = self._run_forward(model, [pack_micro_batch(resp, idx, self.device) for idx in micros], head)
+        for idx, part in zip(micros, parts):
+            out[idx] = part
         return out
 
     def _forward_backward(self, model: torch.nn.Module, resp: Responses, micros: list[list[int]],
                           head: Callable[[torch.nn.Module, Tensor, PackedMicroBatch], Tensor],
                           loss_of: Callable[[int, Tensor], Tensor]) -> None:
         """Gradients of the micro-batches' losses (`loss_of(i, head output)`, already weighted)."""
-        for i, idx in enumerate(micros):
-            mb = pack_micro_batch(resp, idx, self.device)
+        self._run_backward(model, [pack_micro_batch(resp, idx, self.device) for idx in micros], head, loss_of)
+
+    # hooks a pipeline-parallel trainer overrides (remesh/rl/planned.py): it streams the micro-batches
+    # through its stages, and only the last stage has head outputs
+    def _run_forward(self, model: torch.nn.Module, packed: list[PackedMicroBatch],
+                     head: Callable[[torch.nn.Module, Tensor, PackedMicroBatch], Tensor]) -> list[Tensor]:
+        return [head(model, forward_packed(model, mb), mb) for mb in packed]
+
+    def _run_backward(self, model: torch.nn.Module, packed: list[PackedMicroBatch],
+                      head: Callable[[torch.nn.Module, Tensor, PackedMicroBatch], Tensor],
+                      loss_of: Callable[[int, Tensor], Tensor]) -> None:
+        for i, mb in enumerate(packed):
             with self.amp():
                 out = head(model, forward_packed(model, mb), mb)
             loss_of(i, out).backward()

@@ -42,13 +42,20 @@ class MicroBatch:
     seqlens: list[int]
 
 
+def stage_links(layout: Layout, rank: int) -> tuple[int, int | None, int | None, int]:
+    """`rank`'s stage, and the ranks of the previous and the next stage of its replica at its tp
+    index (None at the ends), and of the last stage."""
+    stage, dp, tp = layout.coord(rank)
+    prev = layout.rank_at(stage - 1, dp, tp) if stage > 0 else None
+    nxt = layout.rank_at(stage + 1, dp, tp) if stage < layout.pp - 1 else None
+    return stage, prev, nxt, layout.rank_at(layout.pp - 1, dp, tp)
+
+
 class PipelineStage:
     def __init__(self, model: nn.Module, layout: Layout, rank: int, dim: int, dtype: torch.dtype = torch.float32):
         self.model, self.layout, self.dim, self.dtype = model, layout, dim, dtype
-        self.stage, dp, tp = layout.coord(rank)
-        self.first, self.last = self.stage == 0, self.stage == layout.pp - 1
-        self.prev = None if self.first else layout.rank_at(self.stage - 1, dp, tp)
-        self.next = None if self.last else layout.rank_at(self.stage + 1, dp, tp)
+        self.stage, self.prev, self.next, _ = stage_links(layout, rank)
+        self.first, self.last = self.prev is None, self.next is None
         self.device = next(model.parameters()).device
         self._sends: list[tuple[Any, Tensor]] = []
 
@@ -140,11 +147,9 @@ class PipelineModel(nn.Module):
         super().__init__()
         self.stage_model = stage_model  # a submodule: parameters() and train()/eval() reach it
         self.args = stage_model.args
-        self.stage, dp, tp = layout.coord(rank)
-        self.first, self.last = self.stage == 0, self.stage == layout.pp - 1
-        self.prev = None if self.first else layout.rank_at(self.stage - 1, dp, tp)
-        self.next = None if self.last else layout.rank_at(self.stage + 1, dp, tp)
-        self.last_rank, self.group = layout.rank_at(layout.pp - 1, dp, tp), pp_group
+        self.stage, self.prev, self.next, self.last_rank = stage_links(layout, rank)
+        self.first, self.last = self.prev is None, self.next is None
+        self.group = pp_group
 
     def forward(self, tokens: Tensor, positions: Tensor, ctx: AttnContext) -> Tensor:
         """This stage's hidden states [T, dim]; only the last stage's are the model's output
