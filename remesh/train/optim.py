@@ -35,7 +35,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, dp_group: dist.ProcessGr
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in params) or None  # fused kernel on CUDA; default (foreach) elsewhere
+    # torch's fused kernel updates each tensor in one pass, in place: on this CPU a 135M-parameter
+    # step takes 0.12 s against 0.43-0.52 s for the default per-tensor loop, which also allocates
+    # each update's square-root and quotient (two copies of the largest tensor)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     if cfg.zero and dp_group is not None:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
