@@ -59,6 +59,9 @@ class Drafter:
     def start(self, n_slots: int, max_len: int) -> None:
         """A generate call begins with this many slots."""
 
+    def stop(self) -> None:
+        """The generate call ended: free what only that call needed."""
+
 
 def _continuations(index: dict[tuple[int, ...], list[tuple[int, int]]], seqs: dict[int, list[int]],
                    tokens: list[int], exclude: tuple[int, int] | None, max_n: int, depth: int, width: int,
@@ -284,6 +287,9 @@ class ModelDrafter(Drafter):
         self._fed = {}
         self.generator = torch.Generator(device=ref.device)
         self.generator.manual_seed(self.params.seed + 7919)
+
+    def stop(self) -> None:
+        self.cache = None
 
     def set_params(self, params: SamplingParams) -> None:
         self.params = params

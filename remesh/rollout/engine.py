@@ -279,6 +279,11 @@ class RolloutEngine:
         """End the call: the rollouts of the sequences that finished here, in (prompt, sample) order."""
         run = self._run
         self.model.train(run.was_training)
+        # the KV caches go with the call: in an RL iteration the training that follows needs the
+        # memory more than the next call needs to skip one allocation
+        self.cache = None
+        for d in self.drafters.values():
+            d.stop()
         if run.bar is not None:
             run.bar.close()
         self.stats.seconds = time.perf_counter() - run.t0
