@@ -54,7 +54,8 @@ def _layout_step(rank: int, layout: Layout, groups: ProcessGroups):
     seqs = _sequences()
     share = balance_by_tokens(dict(enumerate(SEQS)), layout.dp)[layout.coord(rank)[1]]
     _loss(model, [seqs[i] for i in share]).backward()
-    sync_gradients(model, groups.get(layout.dp_group(rank)))
+    # 4 KiB buckets: the embedding and head (24 KiB) are summed in place, the rest in several buckets
+    sync_gradients(model, groups.get(layout.dp_group(rank)), bucket_bytes=4096)
     norm = clip_grad_norm(model, MAX_NORM, spec, layout, rank, tp_group, groups.get(layout.pp_group(rank)))
     opt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}, norm

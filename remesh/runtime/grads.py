@@ -17,19 +17,46 @@ from torch import nn
 from remesh.plan.layout import Layout, ShardSpec
 
 
-def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None) -> None:
-    """Sum every parameter's gradient over the data-parallel group, in one flat all-reduce."""
+BUCKET_BYTES = 32 * 2**20
+
+
+def sync_gradients(model: nn.Module, dp_group: dist.ProcessGroup | None, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Sum every parameter's gradient over the data-parallel group. Gradients of at least
+    `bucket_bytes` are summed in place; smaller ones are packed into flat buckets of about that
+    size: a few collectives instead of one per tensor, and at most one bucket of extra memory
+    (one flat copy of every gradient doubled the gradients' memory at the step's peak)."""
     if dp_group is None:
         return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=dp_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    bucket: list[torch.Tensor] = []
+    filled = 0
+
+    def flush() -> None:
+        nonlocal filled
+        if len(bucket) == 1:
+            dist.all_reduce(bucket[0], group=dp_group)
+        elif bucket:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=dp_group)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        bucket.clear()
+        filled = 0
+
+    for p in model.parameters():
+        g = p.grad
+        if g is None:
+            continue
+        nbytes = g.numel() * g.element_size()
+        if nbytes >= bucket_bytes and g.is_contiguous():
+            dist.all_reduce(g, group=dp_group)
+            continue
+        bucket.append(g)
+        filled += nbytes
+        if filled >= bucket_bytes:
+            flush()
+    flush()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, spec: ShardSpec, layout: Layout, rank: int,
