@@ -214,3 +214,49 @@ def test_prefill_runs_once_per_prompt(monkeypatch):
 def test_generate_rejects_empty_prompt():
     with pytest.raises(ValueError, match="prompt 1"):
         generate(tiny_model("llama"), [[1, 2], []], SamplingParams())
+
+
+# 6. decode projections in their faster layout (rollout/kernels.py) -----------------------------
+
+def test_tuned_linears_compute_the_same_product_and_remember_each_shape():
+    import torch.nn.functional as F
+
+    from remesh.rollout.kernels import TunedLinears
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(128, 512)  # 64k weights: large enough to be tuned
+    small = torch.nn.Linear(128, 8)
+    x = torch.randn(16, 128)
+    with torch.no_grad():
+        ref = F.linear(x, layer.weight, layer.bias)
+    model = torch.nn.Sequential(layer, small)
+    for force in (True, False, None):
+        tuned = TunedLinears(force=force)
+        with torch.inference_mode(), tuned.applied(model):
+            out = layer(x)
+            layer(x[:1])  # one row: nn.Linear's layout, not tuned
+            small(x)  # a small matrix: not tuned
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert out.is_contiguous()
+        assert list(tuned.choices) == [(16, 512, 128, torch.float32, torch.get_num_threads())]
+        if force is not None:
+            assert tuned.choices[next(iter(tuned.choices))] is force
+        assert "forward" not in layer.__dict__  # restored after the call
+    with tuned.applied(model):  # a training forward is never tuned
+        layer(x).sum().backward()
+    assert len(tuned.choices) == 1 and layer.weight.grad is not None
+
+
+def test_engine_with_transposed_projections_gives_the_same_greedy_tokens():
+    from remesh.rollout import RolloutEngine
+    from remesh.rollout.kernels import TunedLinears
+
+    model = peaky_model("llama", dim=128, vocab_size=640).eval()  # a 640 x 128 head: tuned
+    params = greedy(SamplingParams(max_new_tokens=6))
+    plain = RolloutEngine(model, max_batch=4, calibrate=False)
+    plain.gemms = TunedLinears(force=False)
+    flipped = RolloutEngine(model, max_batch=4, calibrate=False)
+    flipped.gemms = TunedLinears(force=True)
+    a, b = plain.generate(PROMPTS, params), flipped.generate(PROMPTS, params)
+    assert [r.response_ids for r in a] == [r.response_ids for r in b]
+    assert any(flipped.gemms.choices.values())  # the head did run transposed
