@@ -109,6 +109,23 @@ def _cpu_ticks(own_pids: Sequence[int] = ()) -> tuple[int, int, int]:
         return 0, 0, 0
 
 
+def steal_ticks() -> tuple[int, int]:
+    """(all CPUs' total ticks, ticks the hypervisor gave to other machines) from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]
+        return sum(vals), vals[7]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+
+
+def steal_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of this VM's CPU time taken by the host for other machines between two readings:
+    on a shared host, a slow spell that no process inside the VM shows."""
+    total, steal = after[0] - before[0], after[1] - before[1]
+    return steal / total if total > 0 else float("nan")
+
+
 def foreign_cores(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
     """Average number of cores other processes kept busy between two `_cpu_ticks()` readings
     (0 on an otherwise idle machine; NaN where /proc is not available)."""

@@ -96,7 +96,7 @@ def _profile(args: argparse.Namespace) -> None:
 
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    profile = measure_profile(args.name, args.device)
+    profile = measure_profile(args.name, args.device, passes=args.passes)
     out = profile.save(args.out or f"{args.name}.json")
     print(f"remesh: profile {profile.name} ({profile.source}) written to {out}")
 
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu", help="cpu or cuda")
     pr.add_argument("--threads", type=int, default=1,
                     help="CPU threads per process while measuring (a local plan gives each rank cores / ranks)")
+    pr.add_argument("--passes", type=int, default=3,
+                    help="measure everything this many times, interleaved, and keep each value's median")
     pr.add_argument("--out", help="output JSON (default NAME.json)")
     pl = sub.add_parser("plan", help="search an execution plan for an RL config on a cluster")
     pl.add_argument("config", help="RL config YAML")

@@ -72,8 +72,22 @@ def test_memory_of_a_layout_by_hand():
     n = A.num_params()
     plan = parse_plan("actor_gen=d1@0 rew_inf=d2@0-1 actor_train=d2@0-1", 2).layouts
     mem = est.memory(plan)
-    for r in (0, 1):  # full replicas: params, grads, two Adam moments (fp32)
-        assert mem[r].params == mem[r].grads == n * 4 and mem[r].optimizer == 2 * n * 4
+    for r in (0, 1):  # full replicas: parameters and two Adam moments (fp32) stay resident
+        assert mem[r].params == n * 4 and mem[r].optimizer == 2 * n * 4
+    # the peak is training's activations, before any gradient exists: 4 sequences of 12 + 8
+    # tokens per rank in one micro-batch; saved per token and layer (5 * 64 + 8 heads * 16 +
+    # 4 * 96) * 4 bytes, one layer's live tensors (4 * 64 + 4 * 16 + 3 * 96) * 4, and the head's
+    # logits and one temporary on the 4 * 8 response rows, fp32, untied vocabulary of 96
+    acts = 3328 * 2 * 80 + 2432 * 80 + 32 * 96 * 8
+    assert (mem[0].transient, mem[0].grads, mem[0].transient_mfc) == (acts, 0, "actor_train")
+    # with micro-batches of 40 tokens a step accumulates two: the second one's activations come
+    # on top of the first one's gradients (the end of the backward, gradients and the embedding
+    # table's new gradient, 96 x 64, is lower)
+    est40 = Estimator(_workload(graph, n_samples=2, migrate=False, micro_batch_tokens=40), _cluster(devices=2))
+    train = next(m for m in graph.mfcs if m.name == "actor_train")
+    acts40 = 3328 * 2 * 40 + 2432 * 40 + 32 * 96 * 8
+    assert est40.call_peak(train, plan["actor_train"], 0) == (acts40, n * 4)
+    assert acts40 > 96 * 64 * 4
     assert mem[0].copies == 0  # the generation copy on rank 0 is the training copy's tensors
     # tensor parallel training: each rank holds its shard (as ShardSpec counts it)
     plan = parse_plan("actor_gen=d1@0 rew_inf=d2@0-1 actor_train=d1t2@0-1", 2).layouts

@@ -11,7 +11,10 @@ sends and bubbles, and reallocations from their actual transfer plans.
 
 It models what remesh's runtime does (rl/planned.py): generation without speculation (plain
 decoding is the estimate's baseline; drafting only makes it faster), all trainable copies in
-other layouts kept until the end of the iteration, full Adam state on every dp rank.
+other layouts kept until the end of the iteration, full Adam state on every dp rank (1/dp of it
+with ZeRO-1). Memory is tensor bytes, as a GPU's allocator counts them (max_memory_allocated;
+runtime/memory.py measures the same on a CPU); the allocator's cache and the process's own
+footprint (a CUDA context, the interpreter) come on top.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from dataclasses import dataclass, field
 
 from remesh.dataflow.graph import MFC, DataflowGraph
 from remesh.model.llama import ModelArgs
+from remesh.model.logprobs import default_chunk_tokens
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.planner.cluster import Cluster
 from remesh.planner.profile import HardwareProfile, LinkCost
+from remesh.runtime.grads import BUCKET_BYTES
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DATA_BYTES_PER_TOKEN = 64  # int64 ids and a handful of fp32 per-token values, with slack
 
 
 @dataclass(frozen=True)
@@ -111,16 +117,17 @@ class MemoryBreakdown:
     """Bytes on one rank."""
 
     params: float = 0.0
-    grads: float = 0.0
+    grads: float = 0.0  # held from a train call's backward to its step (set to None after it)
     optimizer: float = 0.0
     copies: float = 0.0  # other-layout copies of trainable models built this iteration
     frozen: float = 0.0  # reference / reward models resident where they run
+    data: float = 0.0  # the iteration's per-token tensors (ids, log-probs, rewards, advantages, masks)
     transient: float = 0.0  # the largest call's activations, KV cache and logits
     transient_mfc: str = ""
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.copies + self.frozen + self.transient
+        return self.params + self.grads + self.optimizer + self.copies + self.frozen + self.data + self.transient
 
 
 @dataclass
@@ -165,14 +172,16 @@ class Estimator:
         return layers * per_layer + (self._head(a, tp, head_tokens, train) if head_tokens else 0.0)
 
     def _head(self, a: ModelArgs, tp: int, rows: float, train: bool = False, sample: bool = False) -> float:
-        """The LM head on `rows` hidden states: its GEMM (recomputed in backward when training,
-        as model/logprobs.py does) and the elementwise work over the vocabulary: log-probs, or
-        sampling (generation). A value head is one dot product per row."""
+        """The LM head on `rows` hidden states: its GEMM (in training, forward and backward, plus
+        the forward again for the rows beyond the last chunk, which model/logprobs.py recomputes in
+        backward; the vocab-parallel head keeps its logits) and the elementwise work over the
+        vocabulary: log-probs, or sampling (generation). A value head is one dot product per row."""
         p = self.profile
         if a.head != "lm":
             return self._gemms(rows, [(a.dim, 1)], train)
         n = a.vocab_size // tp
-        gemm = self._gemms(rows, [(a.dim, n)], train) * (4 / 3 if train else 1.0)
+        recomputed = max(0.0, rows - default_chunk_tokens(a.vocab_size)) / rows if train and tp == 1 and rows else 0.0
+        gemm = self._gemms(rows, [(a.dim, n)], train) * (1 + recomputed / 3)
         per_el = p.sample_s_per_el if sample else (p.train_logprob_s_per_el if train else p.logprob_s_per_el)
         return gemm + per_el * rows * (a.vocab_size if sample else n)
 
@@ -301,8 +310,10 @@ class Estimator:
         shares = self._cache[key]
         return max(shares.values()) if rank is None else shares[rank]
 
-    def transient_bytes(self, mfc: MFC, layout: Layout) -> float:
-        """Activations, KV cache and logits of one call on its most loaded rank."""
+    def transient_bytes(self, mfc: MFC, layout: Layout) -> float | tuple[float, float]:
+        """Activations, KV cache and logits of one call on its most loaded rank; for a train
+        call, (activations at their peak, the embedding gradient's temporaries at the end of the
+        backward): `call_peak` adds the gradients to each."""
         w = self.workload
         a = w.models.get(mfc.role)
         if a is None:
@@ -314,8 +325,10 @@ class Estimator:
             slots = min(w.max_batch, w.sequences(mfc) if w.migrate and layout.dp > 1 else seqs)
             max_len = w.prompt_len_max + w.gen_len_max + w.max_draft_nodes + 1
             cache = slots * max_len * kv_bytes_per_token(a, layout.tp, b)
-            # logits of each slot's verified positions (a prefill takes only each prompt's last one)
-            logits = slots * (1 + w.max_draft_nodes) * a.vocab_size * 4 * 2  # gathered, and softmax, fp32
+            # sampling each slot's verified positions (a prefill: each prompt's last one), per
+            # vocabulary entry: the fp32 logits, log-probs and probabilities, and the inverse
+            # CDF's fp64 copy and cumulative sum (rollout/sampling.py; top-p's sort is as large)
+            logits = slots * (1 + w.max_draft_nodes) * a.vocab_size * 32
             prefill = w.prompts / layout.dp * w.prompt_len_max * (a.dim * 4 + a.ffn_dim * 3 // layout.tp) * b
             return cache + logits + prefill
         tokens = min(w.micro_batch_tokens, seqs * (w.prompt_len_max + w.gen_len_max))
@@ -323,9 +336,10 @@ class Estimator:
         # one layer's live tensors in a forward: residual, norm, q/k/v, attention out, 3 ffn-wide
         live = tokens * (4 * a.dim + 2 * a.n_kv_heads * a.head_dim // layout.tp + 3 * a.ffn_dim // layout.tp) * b
         # the head runs on the response tokens only (the positions that predict them): fp32 logits
-        # and their log-softmax
+        # and one temporary as large (the log-sum-exp's)
         head_rows = min(tokens, seqs * w.gen_len_max)
-        head = head_rows * (a.vocab_size // layout.tp if a.head == "lm" else 1) * 4 * 2
+        vocab = a.vocab_size // layout.tp if a.head == "lm" else 1
+        head = head_rows * vocab * 4 * 2
         if mfc.call == "inference":
             return live + head
         # saved for backward, per layer and token: norm in/out, q, k, v, attention out,
@@ -333,12 +347,34 @@ class Estimator:
         saved = tokens * (5 * a.dim + (a.n_heads + 2 * a.n_kv_heads) * a.head_dim // layout.tp
                           + 4 * a.ffn_dim // layout.tp) * b
         in_flight = layout.pp if layout.pp > 1 else 1  # 1F1B: up to pp micro-batches in flight on stage 0
-        # the head's backward: the log-softmax output it saved, its gradient and the logits' gradient
-        head = head * 3 // 2
-        # after backward, the optimizer step: foreach AdamW allocates the second moment's square
-        # root (1x the parameters it updates, fp32) where the activations were
-        step = self._optimizer_params(mfc.role, layout) * 4
-        return max(saved * layers * in_flight + live + head, step)
+        # backward starts from one [rows, vocabulary] fp32 block (model/logprobs.py keeps the
+        # last chunk's softmax; the vocab-parallel head keeps its softmax and makes its gradient)
+        held = head_rows * vocab * 4 * (3 if layout.tp > 1 else 1)
+        # the embedding table's gradient arrives as a new tensor before it is accumulated. A tied
+        # table (one stage) gets two: the head's, computed at the start of backward and held to
+        # its end, and the lookup's at the end, summed into a third
+        table = a.vocab_size // layout.tp * a.dim * b
+        tied = a.tie_embeddings and a.head == "lm" and layout.pp == 1
+        acts = saved * layers * in_flight + max(live + head, held + (table if tied else 0))
+        # then the dp gradient sum packs the small gradients into one bucket at a time
+        bucket = min(BUCKET_BYTES, self._local_params(mfc.role, layout) * b) if layout.dp > 1 else 0
+        return acts, max(table * (2 if tied else 1), bucket)
+
+    def call_peak(self, mfc: MFC, layout: Layout, rank: int) -> tuple[float, float]:
+        """(transient bytes, gradient bytes) on `rank` at the call's peak, beyond what stays
+        resident. A train call's gradients exist from its backward to its optimizer step (the
+        fused AdamW updates in place, then they are set to None): its peak is either the
+        activations (over the gradients of earlier micro-batches when a step accumulates
+        several) or the end of the backward, with every gradient and the table's temporaries."""
+        t = self.transient_bytes(mfc, layout)
+        if mfc.call != "train_step" or mfc.role not in self.workload.models:
+            return t, 0.0
+        w = self.workload
+        acts, end = t
+        grads = self._local_params(mfc.role, layout, rank) * w.bytes_per_el
+        seqs = math.ceil(w.sequences(mfc) / layout.dp / w.mini_batches)
+        accumulating = layout.pp > 1 or seqs * (w.prompt_len_max + w.gen_len_max) > w.micro_batch_tokens
+        return max((acts, grads if accumulating else 0.0), (end, grads), key=sum)
 
     def memory(self, plan_layouts: dict[str, Layout]) -> dict[int, MemoryBreakdown]:
         """Peak bytes per rank under a plan (the runtime's lifetimes; see the module docstring)."""
@@ -347,9 +383,7 @@ class Estimator:
         train = {m.role: plan_layouts[m.name] for m in w.graph.mfcs if m.call == "train_step"}
         for role, layout in train.items():
             for r in layout.ranks:
-                n = self._local_params(role, layout, r)
-                out[r].params += n * w.bytes_per_el
-                out[r].grads += n * w.bytes_per_el
+                out[r].params += self._local_params(role, layout, r) * w.bytes_per_el
                 out[r].optimizer += 2 * self._optimizer_params(role, layout, r) * 4
         seen: set[tuple[str, Layout, int]] = set()
         for m in w.graph.mfcs:
@@ -365,19 +399,24 @@ class Estimator:
                         out[r].copies += self._copy_bytes(m.role, train[m.role], layout, r)
                 else:
                     out[r].frozen += self._local_params(m.role, layout, r) * w.bytes_per_el
+        # every generated sequence's per-token data, as if all of it were on every rank (kilobytes)
+        tokens = sum(w.sequences(m) for m in w.graph.mfcs if m.call == "generate") * (w.prompt_len_max + w.gen_len_max)
+        for r in out:
+            out[r].data = tokens * DATA_BYTES_PER_TOKEN
         for m in w.graph.mfcs:
             layout = plan_layouts[m.name]
-            t = self.transient_bytes(m, layout)
             for r in layout.ranks:
-                if t > out[r].transient:
-                    out[r].transient, out[r].transient_mfc = t, m.name
+                t, grads = self.call_peak(m, layout, r)
+                if t + grads > out[r].transient + out[r].grads:
+                    out[r].transient, out[r].grads, out[r].transient_mfc = t, grads, m.name
         return out
 
     def call_memory(self, plan_layouts: dict[str, Layout], name: str, rank: int) -> float:
-        """Bytes on `rank` while the call `name` runs: what stays resident, plus its transient."""
+        """Bytes on `rank` while the call `name` runs: what stays resident, plus its transient
+        (with a train call's gradients)."""
         m = self.memory(plan_layouts)[rank]
         mfc = next(x for x in self.workload.graph.mfcs if x.name == name)
-        return m.total - m.transient + self.transient_bytes(mfc, plan_layouts[name])
+        return m.total - m.transient - m.grads + sum(self.call_peak(mfc, plan_layouts[name], rank))
 
     def _copy_bytes(self, role: str, src: Layout, dst: Layout, rank: int) -> float:
         """A copy's bytes on `rank`, less the shards it takes whole from the training copy there.

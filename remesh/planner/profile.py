@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +25,13 @@ import torch
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
-GEMM_M = (1, 4, 16, 64, 256, 1024, 4096)
+# small m densely: decode batches, where a CPU BLAS's rate jumps between kernels (this machine's
+# LM head, [m, 256] x [256, 49152]: 9.5 GFLOP/s at m = 4, 12.6 at 8, 40 at 16)
+GEMM_M = (1, 2, 4, 8, 12, 16, 32, 64, 256, 1024, 4096)
 # projections of small and large layers, and LM heads of 16k to 150k vocabularies (large n)
 GEMM_KN = ((256, 256), (256, 1024), (1024, 256), (1024, 1024), (2048, 2048), (256, 16384), (1024, 16384),
            (256, 65536), (1024, 65536))
-CPU_GEMM_MAX_MACS = 1 << 36  # larger multiplies take seconds on a CPU; their rate is the m = 1024 one
+CPU_GEMM_MAX_MACS = 1 << 34  # larger multiplies take seconds on a CPU, at the rate of the largest measured
 COMM_BYTES = (1 << 10, 1 << 16, 1 << 20, 1 << 23)
 
 
@@ -161,8 +164,16 @@ def _dtypes(device: torch.device) -> list[torch.dtype]:
     return [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
 
 
+def tuned_rows(m: int, w: torch.Tensor) -> bool:
+    """Whether the rollout engine's decode kernels (rollout/kernels.py) tune this multiply."""
+    from remesh.rollout.kernels import MAX_ROWS, MIN_WEIGHT
+
+    return w.device.type == "cpu" and 2 <= m <= MAX_ROWS and w.numel() >= MIN_WEIGHT
+
+
 def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[float]]]:
-    """Forward and forward + backward rates of nn.Linear-shaped multiplies over the grid."""
+    """Forward and forward + backward rates of nn.Linear-shaped multiplies over the grid (the
+    forward of a decode-sized multiply on a CPU: the faster of the engine's two layouts)."""
     out: dict[str, list[list[float]]] = {}
     for dtype in _dtypes(device):
         rows = []
@@ -177,6 +188,8 @@ def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[flo
                 grad = torch.ones(m, n, device=device, dtype=dtype)
                 with torch.no_grad():
                     fwd = _time(lambda: torch.nn.functional.linear(x, w), device)
+                    if tuned_rows(m, w):  # the rollout engine takes the faster layout of these
+                        fwd = min(fwd, _time(lambda: torch.mm(w, x.t()).t().contiguous(), device))
                 both = _time(lambda: torch.autograd.backward(torch.nn.functional.linear(x, w), grad), device)
                 x.grad = w.grad = None
                 rows.append([m, k, n, 2.0 * m * k * n / fwd, 6.0 * m * k * n / both])
@@ -220,23 +233,26 @@ def measure_vocab_costs(device: torch.device) -> dict[str, float]:
     logits = torch.randn(16, vocab, device=device)
     u = torch.rand(16, device=device)
     samp = _time(lambda: sample(logits, SamplingParams(temperature=1.0), u), device)
-    params = [torch.randn(1 << 20, device=device, requires_grad=True) for _ in range(8)]
-    opt = torch.optim.AdamW(params, lr=1e-9)
+    from remesh.train.configs import OptimConfig
+    from remesh.train.optim import build_optimizer
+
+    params = torch.nn.ParameterList([torch.randn(1 << 20, 2, device=device) for _ in range(8)])
+    opt = build_optimizer(params, OptimConfig(lr=1e-9))  # the trainers' AdamW (fused where torch has it)
 
     def step():
         for q in params:
             q.grad = torch.ones_like(q)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    adam = _time(step, device) / (8 << 20)
+    adam = _time(step, device) / (16 << 20)
     emb = torch.nn.Embedding(vocab, dim).to(device)
     ids = torch.randint(0, vocab, (rows,), device=device)
     emb_t = _time(lambda: emb(ids).sum().backward(), device) / (vocab * dim)
     return {"adam_s_per_param": adam, "embedding_grad_s_per_el": emb_t,
             "logprob_s_per_el": max(fwd - gemm_f, 0.0) / (rows * vocab),
-            "train_logprob_s_per_el": max(both - 4 * gemm_f, 0.0) / (rows * vocab),
+            "train_logprob_s_per_el": max(both - 3 * gemm_f, 0.0) / (rows * vocab),  # one chunk: no recompute
             "sample_s_per_el": samp / (16 * vocab)}
 
 
@@ -265,8 +281,10 @@ def measure_overheads(device: torch.device) -> dict[str, float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-9)
-    o3 = torch.optim.AdamW(m3.parameters(), lr=1e-9)
+    from remesh.train.configs import OptimConfig
+    from remesh.train.optim import build_optimizer
+
+    o1, o3 = build_optimizer(m1, OptimConfig(lr=1e-9)), build_optimizer(m3, OptimConfig(lr=1e-9))
     t1, t3 = _time(lambda: train_step(m1, o1), device), _time(lambda: train_step(m3, o3), device)
     train_layer = max((t3 - t1) / 2, 1e-7)
     call = max(t1 - train_layer, 1e-7)  # what a one-layer train step costs beyond its layer
@@ -325,8 +343,12 @@ def measure_layer_residuals(profile: HardwareProfile, device: torch.device) -> d
             m(ids, pos, AttnContext.packed([128] * (prefill // 128), device)).sum().backward()
         return step
 
+    from remesh.rollout.kernels import TunedLinears
+
+    tuned = TunedLinears()  # decode as the engine runs it: its projections in the faster layout
     with torch.inference_mode():
-        t_decode = (_time(decode(m4), device) - _time(decode(m2), device)) / 2
+        with tuned.applied(m4), tuned.applied(m2):
+            t_decode = (_time(decode(m4), device) - _time(decode(m2), device)) / 2
         t_prefill = (_time(forward(m4), device) - _time(forward(m2), device)) / 2
     t_train = (_time(train(m4), device) - _time(train(m2), device)) / 2
     dtype = "float32"
@@ -430,14 +452,14 @@ def _comm_rank(rank: int, world: int, device_type: str) -> dict[str, dict[str, l
 
     work()
     alone, both = [], []
-    for _ in range(5):
+    for _ in range(15):  # interleaved, medians: a neighbour's burst on a shared host moves single samples
         dist.barrier()
         if rank == 0:
             alone.append(timed())
         dist.barrier()
         both.append(timed())
     if rank == 0:
-        out["contention"]["factor"] = [sorted(both)[2] / sorted(alone)[2] - 1]
+        out["contention"]["factor"] = [statistics.median(both) / statistics.median(alone) - 1]
     for nbytes in COMM_BYTES:
         x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
         parts = [torch.empty_like(x) for _ in range(world)]
@@ -489,7 +511,30 @@ def measure_comm(device_type: str) -> tuple[dict[str, dict[str, LinkCost]], floa
     return {backend: {op: _fit(points) for op, points in ranks[0].items()}}, max(0.0, contention)
 
 
-def measure_profile(name: str, device: str = "cpu", progress: bool = True) -> HardwareProfile:
+def _median_rows(passes: list[dict[str, list[list[float]]]]) -> dict[str, list[list[float]]]:
+    """Per shape, the median rate over the passes."""
+    out = {}
+    for dtype, rows in passes[0].items():
+        out[dtype] = [row[:3] + [statistics.median(p[dtype][i][c] for p in passes) for c in (3, 4)]
+                      for i, row in enumerate(rows)]
+    return out
+
+
+def _median_values(passes: list[dict]) -> dict:
+    """Per key, the median over the passes (a dict, the reference layer's raw record: the first
+    pass's)."""
+    out = {}
+    for key, first in passes[0].items():
+        if isinstance(first, dict):
+            out[key] = first
+        else:
+            out[key] = statistics.median(p[key] for p in passes)
+    return out
+
+
+def measure_profile(name: str, device: str = "cpu", progress: bool = True, passes: int = 3) -> HardwareProfile:
+    """Each measurement is taken in `passes` interleaved passes and the median kept: on a shared
+    machine the rates drift by tens of percent over minutes, and one pass can land in a slow spell."""
     import platform
     import socket
 
@@ -498,29 +543,36 @@ def measure_profile(name: str, device: str = "cpu", progress: bool = True) -> Ha
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(GEMM_M) * len(GEMM_KN) * len(_dtypes(dev)) + 5, desc="profile", unit="test")
+        bar = tqdm(total=passes * (len(GEMM_M) * len(GEMM_KN) * len(_dtypes(dev)) + 3) + 3, desc="profile",
+                   unit="test")
     tick = (lambda: bar.update(1)) if bar else None
-    gemm = measure_gemm(dev, tick)
-    attention = measure_attention(dev)
-    tick and tick()
-    mem = measure_memory_bandwidth(dev)
-    tick and tick()
-    over = measure_overheads(dev)
-    tick and tick()
+    runs = []
+    for _ in range(passes):
+        gemm = measure_gemm(dev, tick)
+        scalars = {"attention_flops_per_s": measure_attention(dev), "mem_bytes_per_s": measure_memory_bandwidth(dev)}
+        tick and tick()
+        scalars.update(measure_overheads(dev))
+        tick and tick()
+        scalars.update(measure_vocab_costs(dev))
+        tick and tick()
+        runs.append((gemm, scalars))
+    gemm = _median_rows([g for g, _ in runs])
+    scalars = _median_values([{k: v for k, v in sc.items() if k != "attention_flops_per_s"} for _, sc in runs])
+    attention = {d: statistics.median(sc["attention_flops_per_s"][d] for _, sc in runs) for d in runs[0][1]["attention_flops_per_s"]}
     comm, contention = measure_comm(dev.type)
     tick and tick()
     what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     profile = HardwareProfile(
         name=name, device=dev.type, threads=torch.get_num_threads() if dev.type == "cpu" else 1,
         source=f"measured on {socket.gethostname()} ({what}), torch {torch.__version__}, "
-               f"{time.strftime('%Y-%m-%d')}",
-        gemm=gemm, attention_flops_per_s=attention, mem_bytes_per_s=mem, comm=comm,
-        contention=contention if dev.type == "cpu" else 0.0, **over)
-    for key, value in {**measure_vocab_costs(dev), **measure_layer_residuals(profile, dev)}.items():
-        setattr(profile, key, value)
-    for key, value in calibrate_code_paths(profile, dev).items():
-        setattr(profile, key, value)
+               f"{time.strftime('%Y-%m-%d')}, median of {passes} passes",
+        gemm=gemm, attention_flops_per_s=attention, comm=comm, contention=contention if dev.type == "cpu" else 0.0,
+        **scalars)
+    # the fits below charge what the rates leave unexplained: each against the median profile
+    for fit in (measure_layer_residuals, calibrate_code_paths):
+        for key, value in _median_values([fit(profile, dev) for _ in range(passes)]).items():
+            setattr(profile, key, value)
+        tick and tick()
     if bar:
-        bar.update(1)
         bar.close()
     return profile

@@ -1,0 +1,62 @@
+"""The rollout engine's CPU decode kernels (rollout/kernels.py) on and off, side by side.
+
+SmolLM2-135M (fp32), plain decoding (spec off), B prompts of the demo set, one sample each,
+temperature 1.0 with EOS ignored for a fixed --max-new-tokens: the same work in both engines.
+"off" is the same engine with its projections left in nn.Linear's layout. Whole generate calls,
+interleaved (`interleaved_times`, rounds disturbed by other processes re-run), median per batch
+size, with the engine's threads (--threads, default torch's).
+
+Headline (JSON): tuned_speedup_min / tuned_speedup_max over batch sizes (off / tuned seconds).
+
+    python bench/kernels.py [--quick] [--sizes 1,4,16,32] [--max-new-tokens 32] [--reps 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import demo_prompts, finish, interleaved_times, parse_args, print_table  # noqa: E402
+from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path  # noqa: E402
+from remesh.rollout import RolloutEngine, SamplingParams  # noqa: E402
+
+
+def main() -> None:
+    def options(p):
+        p.add_argument("--sizes", default="1,4,16,32")
+        p.add_argument("--max-new-tokens", type=int, default=32)
+        p.add_argument("--reps", type=int, default=3)
+
+    args = parse_args(__doc__.splitlines()[0], options)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.quick:
+        sizes, args.reps, args.max_new_tokens = [4], 2, 8
+    folder = resolve_model_path("default")
+    model = load_hf(folder).eval()
+    prompts = demo_prompts(load_tokenizer(folder))
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0, stop_token_ids=())
+    rows, details, speedups = [], {}, []
+    for b in sizes:
+        batch = (prompts * (b // len(prompts) + 1))[:b]
+        tuned = RolloutEngine(model, max_batch=b, calibrate=False)
+        off = RolloutEngine(model, max_batch=b, calibrate=False)
+        off.gemms.applied = lambda _model: contextlib.nullcontext()  # nn.Linear's layout throughout
+        t = interleaved_times({"off": lambda: off.generate(batch, params),
+                               "tuned": lambda: tuned.generate(batch, params)}, reps=args.reps)
+        speedup = t.median_s("off") / t.median_s("tuned")
+        speedups.append(speedup)
+        transposed = sum(tuned.gemms.choices.values())
+        rows.append([b, t.median_s("off"), t.median_s("tuned"), speedup, f"{transposed}/{len(tuned.gemms.choices)}"])
+        details[str(b)] = {**t.summary(), "speedup": speedup, "paired_speedup": t.paired_ratio("tuned", "off"),
+                           "choices": {str(k[:3]): v for k, v in tuned.gemms.choices.items()}}
+        print(f"batch {b}: off {t.median_s('off'):.2f} s, tuned {t.median_s('tuned'):.2f} s ({speedup:.2f}x)", flush=True)
+    print_table(["batch", "off s", "tuned s", "speedup", "shapes transposed"], rows)
+    finish("kernels" + ("_quick" if args.quick else ""),
+           {"tuned_speedup_min": round(min(speedups), 3), "tuned_speedup_max": round(max(speedups), 3)},
+           details, max_new_tokens=args.max_new_tokens)
+
+
+if __name__ == "__main__":
+    main()
