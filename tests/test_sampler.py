@@ -245,6 +245,10 @@ def test_tuned_linears_compute_the_same_product_and_remember_each_shape():
     with tuned.applied(model):  # a training forward is never tuned
         layer(x).sum().backward()
     assert len(tuned.choices) == 1 and layer.weight.grad is not None
+    other = torch.nn.Linear(128, 512)
+    with tuned.applied(model), tuned.applied(other):  # two models' contexts, nested: both restored
+        assert "forward" in layer.__dict__ and "forward" in other.__dict__
+    assert "forward" not in layer.__dict__ and "forward" not in other.__dict__
 
 
 def test_engine_with_transposed_projections_gives_the_same_greedy_tokens():

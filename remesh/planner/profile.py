@@ -164,16 +164,11 @@ def _dtypes(device: torch.device) -> list[torch.dtype]:
     return [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
 
 
-def tuned_rows(m: int, w: torch.Tensor) -> bool:
-    """Whether the rollout engine's decode kernels (rollout/kernels.py) tune this multiply."""
-    from remesh.rollout.kernels import MAX_ROWS, MIN_WEIGHT
-
-    return w.device.type == "cpu" and 2 <= m <= MAX_ROWS and w.numel() >= MIN_WEIGHT
-
-
 def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[float]]]:
     """Forward and forward + backward rates of nn.Linear-shaped multiplies over the grid (the
     forward of a decode-sized multiply on a CPU: the faster of the engine's two layouts)."""
+    from remesh.rollout.kernels import transposed_linear, tunable
+
     out: dict[str, list[list[float]]] = {}
     for dtype in _dtypes(device):
         rows = []
@@ -188,8 +183,8 @@ def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[flo
                 grad = torch.ones(m, n, device=device, dtype=dtype)
                 with torch.no_grad():
                     fwd = _time(lambda: torch.nn.functional.linear(x, w), device)
-                    if tuned_rows(m, w):  # the rollout engine takes the faster layout of these
-                        fwd = min(fwd, _time(lambda: torch.mm(w, x.t()).t().contiguous(), device))
+                    if tunable(m, w):  # the rollout engine takes the faster layout of these
+                        fwd = min(fwd, _time(lambda: transposed_linear(x, w), device))
                 both = _time(lambda: torch.autograd.backward(torch.nn.functional.linear(x, w), grad), device)
                 x.grad = w.grad = None
                 rows.append([m, k, n, 2.0 * m * k * n / fwd, 6.0 * m * k * n / both])

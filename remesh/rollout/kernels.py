@@ -24,9 +24,16 @@ MAX_ROWS = 64  # beyond, nn.Linear's layout is the BLAS's well-trodden path
 MIN_WEIGHT = 1 << 16  # smaller matrices: a few microseconds either way, not worth the timing
 
 
-def _transposed(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def transposed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) computed as (weight @ x.T).T, contiguous."""
     out = torch.mm(weight, x.t()).t().contiguous()
     return out + bias if bias is not None else out
+
+
+def tunable(rows: int, weight: Tensor) -> bool:
+    """Whether a decode step's multiply of `rows` rows by `weight` is tuned (a CPU weight of at
+    least MIN_WEIGHT elements, 2..MAX_ROWS rows): the profile measures these the same way."""
+    return weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT and 2 <= rows <= MAX_ROWS
 
 
 class TunedLinears:
@@ -39,33 +46,40 @@ class TunedLinears:
     def __init__(self, reps: int = 3, force: bool | None = None):
         self.reps, self.force = reps, force
         self.choices: dict[tuple, bool] = {}
+        self._model: nn.Module | None = None  # the model `_layers` was found in
+        self._layers: list[tuple[nn.Linear, functools.partial]] = []
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
-        # an instance attribute `forward` shadows nn.Linear.forward for the call's duration only:
-        # a training forward on the same model after the call is untouched
-        layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"
-                  and m.weight.numel() >= MIN_WEIGHT and "forward" not in m.__dict__]
-        for m in layers:
-            m.forward = functools.partial(self._forward, m)
+        # an instance attribute `forward` shadows nn.Linear.forward for the step's duration only:
+        # a training forward on the same model after the call is untouched. The layers are found
+        # once per model, and set through __dict__ (nn.Module.__setattr__'s checks cost ~1 ms a
+        # step on a 135M model): entering costs a step microseconds, not milliseconds
+        if model is not self._model:
+            self._model = model
+            self._layers = [(m, functools.partial(self._forward, m)) for m in model.modules()
+                            if type(m) is nn.Linear and tunable(2, m.weight) and "forward" not in m.__dict__]
+        layers = self._layers  # this model's, even if a nested context switches the cache
+        for m, forward in layers:
+            m.__dict__["forward"] = forward
         try:
             yield
         finally:
-            for m in layers:
-                del m.forward
+            for m, _ in layers:
+                m.__dict__.pop("forward", None)
 
     def _forward(self, layer: nn.Linear, x: Tensor) -> Tensor:
         return self.linear(x, layer.weight, layer.bias)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """F.linear(x, weight, bias), in the faster layout where the shape is tuned."""
-        if x.dim() != 2 or not 2 <= x.shape[0] <= MAX_ROWS or torch.is_grad_enabled():
+        if x.dim() != 2 or not tunable(x.shape[0], weight) or torch.is_grad_enabled():
             return F.linear(x, weight, bias)
         key = (x.shape[0], *weight.shape, x.dtype, torch.get_num_threads())
         transposed = self.choices.get(key)
         if transposed is None:
             transposed = self.choices[key] = self.force if self.force is not None else self._faster_transposed(x, weight)
-        return _transposed(x, weight, bias) if transposed else F.linear(x, weight, bias)
+        return transposed_linear(x, weight, bias) if transposed else F.linear(x, weight, bias)
 
     def _faster_transposed(self, x: Tensor, weight: Tensor) -> bool:
         def best(fn) -> float:
@@ -78,5 +92,5 @@ class TunedLinears:
             return min(times)
 
         plain = best(lambda: F.linear(x, weight))
-        flipped = best(lambda: _transposed(x, weight, None))
+        flipped = best(lambda: transposed_linear(x, weight))
         return flipped < 0.9 * plain  # a clear win only: ties keep nn.Linear's layout
