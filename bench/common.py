@@ -97,12 +97,17 @@ def _proc_ticks(pid: int | str) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def _all_cpus_ticks() -> list[int]:
+    """/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq, steal ticks."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:9]]
+
+
 def _cpu_ticks(own_pids: Sequence[int] = ()) -> tuple[int, int, int]:
     """(all CPUs' total ticks, all CPUs' busy ticks, ticks of this process and of `own_pids`) from
     /proc; zeros elsewhere."""
     try:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:9]]
+        vals = _all_cpus_ticks()
         own = _proc_ticks("self") + sum(_proc_ticks(p) for p in own_pids)
         return sum(vals), sum(vals) - vals[3] - vals[4], own
     except (OSError, ValueError, IndexError):
@@ -112,8 +117,7 @@ def _cpu_ticks(own_pids: Sequence[int] = ()) -> tuple[int, int, int]:
 def steal_ticks() -> tuple[int, int]:
     """(all CPUs' total ticks, ticks the hypervisor gave to other machines) from /proc/stat."""
     try:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:9]]
+        vals = _all_cpus_ticks()
         return sum(vals), vals[7]
     except (OSError, ValueError, IndexError):
         return 0, 0
