@@ -28,11 +28,12 @@ The same in both systems:
   checkpointing (TRL's default is on: turned off, remesh has none). Each system keeps its own
   AdamW implementation (TRL: transformers' default `adamw_torch_fused`; remesh: torch's foreach).
 
-Not the same, by design of the systems (reported, not equalised): with beta=0, remesh's graph still
-runs the reference model (ref_inf) while TRL's GRPO skips it; TRL's RLOO runs a no-grad forward of
-the policy for the old log-probs (remesh takes them from the sampler). TRL generates with
-`model.generate` on left-padded prompts repeated `group` times; remesh's sampler prefills each
-prompt once per group on packed sequences. remesh's GRPO/RLOO losses are token-mean PPO-clip;
+Not the same, by design of the systems (reported, not equalised): with beta=0 neither loads a
+reference model; TRL's RLOO runs a no-grad forward of the policy for the old log-probs (remesh
+takes them from the sampler). TRL generates with `model.generate` on left-padded prompts repeated
+`group` times; remesh's engine prefills each prompt once per group. TRL's training forward runs
+prompt + completion for every sample; remesh packs each group's completions after one copy of
+their prompt (`trainer.share_prompts`, remesh/rl/batch.py). remesh's GRPO/RLOO losses are token-mean PPO-clip;
 TRL GRPO `loss_type="dapo"` (token mean), TRL RLOO a sequence-level ratio (same cost).
 
 Timing: both run in this process, one step at a time, alternating remesh and TRL (TRL's

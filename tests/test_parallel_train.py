@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from remesh.model.attention import AttnContext
 from remesh.plan.layout import Layout, ShardSpec
-from remesh.runtime.data import balance_by_tokens, holder_rank, redistribute
+from remesh.runtime.data import balance_by_tokens, balance_groups, holder_rank, redistribute
 from remesh.runtime.grads import clip_grad_norm, sync_gradients
 from remesh.runtime.groups import ProcessGroups
 from remesh.runtime.launch import spawn
@@ -107,6 +107,14 @@ def test_train_step_under_layouts_and_data_transfer():
 def test_balance_by_tokens_hand_example():
     assert balance_by_tokens({0: 10, 1: 1, 2: 6, 3: 5, 4: 2}, 2) == [[0, 4], [1, 2, 3]]  # 12 vs 12
     assert balance_by_tokens({0: 3}, 2) == [[0], []]
+
+
+def test_balance_groups_keeps_a_prompts_samples_together():
+    # 3 prompts x 2 samples (ids p * 2 + j): groups 0 (10 + 1), 1 (6 + 5), 2 (2 + 2)
+    lengths = {0: 10, 1: 1, 2: 6, 3: 5, 4: 2, 5: 2}
+    assert balance_groups(lengths, 2, group_size=2) == [[0, 1, 4, 5], [2, 3]]  # 15 vs 11
+    assert balance_groups(lengths, 4, group_size=2) == balance_by_tokens(lengths, 4)  # fewer groups than parts
+    assert balance_groups(lengths, 2) == balance_by_tokens(lengths, 2)
 
 
 def _pp_worker(rank: int, world: int):

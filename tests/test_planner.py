@@ -57,6 +57,19 @@ def test_layer_counts_by_hand():
     assert kv_bytes_per_token(A, tp=2, bytes_per_el=2) == 2 * 2 * 1 * 16 * 2
 
 
+def test_packed_tokens_follow_shared_prompts():
+    graph = graph_for("grpo")
+    train, ref = (next(m for m in graph.mfcs if m.name == name) for name in ("actor_train", "ref_inf"))
+    w = _workload(graph, n_samples=4)  # 4 prompts of 10 tokens x 4 samples of 8 tokens
+    assert w.packed_tokens(ref, 1, 10, 8) == 4 * 10 + 16 * 8
+    assert w.packed_tokens(train, 2, 10, 8) == 2 * 10 + 8 * 8  # two whole prompts per replica
+    assert w.packed_tokens(train, 8, 10, 8) == 2 * (10 + 8)  # fewer prompts than replicas: samples split
+    assert _workload(graph, n_samples=4, shared_prompts=False).packed_tokens(ref, 1, 10, 8) == 16 * 18
+    # mini-batches draw samples at random: a train call counts no sharing, inference still does
+    w = _workload(graph, n_samples=4, mini_batches=2)
+    assert w.packed_tokens(train, 1, 10, 8) == 16 * 18 and w.packed_tokens(ref, 1, 10, 8) == 168
+
+
 def test_gemm_rate_interpolates_in_log_m():
     p = _profile(gemm={"float32": [[1, 64, 64, 1e9, 1e9], [4, 64, 64, 4e9, 2e9], [16, 64, 64, 4e9, 4e9]]})
     assert p.gemm_flops_per_s(2, 64, 64, "float32") == pytest.approx(2e9)  # halfway in log m
@@ -74,17 +87,22 @@ def test_memory_of_a_layout_by_hand():
     mem = est.memory(plan)
     for r in (0, 1):  # full replicas: parameters and two Adam moments (fp32) stay resident
         assert mem[r].params == n * 4 and mem[r].optimizer == 2 * n * 4
-    # the peak is training's activations, before any gradient exists: 4 sequences of 12 + 8
-    # tokens per rank in one micro-batch; saved per token and layer (5 * 64 + 8 heads * 16 +
-    # 4 * 96) * 4 bytes, one layer's live tensors (4 * 64 + 4 * 16 + 3 * 96) * 4, and the head's
-    # logits and one temporary on the 4 * 8 response rows, fp32, untied vocabulary of 96
-    acts = 3328 * 2 * 80 + 2432 * 80 + 32 * 96 * 8
-    assert (mem[0].transient, mem[0].grads, mem[0].transient_mfc) == (acts, 0, "actor_train")
+    # training's activations, before any gradient exists: per rank 2 prompts of 12
+    # tokens, each packed once before its 2 responses of 8 (shared prompts), 56 tokens in one
+    # micro-batch; saved per token and layer (5 * 64 + 8 heads * 16 + 4 * 96) * 4 bytes, one
+    # layer's live tensors (4 * 64 + 4 * 16 + 3 * 96) * 4, and the head's logits and one
+    # temporary on the 4 * 8 response rows, fp32, untied vocabulary of 96
+    acts = 3328 * 2 * 56 + 2432 * 56 + 32 * 96 * 8
+    train = next(m for m in graph.mfcs if m.name == "actor_train")
+    assert est.transient_bytes(train, plan["actor_train"])[0] == acts
+    # the peak is the end of the backward, above them: every gradient, and the dp gradient sum's
+    # one bucket (the whole model, under 32 MiB)
+    assert acts < 2 * n * 4
+    assert (mem[0].transient, mem[0].grads, mem[0].transient_mfc) == (n * 4, n * 4, "actor_train")
     # with micro-batches of 40 tokens a step accumulates two: the second one's activations come
     # on top of the first one's gradients (the end of the backward, gradients and the embedding
     # table's new gradient, 96 x 64, is lower)
     est40 = Estimator(_workload(graph, n_samples=2, migrate=False, micro_batch_tokens=40), _cluster(devices=2))
-    train = next(m for m in graph.mfcs if m.name == "actor_train")
     acts40 = 3328 * 2 * 40 + 2432 * 40 + 32 * 96 * 8
     assert est40.call_peak(train, plan["actor_train"], 0) == (acts40, n * 4)
     assert acts40 > 96 * 64 * 4

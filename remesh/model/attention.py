@@ -3,9 +3,12 @@
 A batch is the concatenation of B sequences ("packed"): tokens have shape [T] and an
 `AttnContext` says where each sequence starts (`cu_seqlens`). No compute is spent on padding.
 
-Three paths, chosen per call:
+Four paths, chosen per call:
 - fresh sequences, no cache: causal attention within each sequence (flash varlen on CUDA,
   one batched SDPA call when all lengths are equal, else one SDPA call per sequence);
+- fresh sequences of which some continue another sequence of the batch (`prefix_of`: the
+  samples of one prompt packed after a single copy of it): such a sequence attends to all of
+  its prefix's tokens, then causally to its own;
 - with a KV cache: each sequence appends its new tokens' keys/values to its cache slot, then
   attends to its cached prefix plus its new tokens (prefill, decode and draft verification);
 - a custom mask among the new tokens (tree drafts): every sequence then has the same number
@@ -14,6 +17,7 @@ Three paths, chosen per call:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +70,9 @@ class AttnContext:
     slots: Tensor | None = None  # [B] cache slot of each sequence
     cache_lens: list[int] | None = None  # tokens already cached per sequence (before the new ones)
     mask: Tensor | None = None  # [B, q, q] bool among new tokens; None means causal
+    # per sequence, the index of an earlier sequence of the batch that it continues (its positions
+    # follow on), or -1; a prefix continues nothing itself
+    prefix_of: list[int] | None = None
     sliding_window: int | None = None  # set by the model from its config
     # derived once: cache write index of every new token, and context length per sequence
     _write_slot: Tensor | None = None
@@ -76,10 +83,19 @@ class AttnContext:
     _run_order: Tensor | None = None
 
     @classmethod
-    def packed(cls, seqlens: list[int], device: torch.device | str = "cpu") -> AttnContext:
+    def packed(cls, seqlens: list[int], device: torch.device | str = "cpu",
+               prefix_of: list[int] | None = None) -> AttnContext:
         cu = torch.zeros(len(seqlens) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
-        return cls(seqlens=list(seqlens), cu_seqlens=cu.to(device))
+        if prefix_of is not None:
+            if len(prefix_of) != len(seqlens):
+                raise ValueError(f"prefix_of has {len(prefix_of)} entries for {len(seqlens)} sequences")
+            for i, p in enumerate(prefix_of):
+                if p >= i or (p >= 0 and prefix_of[p] >= 0):
+                    raise ValueError(f"sequence {i}: prefix_of {p} must be an earlier sequence that has no prefix")
+            if max(prefix_of, default=-1) < 0:
+                prefix_of = None
+        return cls(seqlens=list(seqlens), cu_seqlens=cu.to(device), prefix_of=prefix_of)
 
     @classmethod
     def with_cache(cls, cache: KVCache, slots: list[int] | Tensor, cache_lens: list[int], seqlens: list[int],
@@ -117,6 +133,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_id: int, sca
     """q [T, Hq, D], k/v [T, Hkv, D] of the new tokens -> attention output [T, Hq, D]."""
     if ctx.cache is not None:
         return _attend_with_cache(q, k, v, ctx, layer_id, scale)
+    if ctx.prefix_of is not None:
+        return _attend_prefixed(q, k, v, ctx, scale)
     if ctx.mask is not None:
         b, n = len(ctx.seqlens), ctx.seqlens[0]
         out = _sdpa(q.view(b, n, *q.shape[1:]), k.view(b, n, *k.shape[1:]), v.view(b, n, *v.shape[1:]),
@@ -158,6 +176,29 @@ def _attend_fresh(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: floa
         outs.append(_sdpa(q[None, sl], k[None, sl], v[None, sl], mask, scale, causal=mask is None)[0])
         start += n
     return torch.cat(outs)
+
+
+def _attend_prefixed(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: float) -> Tensor:
+    """Each sequence attends to its prefix's keys (if it has one), then causally to its own.
+    Sequences of the same prefix and length go through one SDPA call, as a batch."""
+    starts = [0, *itertools.accumulate(ctx.seqlens)]
+    batches: dict[tuple[int, int], list[int]] = {}
+    for i, (n, p) in enumerate(zip(ctx.seqlens, ctx.prefix_of)):
+        batches.setdefault((p, n), []).append(i)
+    pieces: list[Tensor] = [q[:0]] * len(ctx.seqlens)
+    for (p, n), members in batches.items():
+        qs, ks, vs = (torch.stack([x[starts[i]:starts[i] + n] for i in members]) for x in (q, k, v))
+        if p >= 0:  # the prefix's keys and values first, shared by every member
+            span = slice(starts[p], starts[p + 1])
+            ks = torch.cat([k[span].expand(len(members), -1, -1, -1), ks], dim=1)
+            vs = torch.cat([v[span].expand(len(members), -1, -1, -1), vs], dim=1)
+        n_keys = ks.shape[1]
+        window = ctx.sliding_window if ctx.sliding_window and n_keys > ctx.sliding_window else None
+        mask = _window_mask(n, n_keys, window or n_keys, q.device)[None, None] if p >= 0 or window else None
+        out = _sdpa(qs, ks, vs, mask, scale, causal=mask is None)
+        for j, i in enumerate(members):
+            pieces[i] = out[j]
+    return torch.cat(pieces)
 
 
 def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_id: int, scale: float) -> Tensor:

@@ -54,9 +54,20 @@ class Workload:
     migrate: bool = True  # sample migration evens out generation instances
     max_draft_nodes: int = 0  # extra cache positions per sequence (speculation)
     zero: tuple[str, ...] = ()  # trainable roles whose Adam state is sharded over dp (ZeRO-1)
+    shared_prompts: bool = True  # a prompt's samples share one copy of it in a packed forward
 
     def sequences(self, mfc: MFC) -> int:
         return self.prompts if mfc.option("greedy", False) else self.prompts * self.n_samples
+
+    def packed_tokens(self, mfc: MFC, dp: int, prompt_len: float, gen_len: float) -> float:
+        """Tokens that one of `dp` replicas packs for a training or inference call (rl/batch.py):
+        one copy of each prompt for its samples, when the prompts are spread over the replicas
+        (and a train call takes them in one mini-batch: mini-batches draw samples at random)."""
+        seqs = self.sequences(mfc) / dp
+        n = 1 if mfc.option("greedy", False) else self.n_samples
+        whole = mfc.call != "train_step" or self.mini_batches == 1
+        shared = self.shared_prompts and n > 1 and self.prompts >= dp and whole
+        return (seqs / n if shared else seqs) * prompt_len + seqs * gen_len
 
     @property
     def bytes_per_el(self) -> int:
@@ -200,14 +211,15 @@ class Estimator:
         seqs = w.sequences(mfc) / layout.dp
         if mfc.call == "generate":
             return self._generate_seconds(a, layout, seqs)
-        tokens = seqs * (w.prompt_len + w.gen_len)
+        tokens = w.packed_tokens(mfc, layout.dp, w.prompt_len, w.gen_len)
         ctx = (w.prompt_len + w.gen_len) / 2
+        head_fraction = seqs * w.gen_len / tokens  # the head runs on the response tokens only
         if mfc.call == "inference":
-            return self._pipelined(a, layout, tokens, ctx, seqs, head_fraction=w.gen_len / (w.prompt_len + w.gen_len))
+            return self._pipelined(a, layout, tokens, ctx, seqs, head_fraction=head_fraction)
         # train_step: epochs x mini-batches, each forward + backward (2x forward) over this rank's share
         steps = w.ppo_epochs * w.mini_batches
         per_step = self._pipelined(a, layout, tokens / w.mini_batches, ctx, seqs / w.mini_batches,
-                                   head_fraction=w.gen_len / (w.prompt_len + w.gen_len), train=True)
+                                   head_fraction=head_fraction, train=True)
         params = self._local_params(mfc.role, layout)
         grad_bytes = params * w.bytes_per_el
         # dp gradient sum (runtime/grads.py): the grads packed into one buffer, all-reduced, copied back
@@ -331,7 +343,7 @@ class Estimator:
             logits = slots * (1 + w.max_draft_nodes) * a.vocab_size * 32
             prefill = w.prompts / layout.dp * w.prompt_len_max * (a.dim * 4 + a.ffn_dim * 3 // layout.tp) * b
             return cache + logits + prefill
-        tokens = min(w.micro_batch_tokens, seqs * (w.prompt_len_max + w.gen_len_max))
+        tokens = min(w.micro_batch_tokens, math.ceil(w.packed_tokens(mfc, layout.dp, w.prompt_len_max, w.gen_len_max)))
         layers = a.n_layers // layout.pp
         # one layer's live tensors in a forward: residual, norm, q/k/v, attention out, 3 ffn-wide
         live = tokens * (4 * a.dim + 2 * a.n_kv_heads * a.head_dim // layout.tp + 3 * a.ffn_dim // layout.tp) * b
@@ -372,8 +384,8 @@ class Estimator:
         w = self.workload
         acts, end = t
         grads = self._local_params(mfc.role, layout, rank) * w.bytes_per_el
-        seqs = math.ceil(w.sequences(mfc) / layout.dp / w.mini_batches)
-        accumulating = layout.pp > 1 or seqs * (w.prompt_len_max + w.gen_len_max) > w.micro_batch_tokens
+        tokens = w.packed_tokens(mfc, layout.dp, w.prompt_len_max, w.gen_len_max) / w.mini_batches
+        accumulating = layout.pp > 1 or tokens > w.micro_batch_tokens
         return max((acts, grads if accumulating else 0.0), (end, grads), key=sum)
 
     def memory(self, plan_layouts: dict[str, Layout]) -> dict[int, MemoryBreakdown]:

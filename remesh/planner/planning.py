@@ -36,6 +36,7 @@ def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_ma
                     gen_len_max=int(gen_len_max if gen_len_max is not None else r.max_new_tokens),
                     micro_batch_tokens=cfg.trainer.micro_batch_tokens, ppo_epochs=cfg.algo.ppo_epochs,
                     mini_batches=cfg.algo.mini_batches, max_batch=r.max_batch, migrate=r.migrate_every > 0,
+                    shared_prompts=cfg.trainer.share_prompts,
                     zero=tuple(role for role, o in (("actor", cfg.actor_optim), ("critic", cfg.critic_optim)) if o.zero))
 
 

@@ -101,6 +101,8 @@ class RLTrainerConfig:
     iterations: int = 20
     prompts_per_iter: int = 8
     micro_batch_tokens: int = 4096
+    # the samples of one prompt share one copy of it in the training and inference forwards
+    share_prompts: bool = True
     save_every: int = 0  # iterations between checkpoints; 0: only the final actor
     keep_checkpoints: int = 2
     resume: str | None = None  # checkpoint folder or "latest"

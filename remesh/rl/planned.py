@@ -45,7 +45,7 @@ from remesh.model.llama import ModelArgs, Transformer
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
 from remesh.reward import build_reward_fn
-from remesh.rl.batch import PackedMicroBatch, Responses
+from remesh.rl.batch import PackedMicroBatch, Responses, packed_tokens, prompt_groups
 from remesh.rl.config import RLConfig
 from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
@@ -184,7 +184,10 @@ class PlannedRLTrainer(RLTrainer):
             if self.rank in {holder_rank(src, d) for d in range(src.dp)}:
                 items = {sid: {k: self.store[k][sid] for k in keys} for sid in self.store[keys[0]]}
                 lengths = {sid: self._length(sid, space) for sid in items}
-            got = redistribute(items, lengths, src, layout, self.groups, replicate=mfc.call == "train_step")
+            # a prompt's samples (ids p * n + j) stay together, to share the prompt in the forward
+            n = self.cfg.rollout.n_samples if space == "sampled" and self.cfg.trainer.share_prompts else 1
+            got = redistribute(items, lengths, src, layout, self.groups, replicate=mfc.call == "train_step",
+                               group_size=n)
             for sid, item in got.items():
                 samples[space].setdefault(sid, {}).update(item)
         return {k: v for k, v in samples.items() if v} if self.rank in layout.ranks else None
@@ -322,8 +325,12 @@ class PlannedRLTrainer(RLTrainer):
 
     # ---- hooks of the one-process trainer: data parallelism inside a train call ----------------
     def _share(self, resp: Responses, idx: list[int]) -> list[int]:
-        lengths = resp.lengths()
-        return balance_by_tokens({i: lengths[i] for i in idx}, self._layout.dp)[self._dp_rank]
+        dp = self._layout.dp
+        units = prompt_groups(resp, idx, self.cfg.trainer.share_prompts)
+        if len(units) < dp:  # fewer prompts than replicas: the samples are split instead
+            units = [[i] for i in idx]
+        parts = balance_by_tokens({k: packed_tokens(resp, u) for k, u in enumerate(units)}, dp)
+        return sorted(i for k in parts[self._dp_rank] for i in units[k])
 
     def _reduce_sums(self, sums: dict[str, float], mismatch: Tensor) -> tuple[dict[str, float], float, float]:
         """Over dp, then over the stages: only the last stage computed losses and log-probs."""
@@ -359,7 +366,7 @@ class PlannedRLTrainer(RLTrainer):
     # ---- pipeline stages: micro-batches streamed through them, heads on the last stage -----------
     def _stage(self, model: Transformer, packed: list[PackedMicroBatch]) -> tuple[PipelineStage, list[MicroBatch]]:
         stage = PipelineStage(model, self._layout, self.rank, model.args.dim, next(model.parameters()).dtype)
-        return stage, [MicroBatch(p.tokens, p.positions, p.seq_lens) for p in packed]
+        return stage, [MicroBatch(p.tokens, p.positions, p.seq_lens, p.prefix_of) for p in packed]
 
     def _run_forward(self, model, packed, head):
         if self._layout.pp == 1:

@@ -240,10 +240,11 @@ class RLTrainer:
     def _forward_only(self, model: torch.nn.Module, resp: Responses,
                       head: Callable[[torch.nn.Module, Tensor, PackedMicroBatch], Tensor]) -> Tensor:
         """`head` of every sample, [B, T], without gradients."""
-        micros = micro_batches(resp, list(range(len(resp))), self.cfg.trainer.micro_batch_tokens)
+        tc = self.cfg.trainer
+        micros = micro_batches(resp, list(range(len(resp))), tc.micro_batch_tokens, tc.share_prompts)
         out = torch.zeros(len(resp), resp.max_len, device=self.device)
         with torch.no_grad(), self.amp():
-            parts = self._run_forward(model, [pack_micro_batch(resp, idx, self.device) for idx in micros], head)
+            parts = self._run_forward(model, self._pack(resp, micros), head)
         for idx, part in zip(micros, parts):
             out[idx] = part
         return out
@@ -252,7 +253,10 @@ class RLTrainer:
                           head: Callable[[torch.nn.Module, Tensor, PackedMicroBatch], Tensor],
                           loss_of: Callable[[int, Tensor], Tensor]) -> None:
         """Gradients of the micro-batches' losses (`loss_of(i, head output)`, already weighted)."""
-        self._run_backward(model, [pack_micro_batch(resp, idx, self.device) for idx in micros], head, loss_of)
+        self._run_backward(model, self._pack(resp, micros), head, loss_of)
+
+    def _pack(self, resp: Responses, micros: list[list[int]]) -> list[PackedMicroBatch]:
+        return [pack_micro_batch(resp, idx, self.device, self.cfg.trainer.share_prompts) for idx in micros]
 
     # hooks a pipeline-parallel trainer overrides (remesh/rl/planned.py): it streams the micro-batches
     # through its stages, and only the last stage has head outputs
@@ -284,7 +288,8 @@ class RLTrainer:
         for epoch in range(a.ppo_epochs):
             for mb_i, mb in enumerate(self._minibatches(len(resp), epoch)):
                 units = self._units(mask, mb)
-                micros = micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens)
+                micros = micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens,
+                                       cfg.trainer.share_prompts)
 
                 def loss_of(i: int, logp: Tensor) -> Tensor:
                     micro, m = micros[i], mask[micros[i]]
@@ -330,7 +335,8 @@ class RLTrainer:
         for epoch in range(a.ppo_epochs):
             for mb in self._minibatches(len(resp), epoch):
                 units = self._units(mask, mb)
-                micros = micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens)
+                micros = micro_batches(resp, self._share(resp, mb), cfg.trainer.micro_batch_tokens,
+                                       cfg.trainer.share_prompts)
 
                 def loss_of(i: int, values: Tensor) -> Tensor:
                     micro = micros[i]

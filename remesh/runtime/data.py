@@ -33,6 +33,19 @@ def balance_by_tokens(lengths: dict[int, int], parts: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
+def balance_groups(lengths: dict[int, int], parts: int, group_size: int = 1) -> list[list[int]]:
+    """`balance_by_tokens` over groups of `group_size` consecutive ids (the samples of one prompt,
+    which share its tokens in a packed forward) when there are at least `parts` groups, else over
+    single samples."""
+    groups: dict[int, list[int]] = {}
+    for sid in lengths:
+        groups.setdefault(sid // group_size, []).append(sid)
+    if group_size == 1 or len(groups) < parts:
+        return balance_by_tokens(lengths, parts)
+    split = balance_by_tokens({g: sum(lengths[s] for s in ids) for g, ids in groups.items()}, parts)
+    return [sorted(s for g in part for s in groups[g]) for part in split]
+
+
 def holder_rank(layout: Layout, dp: int) -> int:
     """The rank that holds a producer replica's outputs."""
     return layout.rank_at(layout.pp - 1, dp, 0)
@@ -43,11 +56,12 @@ def object_device() -> torch.device | None:
 
 
 def redistribute(items: dict[int, Any] | None, lengths: dict[int, int] | None, src: Layout, dst: Layout,
-                 groups: ProcessGroups, replicate: bool = False) -> dict[int, Any]:
+                 groups: ProcessGroups, replicate: bool = False, group_size: int = 1) -> dict[int, Any]:
     """Collective over the ranks of src and dst. `items`/`lengths`: on a holder rank of src, its
     replica's samples and their token counts (None elsewhere). Returns, on every rank of dst,
     the samples of its replica, by id ({} on ranks outside dst); with `replicate`, every rank
-    of dst gets every sample."""
+    of dst gets every sample. Ids `group_size` apart from a multiple of it stay on one replica
+    where there are enough groups (`balance_groups`)."""
     rank = dist.get_rank()
     if rank not in src.ranks and rank not in dst.ranks:
         return {}
@@ -74,7 +88,7 @@ def redistribute(items: dict[int, Any] | None, lengths: dict[int, int] | None, s
             info = box[0]
     all_lengths = {sid: n for part in info.values() for sid, n in part.items()}
     holder_of = {sid: h for h, part in info.items() for sid in part}
-    assignment = [sorted(all_lengths)] * dst.dp if replicate else balance_by_tokens(all_lengths, dst.dp)
+    assignment = [sorted(all_lengths)] * dst.dp if replicate else balance_groups(all_lengths, dst.dp, group_size)
     # 3. samples to their consumer ranks, one message per (holder, receiver) pair
     received: dict[int, Any] = {}
     for r in sorted(dst.ranks):

@@ -40,6 +40,7 @@ class MicroBatch:
     tokens: Tensor  # [T] packed sequences
     positions: Tensor  # [T]
     seqlens: list[int]
+    prefix_of: list[int] | None = None  # shared prompts (remesh/rl/batch.py)
 
 
 def stage_links(layout: Layout, rank: int) -> tuple[int, int | None, int | None, int]:
@@ -74,7 +75,7 @@ class PipelineStage:
         self._sends.clear()
 
     def _forward(self, mb: MicroBatch, requires_grad: bool) -> tuple[Tensor | None, Tensor]:
-        ctx = AttnContext.packed(mb.seqlens, self.device)
+        ctx = AttnContext.packed(mb.seqlens, self.device, mb.prefix_of)
         if self.first:
             x = None
             h = self.model(mb.tokens.to(self.device), mb.positions.to(self.device), ctx)
