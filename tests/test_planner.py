@@ -70,6 +70,22 @@ def test_packed_tokens_follow_shared_prompts():
     assert w.packed_tokens(train, 1, 10, 8) == 16 * 18 and w.packed_tokens(ref, 1, 10, 8) == 168
 
 
+def test_tensor_parallel_collectives_by_hand():
+    graph = graph_for("grpo", reference=False)
+
+    def forward(latency: float, train: bool, head_rows: int) -> float:
+        cluster = Cluster("toy", 1, 2, 1e12, _profile(), "gloo", LinkCost(latency, 1e15), None, None)
+        est = Estimator(_workload(graph), cluster)
+        return est._forward(A, Layout.parse("d1t2@0-1"), 10, 10, 1, head_tokens=head_rows, train=train)
+
+    # an all-reduce on 2 ranks costs two link latencies (a ring's two passes); per layer 2 in a
+    # forward and 4 with the backward, the vocabulary-parallel embedding's 1, the log-probs' 3
+    # (max, sum, target logit) and in backward the head's input gradient
+    assert forward(1.0, False, 0) - forward(0.0, False, 0) == pytest.approx(2 * (A.n_layers * 2 + 1))
+    assert forward(1.0, False, 4) - forward(0.0, False, 4) == pytest.approx(2 * (A.n_layers * 2 + 1 + 3))
+    assert forward(1.0, True, 4) - forward(0.0, True, 4) == pytest.approx(2 * (A.n_layers * 4 + 1 + 3 + 1))
+
+
 def test_gemm_rate_interpolates_in_log_m():
     p = _profile(gemm={"float32": [[1, 64, 64, 1e9, 1e9], [4, 64, 64, 4e9, 2e9], [16, 64, 64, 4e9, 4e9]]})
     assert p.gemm_flops_per_s(2, 64, 64, "float32") == pytest.approx(2e9)  # halfway in log m

@@ -180,7 +180,14 @@ class Estimator:
         per_layer = (self._gemms(tokens, layer_linears(a, tp), train) + passes * self._attention(a, tokens, ctx, seqs, tp)
                      + fixed + residual * tokens * a.dim
                      + (4 if train else 2) * _allreduce(link, tp, tokens * a.dim * w.bytes_per_el))
-        return layers * per_layer + (self._head(a, tp, head_tokens, train) if head_tokens else 0.0)
+        ends = 0.0
+        if tp > 1:  # the vocabulary-parallel embedding sums its ranks' lookups (runtime/parallelize.py)
+            ends = _allreduce(link, tp, tokens * a.dim * w.bytes_per_el)
+            if head_tokens and a.head == "lm":  # log-probs: a max, a sum and the target logit per row;
+                # in backward, the head's input gradient
+                ends += 3 * _allreduce(link, tp, head_tokens * 4)
+                ends += _allreduce(link, tp, head_tokens * a.dim * w.bytes_per_el) if train else 0.0
+        return layers * per_layer + ends + (self._head(a, tp, head_tokens, train) if head_tokens else 0.0)
 
     def _head(self, a: ModelArgs, tp: int, rows: float, train: bool = False, sample: bool = False) -> float:
         """The LM head on `rows` hidden states: its GEMM (in training, forward and backward, plus

@@ -33,6 +33,7 @@ GEMM_KN = ((256, 256), (256, 1024), (1024, 256), (1024, 1024), (2048, 2048), (25
            (256, 65536), (1024, 65536))
 CPU_GEMM_MAX_MACS = 1 << 34  # larger multiplies take seconds on a CPU, at the rate of the largest measured
 COMM_BYTES = (1 << 10, 1 << 16, 1 << 20, 1 << 23)
+COMM_ROUNDS = 7
 
 
 @dataclass
@@ -429,58 +430,68 @@ def _comm_rank(rank: int, world: int, device_type: str) -> dict[str, dict[str, l
 
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     out: dict[str, dict[str, list[float]]] = {"p2p": {}, "all_reduce": {}, "all_gather": {}, "contention": {}}
-    # the same decode-like work (weights streamed from memory) alone, the other rank waiting,
-    # and on both ranks at once: they share memory bandwidth and caches
-    x = torch.randn(4, 2048, device=device)
-    w = torch.randn(2048, 2048, device=device)
+    # model-like work alone (the other rank waiting) and on both ranks at once: projections over
+    # 189 MiB of distinct weights, more than any last-level cache (a model's weights are streamed
+    # from memory every step, never reused from cache), at decode (16 rows) and at prefill and
+    # training (512 rows) sizes. A small matrix reused from cache would measure the two
+    # processes evicting each other's working set instead: 0.24-0.65 here for one 16 MiB matrix
+    # against 0.00-0.05 for this work (2-core VM, two 1-thread processes).
+    weights = [torch.randn(1536, 576, device=device) for _ in range(56)]
+    probes = [torch.randn(rows, 576, device=device) for rows in (16, 512)]
 
-    def work():
-        for _ in range(100):
-            torch.nn.functional.linear(x, w)
-
-    def timed() -> float:
+    def timed(x: torch.Tensor) -> float:
         t0 = time.perf_counter()
-        work()
+        for w in weights:
+            torch.nn.functional.linear(x, w)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    work()
-    alone, both = [], []
-    for _ in range(15):  # interleaved, medians: a neighbour's burst on a shared host moves single samples
-        dist.barrier()
-        if rank == 0:
-            alone.append(timed())
-        dist.barrier()
-        both.append(timed())
-    if rank == 0:
-        out["contention"]["factor"] = [statistics.median(both) / statistics.median(alone) - 1]
-    for nbytes in COMM_BYTES:
-        x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
-        parts = [torch.empty_like(x) for _ in range(world)]
-
-        def p2p():
+    factors = []
+    for x in probes:
+        timed(x)
+        alone, both = [], []
+        for _ in range(15):  # interleaved, medians: a neighbour's burst on a shared host moves single samples
+            dist.barrier()
             if rank == 0:
-                dist.send(x, 1)
-                dist.recv(x, 1)
-            else:
-                dist.recv(x, 0)
-                dist.send(x, 0)
+                alone.append(timed(x))
+            dist.barrier()
+            both.append(timed(x))
+        if rank == 0:
+            factors.append(statistics.median(both) / statistics.median(alone) - 1)
+    if rank == 0:
+        out["contention"]["factor"] = [statistics.mean(factors)]
+    del weights
+    buffers = {n: torch.zeros(n // 4, dtype=torch.float32, device=device) for n in COMM_BYTES}
+    samples: dict[tuple[str, int], list[float]] = {}
+    # every (op, size) once per round, rounds interleaved, medians: a slow spell of the shared
+    # host then moves one sample of each instead of every sample of one (one pass measured
+    # all-reduce bandwidth 2.6x apart in two profiles taken an hour apart)
+    for _ in range(COMM_ROUNDS):
+        for nbytes, x in buffers.items():
+            parts = [torch.empty_like(x) for _ in range(world)]
 
-        iters = 20 if nbytes <= 1 << 16 else 5  # the same count on both ranks: collectives must pair up
-        for op, fn, scale in (("p2p", p2p, 0.5), ("all_reduce", lambda: dist.all_reduce(x), 1.0),
-                              ("all_gather", lambda: dist.all_gather(parts, x), 1.0)):
-            fn()
-            samples = []
-            for _ in range(3):
+            def p2p():
+                if rank == 0:
+                    dist.send(x, 1)
+                    dist.recv(x, 1)
+                else:
+                    dist.recv(x, 0)
+                    dist.send(x, 0)
+
+            iters = 20 if nbytes <= 1 << 16 else 5  # the same count on both ranks: collectives must pair up
+            for op, fn, scale in (("p2p", p2p, 0.5), ("all_reduce", lambda: dist.all_reduce(x), 1.0),
+                                  ("all_gather", lambda: dist.all_gather(parts, x), 1.0)):
+                fn()
                 dist.barrier()
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                samples.append((time.perf_counter() - t0) / iters)
-            out[op][str(nbytes)] = [sorted(samples)[1] * scale]
+                samples.setdefault((op, nbytes), []).append((time.perf_counter() - t0) / iters * scale)
+    for (op, nbytes), times in samples.items():
+        out[op][str(nbytes)] = [statistics.median(times)]
     return out
 
 
