@@ -74,7 +74,8 @@ def test_pipeline_stages_give_the_one_process_metrics(rl_workspace):
     """PPO with pipeline stages in every kind of call: generation across two stages, inference
     and 1F1B training with pp x dp and pp x tp, a learned reward model (plus a rule term) with
     pp x tp, on a tied model (the head on the last stage shares the first stage's embedding:
-    its gradient is summed over the two)."""
+    its gradient is summed over the two). Two samples per prompt: the stages pass on micro-batches
+    whose responses share their prompt (rl/batch.py)."""
     import torch
 
     from remesh.checkpoint import load_tokenizer, save_hf
@@ -95,6 +96,7 @@ def test_pipeline_stages_give_the_one_process_metrics(rl_workspace):
         cfg["actor"]["path"] = str(ws / "tied_model")
         cfg["reward"]["model"] = str(ws / "reward_model")
         cfg["trainer"].update(iterations=2, nproc=nproc)
+        cfg["rollout"]["n_samples"] = 2
         if plan:
             cfg["plan"] = plan
         runs[name] = read_metrics(train_rl(_load(ws, cfg, name)).metrics_file)
