@@ -49,7 +49,7 @@ from remesh.rl.batch import PackedMicroBatch, Responses, packed_tokens, prompt_g
 from remesh.rl.config import RLConfig
 from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
-from remesh.runtime.data import balance_by_tokens, holder_rank, object_device, redistribute
+from remesh.runtime.data import balance_by_tokens, balance_units, holder_rank, object_device, redistribute
 from remesh.runtime.grads import clip_grad_norm, sync_gradients
 from remesh.runtime.groups import ProcessGroups
 from remesh.runtime.launch import default_backend, init_distributed, spawn
@@ -325,12 +325,8 @@ class PlannedRLTrainer(RLTrainer):
 
     # ---- hooks of the one-process trainer: data parallelism inside a train call ----------------
     def _share(self, resp: Responses, idx: list[int]) -> list[int]:
-        dp = self._layout.dp
         units = prompt_groups(resp, idx, self.cfg.trainer.share_prompts)
-        if len(units) < dp:  # fewer prompts than replicas: the samples are split instead
-            units = [[i] for i in idx]
-        parts = balance_by_tokens({k: packed_tokens(resp, u) for k, u in enumerate(units)}, dp)
-        return sorted(i for k in parts[self._dp_rank] for i in units[k])
+        return balance_units(units, lambda u: packed_tokens(resp, u), self._layout.dp)[self._dp_rank]
 
     def _reduce_sums(self, sums: dict[str, float], mismatch: Tensor) -> tuple[dict[str, float], float, float]:
         """Over dp, then over the stages: only the last stage computed losses and log-probs."""

@@ -12,7 +12,7 @@ deadlock: the earliest unfinished pair always has both sides ready.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -33,17 +33,24 @@ def balance_by_tokens(lengths: dict[int, int], parts: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
+def balance_units(units: list[list[int]], cost: Callable[[list[int]], float], parts: int) -> list[list[int]]:
+    """`balance_by_tokens` over units of ids that go together (the samples of one prompt, which
+    share its tokens in a packed forward), each at `cost(unit)`, when there are at least `parts`
+    units; else over their ids one by one. A unit is known by its smallest id (ties go to the
+    lower); each part's ids in increasing order."""
+    if len(units) < parts:
+        units = [[i] for unit in units for i in unit]
+    by_first = {min(unit): unit for unit in units}
+    split = balance_by_tokens({k: cost(unit) for k, unit in by_first.items()}, parts)
+    return [sorted(i for k in part for i in by_first[k]) for part in split]
+
+
 def balance_groups(lengths: dict[int, int], parts: int, group_size: int = 1) -> list[list[int]]:
-    """`balance_by_tokens` over groups of `group_size` consecutive ids (the samples of one prompt,
-    which share its tokens in a packed forward) when there are at least `parts` groups, else over
-    single samples."""
+    """`balance_units` over groups of `group_size` consecutive ids, each costing its lengths' sum."""
     groups: dict[int, list[int]] = {}
-    for sid in lengths:
+    for sid in sorted(lengths):
         groups.setdefault(sid // group_size, []).append(sid)
-    if group_size == 1 or len(groups) < parts:
-        return balance_by_tokens(lengths, parts)
-    split = balance_by_tokens({g: sum(lengths[s] for s in ids) for g, ids in groups.items()}, parts)
-    return [sorted(s for g in part for s in groups[g]) for part in split]
+    return balance_units(list(groups.values()), lambda ids: sum(lengths[s] for s in ids), parts)
 
 
 def holder_rank(layout: Layout, dp: int) -> int:
