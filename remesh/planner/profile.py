@@ -461,26 +461,28 @@ def _comm_rank(rank: int, world: int, device_type: str) -> dict[str, dict[str, l
             factors.append(statistics.median(both) / statistics.median(alone) - 1)
     if rank == 0:
         out["contention"]["factor"] = [statistics.mean(factors)]
-    del weights
-    buffers = {n: torch.zeros(n // 4, dtype=torch.float32, device=device) for n in COMM_BYTES}
+    weights.clear()  # 189 MiB not needed for the link measurements
+    buffers = {}
+    for nbytes in COMM_BYTES:
+        x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
+        buffers[nbytes] = (x, [torch.empty_like(x) for _ in range(world)])
+
+    def p2p(x: torch.Tensor) -> None:
+        if rank == 0:
+            dist.send(x, 1)
+            dist.recv(x, 1)
+        else:
+            dist.recv(x, 0)
+            dist.send(x, 0)
+
     samples: dict[tuple[str, int], list[float]] = {}
     # every (op, size) once per round, rounds interleaved, medians: a slow spell of the shared
     # host then moves one sample of each instead of every sample of one (one pass measured
     # all-reduce bandwidth 2.6x apart in two profiles taken an hour apart)
     for _ in range(COMM_ROUNDS):
-        for nbytes, x in buffers.items():
-            parts = [torch.empty_like(x) for _ in range(world)]
-
-            def p2p():
-                if rank == 0:
-                    dist.send(x, 1)
-                    dist.recv(x, 1)
-                else:
-                    dist.recv(x, 0)
-                    dist.send(x, 0)
-
+        for nbytes, (x, parts) in buffers.items():
             iters = 20 if nbytes <= 1 << 16 else 5  # the same count on both ranks: collectives must pair up
-            for op, fn, scale in (("p2p", p2p, 0.5), ("all_reduce", lambda: dist.all_reduce(x), 1.0),
+            for op, fn, scale in (("p2p", lambda: p2p(x), 0.5), ("all_reduce", lambda: dist.all_reduce(x), 1.0),
                                   ("all_gather", lambda: dist.all_gather(parts, x), 1.0)):
                 fn()
                 dist.barrier()
