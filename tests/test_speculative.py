@@ -274,6 +274,18 @@ def test_step_time_model_interpolates_and_extrapolates():
     assert m.predict(5) == pytest.approx(1.0)  # never cheaper than the smallest measured
 
 
+def test_step_time_model_ignores_a_stalled_step():
+    """The median of the last observations per size: one 4x stall does not move the estimate,
+    a lasting change does within a few steps."""
+    m = StepTimeModel(window=5)
+    for s in (1.0, 1.1, 0.9, 4.0):
+        m.observe(16, s)
+    assert m.predict(16) == pytest.approx(1.05)  # median of 0.9, 1.0, 1.1, 4.0
+    for _ in range(3):
+        m.observe(16, 2.0)
+    assert m.predict(16) == pytest.approx(2.0)  # the last five: 0.9, 4.0, 2.0, 2.0, 2.0
+
+
 def test_expected_accepted_tokens():
     s = AcceptanceStats(prior=0.5, prior_weight=0.0, min_rate=0.0)
     for accepted in (2, 2, 1, 0):  # depth-3 drafts
@@ -344,3 +356,17 @@ def test_policy_corrects_an_optimistic_prediction_by_realised_goodput():
     assert policy.choose(1) == OFF
     # another batch size class keeps its own correction
     assert policy.goodput(Strategy("ngram", 2, 1), 64) == policy.predicted_goodput(Strategy("ngram", 2, 1), 64)
+
+
+def test_tree_acceptance_prior_comes_from_the_chains():
+    """An untried width starts from the drafter's chain rates, 1 - (1 - alpha)^width (hand
+    computed), not from the optimistic prior: a drafter that misses is not probed again at
+    every width."""
+    s = AcceptanceStats(prior=0.5, prior_weight=0.0, min_rate=0.0)
+    for accepted in (2, 1, 0, 0):  # depth-2 chains: alpha1 = 2/4, alpha2 = 1/2
+        s.observe("ngram", 1, 2, accepted)
+    assert s.alphas("ngram", 2, 3) == pytest.approx([1 - 0.5 ** 2, 1 - 0.5 ** 2, 0.5])  # level 3: never seen
+    assert s.alphas("history", 4, 1) == pytest.approx([0.5])  # no chains seen: the prior
+    s.prior_weight = 2.0  # the tree's own first observation (a miss) moves it from there
+    s.observe("ngram", 2, 1, 0)
+    assert s.alphas("ngram", 2, 1) == pytest.approx([(1 - 0.5 ** 2) * 2 / 3])

@@ -81,6 +81,7 @@ class AttnContext:
     # the sequences by slot (None: already sorted); decoding then reads the cache as a view
     _run_start: int | None = None
     _run_order: Tensor | None = None
+    _decode_mask: tuple[int, Tensor] | None = None  # (rep, mask) of `decode_mask`
 
     @classmethod
     def packed(cls, seqlens: list[int], device: torch.device | str = "cpu",
@@ -119,6 +120,17 @@ class AttnContext:
         ctx._write_slot = torch.repeat_interleave(ctx.slots, torch.tensor(seqlens, device=device))
         ctx._write_pos = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(cache_lens, seqlens)])
         return ctx
+
+    def decode_mask(self, rep: int) -> Tensor:
+        """The KV-cache attention mask, [B, 1, rep * n, context] for `rep` query heads per kv head
+        (rows head-major, as the grouped queries are laid out); built once per forward, shared by
+        every layer."""
+        if self._decode_mask is None or self._decode_mask[0] != rep:
+            n = self.seqlens[0]
+            ends = max(s + m for s, m in zip(self.cache_lens, self.seqlens))
+            mask = _cache_mask(self, n, ends, self.cache.k.device)
+            self._decode_mask = (rep, mask.repeat(1, 1, rep, 1) if rep > 1 and n > 1 else mask)
+        return self._decode_mask[1]
 
     @property
     def max_seqlen(self) -> int:
@@ -211,8 +223,12 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
     if len(set(ctx.seqlens)) == 1:
         # decode / draft verification: every sequence has n new tokens, contexts differ in length
         b, n, ctx_len = len(ctx.seqlens), ctx.seqlens[0], max(ends)
-        queries = q.view(b, n, *q.shape[1:]).transpose(1, 2)
-        mask = _cache_mask(ctx, n, ctx_len, q.device)
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        rep = hq // hkv
+        # grouped-query heads as rows of their kv head: q [B, Hkv, rep * n, D] against the cache's
+        # [B, Hkv, C, D] as it is (enable_gqa would expand the keys and values rep times)
+        queries = q.view(b, n, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * n, d)
+        mask = ctx.decode_mask(rep)
         order = ctx._run_order
         if ctx._run_start is not None:  # the slots are a contiguous run: read the cache in place
             keys = kc[ctx._run_start:ctx._run_start + b, :, :ctx_len]
@@ -221,11 +237,10 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
                 queries, mask = queries[order], mask[order]
         else:  # gather each sequence's rows (a copy of its whole context, every layer)
             keys, vals, order = kc[ctx.slots, :, :ctx_len], vc[ctx.slots, :, :ctx_len], None
-        out = F.scaled_dot_product_attention(queries, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(queries, keys.to(q.dtype), vals.to(q.dtype), attn_mask=mask, scale=scale)
         if order is not None:
             out = torch.empty_like(out).index_copy_(0, order, out)  # back to the batch's order
-        return out.transpose(1, 2).reshape(q.shape)
+        return out.unflatten(2, (rep, n)).permute(0, 3, 1, 2, 4).reshape(q.shape)
     # ragged prefill: one call per sequence over its own prefix
     outs, start = [], 0
     for i, (n, end) in enumerate(zip(ctx.seqlens, ends)):

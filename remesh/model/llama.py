@@ -82,10 +82,10 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (HF layout). x [T, H, D]; cos/sin [T, D]."""
+    """Rotate-half RoPE (HF layout). x [T, H, D]; cos/sin [T, 1, D] (`Transformer.rope`)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return x * cos + rotated * sin
 
 
 class RMSNorm(nn.Module):
@@ -111,9 +111,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: AttnContext) -> Tensor:
         t, d = x.shape[0], self.head_dim
-        q = apply_rope(self.wq(x).view(t, -1, d), cos, sin)  # -1: local heads after TP sharding
-        k = apply_rope(self.wk(x).view(t, -1, d), cos, sin)
-        v = self.wv(x).view(t, -1, d)
+        # -1: local heads after TP sharding; unflatten, not view: a decode step's projections may
+        # come out transposed (rollout/kernels.py), and this splits them without a copy
+        q = apply_rope(self.wq(x).unflatten(-1, (-1, d)), cos, sin)
+        k = apply_rope(self.wk(x).unflatten(-1, (-1, d)), cos, sin)
+        v = self.wv(x).unflatten(-1, (-1, d))
         out = attend(q, k, v, ctx, self.layer_id, scale=d**-0.5)
         return self.wo(out.reshape(t, -1))
 
@@ -176,8 +178,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [T, 1, head_dim]: shaped once per forward for every layer's heads."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, tokens: Tensor, positions: Tensor, ctx: AttnContext) -> Tensor:

@@ -23,6 +23,7 @@ corrected after a few steps, for every depth and width at once.
 from __future__ import annotations
 
 import bisect
+import statistics
 from dataclasses import dataclass, field
 
 
@@ -61,23 +62,29 @@ def parse_strategy(text: str) -> Strategy:
 class StepTimeModel:
     """Seconds of one verifier forward as a function of the tokens it processes.
 
-    Keeps an exponential moving average per observed token count and interpolates linearly
-    between them (extrapolating with the last segment's slope), so it follows whatever shape
-    the device has: flat while weight reads dominate, then linear in the tokens.
+    Keeps the median of the last `window` observations per token count and interpolates
+    linearly between them (extrapolating with the last segment's slope), so it follows whatever
+    shape the device has: flat while weight reads dominate, then linear in the tokens. A median,
+    not a moving average: one step stalled by the machine (here a 4x outlier now and then)
+    would otherwise make its size look slow for many steps, and speculation fast by contrast.
     """
 
-    def __init__(self, ema: float = 0.3):
-        self.ema = ema
+    def __init__(self, window: int = 5):
+        self.window = window
         self._t: list[int] = []
-        self._s: list[float] = []
+        self._s: list[float] = []  # the median of _obs at each token count
+        self._obs: list[list[float]] = []
 
     def observe(self, tokens: int, seconds: float) -> None:
         i = bisect.bisect_left(self._t, tokens)
-        if i < len(self._t) and self._t[i] == tokens:
-            self._s[i] += self.ema * (seconds - self._s[i])
-        else:
+        if i == len(self._t) or self._t[i] != tokens:
             self._t.insert(i, tokens)
             self._s.insert(i, seconds)
+            self._obs.insert(i, [])
+        obs = self._obs[i]
+        obs.append(seconds)
+        del obs[:-self.window]
+        self._s[i] = statistics.median(obs)
 
     def points(self) -> list[tuple[int, float]]:
         """(tokens, seconds) pairs: what another rank needs to predict with this model."""
@@ -124,7 +131,17 @@ class AcceptanceStats:
 
     def alphas(self, drafter: str, width: int, depth: int) -> list[float]:
         table = self._rate.get((drafter, width), [])
-        return [table[i][0] if i < len(table) else self.prior for i in range(depth)]
+        return [table[i][0] if i < len(table) else self._prior(drafter, width, i) for i in range(depth)]
+
+    def _prior(self, drafter: str, width: int, level: int) -> float:
+        """Before a (drafter, width) has been tried at a level: `prior`, or, for a tree, what the
+        drafter's chains have shown there, as if each of the `width` candidates were an
+        independent chance, 1 - (1 - alpha_chain)^width. A drafter whose chains miss is then not
+        tried again at every new width, each probe a full step of wasted verification."""
+        chain = self._rate.get((drafter, 1), [])
+        if width == 1 or level >= len(chain):
+            return self.prior
+        return 1.0 - (1.0 - chain[level][0]) ** width
 
     def observe(self, drafter: str, width: int, offered_depth: int, accepted: int) -> None:
         """One sequence's verification: its draft reached `offered_depth` (0: the drafter had no
@@ -132,7 +149,7 @@ class AcceptanceStats:
         table = self._rate.setdefault((drafter, width), [])
         for i in range(min(accepted + 1, max(offered_depth, 1))):
             while len(table) <= i:
-                table.append([self.prior, self.prior_weight])
+                table.append([self._prior(drafter, width, len(table)), self.prior_weight])
             hit = 1.0 if accepted > i else 0.0
             entry = table[i]
             entry[1] += 1

@@ -364,7 +364,7 @@ class RolloutEngine:
             self.cache.v[:, s.slot, :, :s.cache_len] = v.to(self.cache.v.device)
             s.kv = None
         if recompute:
-            t0 = time.perf_counter()
+            t0, tunings = time.perf_counter(), self.gemms.tunings
             device = self._run.device
             contexts = [s.prompt + s.response[:-1] for s in recompute]
             lens = [len(c) for c in contexts]
@@ -374,7 +374,8 @@ class RolloutEngine:
             for s, n in zip(recompute, lens):
                 s.cache_len = n
             _sync(device)
-            self.policy.step_time.observe(sum(lens), time.perf_counter() - t0)
+            if self.gemms.tunings == tunings:
+                self.policy.step_time.observe(sum(lens), time.perf_counter() - t0)
             self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _max_nodes(self) -> int:
@@ -419,7 +420,7 @@ class RolloutEngine:
         self.stats.calibration_seconds = time.perf_counter() - t0
 
     def _prefill(self, seqs: list[_Seq], params: SamplingParams, device: torch.device) -> None:
-        t0 = time.perf_counter()
+        t0, tunings = time.perf_counter(), self.gemms.tunings
         first: dict[int, _Seq] = {}
         for s in seqs:
             first.setdefault(s.prompt_index, s)
@@ -443,7 +444,8 @@ class RolloutEngine:
         for s, t, l in zip(seqs, tok.tolist(), lp.tolist()):
             s.cache_len = len(s.prompt)
             self._emit(s, [t], [l], params)
-        self.policy.step_time.observe(sum(lens), time.perf_counter() - t0)  # also the cost of recomputing a context
+        if self.gemms.tunings == tunings:  # also the cost of recomputing a context
+            self.policy.step_time.observe(sum(lens), time.perf_counter() - t0)
         self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float], params: SamplingParams) -> int:
@@ -467,6 +469,7 @@ class RolloutEngine:
 
     def _step(self, live: list[_Seq], strategy: Strategy, params: SamplingParams, device: torch.device) -> None:
         t0 = time.perf_counter()
+        tunings = self.gemms.tunings
         drafts: list[Draft] | None = None
         draft_s = 0.0
         if strategy.drafter is not None:
@@ -521,11 +524,15 @@ class RolloutEngine:
         _sync(device)
         verify_s = time.perf_counter() - t1
         used = strategy if drafts is not None else OFF
-        self.policy.step_time.observe(b * n, verify_s)
+        # a step that first met a batch size also timed its projections' layouts (kernels.py):
+        # its time would teach the models that this size is slow, and speculation fast by contrast
+        typical = self.gemms.tunings == tunings
+        if typical:
+            self.policy.step_time.observe(b * n, verify_s)
         if strategy.drafter is not None:  # its cost counts even when it proposed nothing
             self.policy.observe_draft(strategy, draft_s, b)
         seconds = time.perf_counter() - t0
-        if self.fixed is None:
+        if self.fixed is None and typical:
             self.policy.observe_step(used, b, emitted, seconds)
         self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
 

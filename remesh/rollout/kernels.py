@@ -25,8 +25,10 @@ MIN_WEIGHT = 1 << 16  # smaller matrices: a few microseconds either way, not wor
 
 
 def transposed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias) computed as (weight @ x.T).T, contiguous."""
-    out = torch.mm(weight, x.t()).t().contiguous()
+    """F.linear(x, weight, bias) computed as (weight @ x.T).T: a transposed (column-major) view,
+    not copied; the consumers (element-wise ops, the next projection, `unflatten` into heads)
+    take it as it is, and a copy costs as much as a small projection."""
+    out = torch.mm(weight, x.t()).t()
     return out + bias if bias is not None else out
 
 
@@ -46,6 +48,9 @@ class TunedLinears:
     def __init__(self, reps: int = 3, force: bool | None = None):
         self.reps, self.force = reps, force
         self.choices: dict[tuple, bool] = {}
+        # shapes timed so far: a step that timed one took longer than its kind of step takes,
+        # and the engine keeps such a step out of its step-time model
+        self.tunings = 0
         self._model: nn.Module | None = None  # the model `_layers` was found in
         self._layers: list[tuple[nn.Linear, functools.partial]] = []
 
@@ -79,6 +84,7 @@ class TunedLinears:
         transposed = self.choices.get(key)
         if transposed is None:
             transposed = self.choices[key] = self.force if self.force is not None else self._faster_transposed(x, weight)
+            self.tunings += self.force is None
         return transposed_linear(x, weight, bias) if transposed else F.linear(x, weight, bias)
 
     def _faster_transposed(self, x: Tensor, weight: Tensor) -> bool:
