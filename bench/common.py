@@ -10,7 +10,10 @@ many cores other processes kept busy meanwhile (from /proc), so that rounds dist
 concurrent job can be left out of the medians (and made up for by extra rounds). A system that
 runs in a worker subprocess names its pid in `own_pids`, so that its CPU time counts as its own.
 A training loop that only calls back (a transformers/TRL `Trainer`) is driven one step at a time
-by `LoopStepper`, so that it can be interleaved too. Memory: `rss_bytes` / `peak_rss_bytes`.
+by `LoopStepper`, so that it can be interleaved too. `WorkerProcess` builds an object in a fresh
+spawned process and calls its methods from here: a system timed there keeps its own heap, so it
+does not take over (and page-fault into) memory the other system just freed. Memory:
+`rss_bytes` / `peak_rss_bytes`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import socket
 import statistics
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -363,3 +368,51 @@ def demo_prompts(tokenizer: Any, length_mix: bool = False) -> list[list[int]]:
         source.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + asks[i % 3]}) + "\n"
                                   for i, r in enumerate(rows)))
     return [p.prompt_ids for p in load_prompt_dataset(source, tokenizer, max_prompt_len=256)[0]]
+
+
+class WorkerProcess:
+    """`build(*args)` constructed in a fresh spawned process; `call(method, *args)` runs one of its
+    methods there and returns the result (both pickled). `build` must be importable (a module-level
+    function or class; a script's own works under its `if __name__ == "__main__":` guard). The
+    object's `info` attribute, if any, is returned once it is built (`self.info`)."""
+
+    def __init__(self, build: Callable[..., Any], *args: Any, name: str, threads: int = 0):
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, build, args, threads), name=name, daemon=True)
+        self.proc.start()
+        self.info = self._reply()
+
+    def _reply(self) -> Any:
+        status, payload = self.conn.recv()
+        if status != "ok":
+            raise SystemExit(f"worker {self.name} failed:\n{payload}")
+        return payload
+
+    def call(self, method: str, *args: Any) -> Any:
+        self.conn.send((method, args))
+        return self._reply()
+
+    def stop(self) -> None:
+        try:
+            if self.proc.is_alive():
+                self.call("stop")
+        finally:
+            self.proc.join(30)
+
+
+def _serve(conn, build: Callable[..., Any], args: tuple, threads: int) -> None:
+    try:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        obj = build(*args)
+        conn.send(("ok", getattr(obj, "info", None)))
+        while True:
+            method, call_args = conn.recv()
+            if method == "stop":
+                conn.send(("ok", None))
+                return
+            conn.send(("ok", getattr(obj, method)(*call_args)))
+    except BaseException:  # noqa: BLE001 (reported to the caller, which raises)
+        conn.send(("error", traceback.format_exc()))

@@ -47,12 +47,11 @@ Headline: remax_peak_mem_ratio and remax_iter_time_ratio (ReMax / PPO; below 1: 
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +59,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (finish, interleaved_times, parse_args, peak_rss_bytes, print_table,  # noqa: E402
-                          rl_trainer, rss_bytes)
+from bench.common import (WorkerProcess, finish, interleaved_times, parse_args, peak_rss_bytes,  # noqa: E402
+                          print_table, rl_trainer, rss_bytes)
 from remesh.config import load_config  # noqa: E402
 from remesh.rl.config import RLConfig  # noqa: E402
 import remesh.rl.trainer  # noqa: E402,F401  (imported before the baseline RSS is taken)
@@ -92,76 +91,37 @@ def overrides(algo: str, device: str, prompts: int, max_new_tokens: int, out_dir
 
 # ---------------------------------------------------------------- worker (one per algorithm)
 
-def worker(conn, algo: str, device: str, prompts: int, max_new_tokens: int, fixed_length: bool,
-           threads: int) -> None:
-    """Runs in a fresh spawned process: load one algorithm's trainer, then iterate on request."""
-    try:
-        if threads > 0:
-            torch.set_num_threads(threads)
-        base_rss = rss_bytes()  # imports done (this module imported torch, transformers, remesh), no model yet
-        gpu = torch.device(device).type == "cuda"
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(RLConfig, None, overrides(algo, device, prompts, max_new_tokens, tmp))
-            t0 = time.perf_counter()
-            trainer = rl_trainer(cfg, fixed_length)
-            load_s = time.perf_counter() - t0
-            info = {"pid": mp.current_process().pid, "base_rss": base_rss, "loaded_rss": rss_bytes(),
-                    "load_s": load_s, "roles": trainer.graph.roles, "graph": trainer.graph.describe(),
-                    "params": {r: sum(p.numel() for p in m.parameters())
-                               for r, m in (("actor", trainer.actor), ("ref", trainer.ref), ("critic", trainer.critic))
-                               if m is not None}}
-            if gpu:
-                torch.cuda.synchronize()
-                info["loaded_cuda_alloc"] = torch.cuda.memory_allocated()
-            conn.send(("ok", info))
-            while True:
-                cmd = conn.recv()
-                if cmd == "iterate":
-                    metrics = trainer.iterate()
-                    if gpu:
-                        torch.cuda.synchronize()
-                    conn.send(("ok", metrics))
-                elif cmd == "memory":
-                    mem = {"base_rss": base_rss, "peak_rss": peak_rss_bytes(), "rss": rss_bytes()}
-                    if gpu:
-                        mem.update(cuda_max_alloc=torch.cuda.max_memory_allocated(),
-                                   cuda_max_reserved=torch.cuda.max_memory_reserved())
-                    conn.send(("ok", mem))
-                elif cmd == "stop":
-                    conn.send(("ok", None))
-                    return
-                else:
-                    raise ValueError(f"unknown command {cmd!r}")
-    except BaseException:  # noqa: BLE001
-        conn.send(("error", traceback.format_exc()))
+class AlgoSide:
+    """One algorithm's trainer, built in a fresh spawned process (`bench.common.WorkerProcess`)."""
 
+    def __init__(self, algo: str, device: str, prompts: int, max_new_tokens: int, fixed_length: bool):
+        self.base_rss = rss_bytes()  # imports done (this module imported torch, transformers, remesh), no model yet
+        self.gpu = torch.device(device).type == "cuda"
+        self._tmp = tempfile.TemporaryDirectory()
+        cfg = load_config(RLConfig, None, overrides(algo, device, prompts, max_new_tokens, self._tmp.name))
+        t0 = time.perf_counter()
+        self.trainer = trainer = rl_trainer(cfg, fixed_length)
+        self.info = {"pid": os.getpid(), "base_rss": self.base_rss, "loaded_rss": rss_bytes(),
+                     "load_s": time.perf_counter() - t0, "roles": trainer.graph.roles, "graph": trainer.graph.describe(),
+                     "params": {r: sum(p.numel() for p in m.parameters())
+                                for r, m in (("actor", trainer.actor), ("ref", trainer.ref), ("critic", trainer.critic))
+                                if m is not None}}
+        if self.gpu:
+            torch.cuda.synchronize()
+            self.info["loaded_cuda_alloc"] = torch.cuda.memory_allocated()
 
-class Worker:
-    def __init__(self, algo: str, device: str, prompts: int, max_new_tokens: int, fixed_length: bool,
-                 threads: int = 0):
-        ctx = mp.get_context("spawn")
-        self.algo = algo
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=worker, args=(child, algo, device, prompts, max_new_tokens, fixed_length, threads),
-                                name=f"bench-{algo}", daemon=True)
-        self.proc.start()
-        self.info = self._reply()
+    def iterate(self) -> dict[str, float]:
+        metrics = self.trainer.iterate()
+        if self.gpu:
+            torch.cuda.synchronize()
+        return metrics
 
-    def _reply(self) -> Any:
-        status, payload = self.conn.recv()
-        if status != "ok":
-            raise SystemExit(f"{self.algo} worker failed:\n{payload}")
-        return payload
-
-    def call(self, cmd: str) -> Any:
-        self.conn.send(cmd)
-        return self._reply()
-
-    def stop(self) -> None:
-        try:
-            self.call("stop")
-        finally:
-            self.proc.join(30)
+    def memory(self) -> dict[str, int]:
+        mem = {"base_rss": self.base_rss, "peak_rss": peak_rss_bytes(), "rss": rss_bytes()}
+        if self.gpu:
+            mem.update(cuda_max_alloc=torch.cuda.max_memory_allocated(),
+                       cuda_max_reserved=torch.cuda.max_memory_reserved())
+        return mem
 
 
 # ---------------------------------------------------------------- main
@@ -182,7 +142,8 @@ def main() -> None:
     t_start = time.perf_counter()
 
     # load one at a time, so that the two loads do not compete for the cores
-    workers = {algo: Worker(algo, device, prompts, args.max_new_tokens, fixed, args.threads) for algo in ALGOS}
+    workers = {algo: WorkerProcess(AlgoSide, algo, device, prompts, args.max_new_tokens, fixed, name=f"bench-{algo}",
+                                 threads=args.threads) for algo in ALGOS}
     try:
         metrics: dict[str, list[dict]] = {a: [] for a in ALGOS}
 

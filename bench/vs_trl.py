@@ -36,12 +36,16 @@ prompt + completion for every sample; remesh packs each group's completions afte
 their prompt (`trainer.share_prompts`, remesh/rl/batch.py). remesh's GRPO/RLOO losses are token-mean PPO-clip;
 TRL GRPO `loss_type="dapo"` (token mean), TRL RLOO a sequence-level ratio (same cost).
 
-Timing: both run in this process, one step at a time, alternating remesh and TRL (TRL's
-`Trainer.train()` runs in a worker thread driven by `bench.common.LoopStepper` through a
-`TrainerCallback.on_step_end`; the two never run at the same time). A TRL step is timed from the
-moment it is released until its next `on_step_end` (data loading, generation, scoring, loss,
-backward, optimizer step and the trainer's per-step bookkeeping); a remesh step is one
-`RLTrainer.iterate()` call. Median over the timed steps after one warm-up step each; rounds with
+Timing: one step at a time, alternating remesh and TRL; the two never run at the same time.
+TRL runs in this process (`Trainer.train()` in a thread driven by `bench.common.LoopStepper`
+through a `TrainerCallback.on_step_end`), remesh in a spawned worker process
+(`bench.common.WorkerProcess`), each with its own heap, as a user runs either: when both ran in
+one process, each system's step took over memory the other had just freed and page-faulted it
+back in, which on this VM slowed remesh's generation by ~1.5 s per step. A TRL step is timed
+from the moment it is released until its next `on_step_end` (data loading, generation, scoring,
+loss, backward, optimizer step and the trainer's per-step bookkeeping); a remesh step is one
+`RLTrainer.iterate()` call, timed here around the request to the worker (its round trip, a
+millisecond, included). Median over the timed steps after one warm-up step each; rounds with
 other processes busy on the machine are left out when enough clean ones exist (bench/common.py).
 Per-phase times: remesh's `time/<mfc>` metrics; TRL's `model.generate` and
 `_generate_and_score_completions` (rollout = generation + extra forwards + reward + advantages),
@@ -69,8 +73,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (LoopStepper, finish, interleaved_times, parse_args, print_table,  # noqa: E402
-                          rl_trainer)
+from bench.common import (LoopStepper, WorkerProcess, finish, interleaved_times, parse_args,  # noqa: E402
+                          print_table, rl_trainer)
 from remesh.checkpoint import resolve_model_path  # noqa: E402
 from remesh.config import load_config  # noqa: E402
 from remesh.reward import vader_sentiment  # noqa: E402
@@ -217,20 +221,51 @@ def profile_remesh(trainer, label: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- main
 
+class RemeshSide:
+    """remesh's trainer, built in its own process (`WorkerProcess`): one iteration per call."""
+
+    def __init__(self, algo: str, device: str, prompts: int, group: int, max_new_tokens: int, beta: float,
+                 fixed: bool, max_steps: int):
+        torch.manual_seed(0)
+        self._tmp = tempfile.TemporaryDirectory()
+        self.trainer = rl_trainer(remesh_config(algo, device, prompts, group, max_new_tokens, beta,
+                                                f"{self._tmp.name}/remesh"), fixed)
+        self.gpu = torch.device(device).type == "cuda"
+        self.info = {"batches": [[(p.prompt, p.prompt_ids) for p in self.trainer.prompt_batch(i)]
+                                 for i in range(max_steps)]}
+
+    def iterate(self) -> dict[str, float]:
+        m = self.trainer.iterate()
+        if self.gpu:
+            torch.cuda.synchronize()
+        return m
+
+    def profile(self, label: str) -> dict[str, Any]:
+        return profile_remesh(self.trainer, label)
+
+
 def run_algo(algo: str, a, device: str, reps: int, model_path: Path) -> dict[str, Any]:
     fixed = not a.natural_eos
     max_steps = 1 + reps + MAX_EXTRA + 2  # warm-up, timed rounds, extra rounds for disturbed ones, slack
+    ours = WorkerProcess(RemeshSide, algo, device, a.prompts, a.group, a.max_new_tokens, a.beta, fixed, max_steps,
+                         name=f"remesh-{algo}", threads=torch.get_num_threads())
+    try:
+        batches = ours.info["batches"]  # [(prompt text, prompt ids)] per step
+        return _run_against_trl(algo, a, device, reps, model_path, ours, batches, fixed, max_steps)
+    finally:
+        ours.stop()
+        gc.collect()  # the TRL trainer of this algorithm, before the next one loads
+
+
+def _run_against_trl(algo: str, a, device: str, reps: int, model_path: Path, ours: WorkerProcess,
+                     batches: list[list[tuple[str, list[int]]]], fixed: bool, max_steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        ours = rl_trainer(remesh_config(algo, device, a.prompts, a.group, a.max_new_tokens, a.beta, f"{tmp}/remesh"),
-                          fixed)
-        batches = [ours.prompt_batch(i) for i in range(max_steps)]
-        rows = [p.prompt for batch in batches for p in batch]
+        rows = [text for batch in batches for text, _ in batch]
         probe = TRLProbe()
         theirs, cb = trl_trainer(algo, model_path, rows, device, a.prompts, a.group, a.max_new_tokens, a.beta,
                                  max_steps, f"{tmp}/trl", fixed, probe)
-        same_prompts = all(trl_prompt_ids(theirs.processing_class, p.prompt) == p.prompt_ids
-                           for batch in batches for p in batch)
+        same_prompts = all(trl_prompt_ids(theirs.processing_class, text) == list(ids)
+                           for batch in batches for text, ids in batch)
         if not same_prompts:
             print(f"warning: {algo}: TRL's chat-template rendering differs from remesh's for some prompt",
                   file=sys.stderr)
@@ -243,14 +278,14 @@ def run_algo(algo: str, a, device: str, reps: int, model_path: Path) -> dict[str
         ours_metrics: list[dict] = []
 
         def ours_step():
-            ours_metrics.append(ours.iterate())
+            ours_metrics.append(ours.call("iterate"))
 
         try:
             t = interleaved_times({"remesh": ours_step, "trl": stepper.step}, reps=reps, warmup=1, device=device,
-                                  max_extra=MAX_EXTRA)
+                                  max_extra=MAX_EXTRA, own_pids=[ours.proc.pid])
         finally:
             stepper.close()
-        prof = profile_remesh(ours, algo) if a.profile else None
+        prof = ours.call("profile", algo) if a.profile else None
 
         used = t.used()
         ms = [ours_metrics[1 + i] for i in used]
@@ -274,14 +309,12 @@ def run_algo(algo: str, a, device: str, reps: int, model_path: Path) -> dict[str
             "remesh_gen_tokens_per_s": statistics.median(m["perf/gen_tokens_per_s"] for m in ms),
             "remesh_reward_mean": statistics.mean(m["reward/mean"] for m in ours_metrics[1:]),
             "prompt_ids_identical": same_prompts,
-            "prompt_tokens_per_step": [sum(len(p.prompt_ids) for p in b) for b in batches[:1 + t.rounds]],
+            "prompt_tokens_per_step": [sum(len(ids) for _, ids in b) for b in batches[:1 + t.rounds]],
             "trl_steps_run": stepper.steps,
             **t.summary(),
         }
         if prof is not None:
             d["profiled_iteration_s"] = prof
-        del ours, theirs, stepper
-        gc.collect()
         return d
 
 
