@@ -374,9 +374,18 @@ class RolloutEngine:
             for s, n in zip(recompute, lens):
                 s.cache_len = n
             _sync(device)
-            if self.gemms.tunings == tunings:
-                self.policy.step_time.observe(sum(lens), time.perf_counter() - t0)
+            self._observe_time(sum(lens), time.perf_counter() - t0, tunings)
             self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _observe_time(self, tokens: int, seconds: float, tunings: int) -> bool:
+        """Feed a forward's time to the step-time model, unless that work also timed projection
+        layouts (`gemms.tunings` moved past `tunings`: the first step at a batch size does, see
+        kernels.py); its time would teach the models that this size is slow, and speculation fast
+        by contrast. Returns whether it was typical (fed)."""
+        typical = self.gemms.tunings == tunings
+        if typical:
+            self.policy.step_time.observe(tokens, seconds)
+        return typical
 
     def _max_nodes(self) -> int:
         if self.fixed is not None:
@@ -444,8 +453,7 @@ class RolloutEngine:
         for s, t, l in zip(seqs, tok.tolist(), lp.tolist()):
             s.cache_len = len(s.prompt)
             self._emit(s, [t], [l], params)
-        if self.gemms.tunings == tunings:  # also the cost of recomputing a context
-            self.policy.step_time.observe(sum(lens), time.perf_counter() - t0)
+        self._observe_time(sum(lens), time.perf_counter() - t0, tunings)  # also the cost of recomputing a context
         self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float], params: SamplingParams) -> int:
@@ -524,11 +532,7 @@ class RolloutEngine:
         _sync(device)
         verify_s = time.perf_counter() - t1
         used = strategy if drafts is not None else OFF
-        # a step that first met a batch size also timed its projections' layouts (kernels.py):
-        # its time would teach the models that this size is slow, and speculation fast by contrast
-        typical = self.gemms.tunings == tunings
-        if typical:
-            self.policy.step_time.observe(b * n, verify_s)
+        typical = self._observe_time(b * n, verify_s, tunings)
         if strategy.drafter is not None:  # its cost counts even when it proposed nothing
             self.policy.observe_draft(strategy, draft_s, b)
         seconds = time.perf_counter() - t0
