@@ -18,7 +18,7 @@ from remesh.planner.estimator import (Estimator, Workload, _transfer_totals, kv_
 from remesh.planner.profile import HardwareProfile, LinkCost
 from remesh.planner.search import NoPlanFits, search
 from remesh.planner.simulate import simulate
-from remesh.runtime.realloc import transfer_plan
+from remesh.runtime.realloc import DIRECT_MIN_BYTES, MessageRules, transfer_plan
 from tests.models import tiny_args
 
 A = tiny_args("llama", vocab_size=96)  # dim 64, 4 heads of 16, 2 kv heads, ffn 96, 2 layers, vocab 96
@@ -146,12 +146,15 @@ def test_memory_of_a_layout_by_hand():
 def test_reallocation_totals_from_a_reduced_model_match_the_full_plan():
     args = dataclasses.replace(A, n_layers=4)
     src, dst = Layout((0, 1, 2, 3), 1, 2, 2), Layout((0, 1, 2, 3), 2, 1, 2)
-    sent, recv, _, local = _transfer_totals(args, "float32", src, dst)
+    sent, recv, _, local, staging = _transfer_totals(args, "float32", src, dst)
     plan = transfer_plan(ShardSpec(args), src, dst)
+    rules = MessageRules(ShardSpec(args), src, dst, DIRECT_MIN_BYTES)
     for r in range(4):
         assert sent.get(r, 0) == sum(t.numel * 4 for t in plan if t.src == r and t.dst != r)
         assert recv.get(r, 0) == sum(t.numel * 4 for t in plan if t.dst == r and t.src != r)
         assert local.get(r, 0) == sum(t.numel * 4 for t in plan if t.dst == r and t.src == r)
+        # one round per peer here: the staging buffers hold every staged piece
+        assert staging.get(r, 0) == sum(t.numel * 4 for t in plan if r in rules.staged_on(t)) > 0
 
 
 class _Fixed(Estimator):

@@ -92,3 +92,37 @@ def test_a_rank_that_raises_ends_the_job_with_its_error():
 def test_a_rank_that_dies_ends_the_job():
     with pytest.raises(DistributedJobError, match="rank 2 died \\(exit code 3\\)"):
         spawn(_die_mid_iteration, 3, timeout_s=90, collective_timeout_s=60)
+
+
+def _staging_peaks(rank: int, world: int, pairs: list[tuple[str, str]]) -> list[int]:
+    from remesh.runtime.memory import PeakTensorMemory
+
+    model = tiny_model("llama", vocab_size=4096, dim=128)  # a 2 MiB embedding travels as its own message
+    full = {n: p.detach() for n, p in model.named_parameters()}
+    spec = ShardSpec(model.args)
+    extra = []
+    reallocate(spec, Layout.parse(pairs[0][0]), Layout.parse(pairs[0][1]),  # first p2p calls allocate once
+               spec.shard_state(full, Layout.parse(pairs[0][0]), rank) if rank in Layout.parse(pairs[0][0]).ranks else None)
+    for s, d in pairs:
+        src, dst = Layout.parse(s), Layout.parse(d)
+        shards = spec.shard_state(full, src, rank) if rank in src.ranks else None
+        with PeakTensorMemory() as m:
+            before = m.live
+            out, _ = reallocate(spec, src, dst, shards)
+            targets = sum(t.untyped_storage().nbytes() for t in out.values())
+        extra.append(m.max_peak - before - targets)  # beyond the source and target shards
+    return extra
+
+
+@pytest.mark.timeout(120)
+def test_staging_memory_is_what_the_planner_counts():
+    from remesh.planner.estimator import _transfer_totals
+
+    pairs = [("d2@0-1", "d1@2"), ("d1@0", "t2@1-2"), ("t2@0-1", "d3@0-2"), ("p2@0-1", "d1t2@1-2")]
+    measured = spawn(_staging_peaks, 3, args=(pairs,), timeout_s=100)
+    args = tiny_model("llama", vocab_size=4096, dim=128).args
+    for i, (s, d) in enumerate(pairs):
+        counted = _transfer_totals(args, "float32", Layout.parse(s), Layout.parse(d))[4]
+        for rank in range(3):
+            assert measured[rank][i] == counted.get(rank, 0), (s, d, rank)
+    assert measured[2][0] > 0 and measured[0][1] > 0  # the packed layers, received and sent

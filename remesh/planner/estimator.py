@@ -12,7 +12,7 @@ sends and bubbles, and reallocations from their actual transfer plans.
 It models what remesh's runtime does (rl/planned.py): generation without speculation (plain
 decoding is the estimate's baseline; drafting only makes it faster), all trainable copies in
 other layouts kept until the end of the iteration, full Adam state on every dp rank (1/dp of it
-with ZeRO-1). Memory is tensor bytes, as a GPU's allocator counts them (max_memory_allocated;
+with ZeRO-1), a reallocation's staging buffers on top of what is resident. Memory is tensor bytes, as a GPU's allocator counts them (max_memory_allocated;
 runtime/memory.py measures the same on a CPU); the allocator's cache and the process's own
 footprint (a CUDA context, the interpreter) come on top.
 """
@@ -286,7 +286,7 @@ class Estimator:
         overlap), one latency per message, and local copies at the memory bandwidth."""
         if src == dst:
             return 0.0
-        sent, recv, msgs, local = self._transfer_totals(role, src, dst)
+        sent, recv, msgs, local, _ = self._transfer_totals(role, src, dst)
         link = self.cluster.link(src.ranks, dst.ranks)
         busiest = max((max(sent.get(r, 0), recv.get(r, 0)) / link.bytes_per_s + msgs.get(r, 0) * link.latency_s
                        for r in set(src.ranks) | set(dst.ranks)), default=0.0)
@@ -428,6 +428,13 @@ class Estimator:
                 t, grads = self.call_peak(m, layout, r)
                 if t + grads > out[r].transient + out[r].grads:
                     out[r].transient, out[r].grads, out[r].transient_mfc = t, grads, m.name
+        # a reallocation's staging buffers, over what is resident then (the target copy included)
+        for role, layout in {(m.role, plan_layouts[m.name]) for m in w.graph.mfcs if m.role in train}:
+            if layout != train[role]:
+                for r, nbytes in self._transfer_totals(role, train[role], layout)[4].items():
+                    if nbytes > out[r].transient + out[r].grads:
+                        out[r].transient, out[r].grads = nbytes, 0.0
+                        out[r].transient_mfc = f"realloc {role} {train[role]}->{layout}"
         return out
 
     def call_memory(self, plan_layouts: dict[str, Layout], name: str, rank: int) -> float:
@@ -479,12 +486,12 @@ def _spec(a: ModelArgs, dtype: str) -> ShardSpec:
 
 
 def _transfer_totals(a: ModelArgs, dtype: str, src: Layout, dst: Layout):
-    """Per-rank network bytes sent and received, messages and local copy bytes of a
-    reallocation, from the transfer plan. The plan is computed on a model with one layer per
+    """Per-rank network bytes sent and received, messages, local copy bytes and staging buffer
+    bytes of a reallocation, from the transfer plan. The plan is computed on a model with one layer per
     (source stage, target stage) class and scaled: layers in one class move identically."""
     import dataclasses
 
-    from remesh.runtime.realloc import DIRECT_MIN_BYTES, transfer_plan
+    from remesh.runtime.realloc import DIRECT_MIN_BYTES, ROUND_BYTES, MessageRules, transfer_plan
 
     classes = math.lcm(src.pp, dst.pp)
     reduced = dataclasses.replace(a, n_layers=classes)
@@ -495,9 +502,16 @@ def _transfer_totals(a: ModelArgs, dtype: str, src: Layout, dst: Layout):
     msgs: dict[int, int] = {}
     local: dict[int, float] = {}
     peers: set[tuple[int, int]] = set()
-    for t in transfer_plan(_spec(reduced, dtype), src, dst):
+    staged: dict[int, float] = {}  # bytes through each rank's staging buffers, and the largest piece
+    largest: dict[int, float] = {}
+    spec = _spec(reduced, dtype)
+    rules = MessageRules(spec, src, dst, DIRECT_MIN_BYTES)
+    for t in transfer_plan(spec, src, dst):
         k = scale_layers if t.name.startswith("layers.") else 1
         nbytes = t.numel * bytes_per * k
+        for r in rules.staged_on(t):
+            staged[r] = staged.get(r, 0) + nbytes
+            largest[r] = max(largest.get(r, 0), t.numel * bytes_per)
         if t.src == t.dst:
             local[t.dst] = local.get(t.dst, 0) + nbytes
         else:
@@ -508,4 +522,9 @@ def _transfer_totals(a: ModelArgs, dtype: str, src: Layout, dst: Layout):
                 msgs[t.src] = msgs.get(t.src, 0) + k
     for s, _ in peers:
         msgs[s] = msgs.get(s, 0) + 1
-    return sent, recv, msgs, local
+    # staging: each peer's buffer holds its largest round, so the sum of the staged pieces is
+    # exact when every peer's fit one round and an upper bound always; a round is at most
+    # ROUND_BYTES, or one piece larger than that
+    n_peers = {r: len({p for pair in peers if r in pair for p in pair} - {r}) for r in staged}
+    staging = {r: min(b, n_peers[r] * max(ROUND_BYTES, largest[r])) for r, b in staged.items()}
+    return sent, recv, msgs, local, staging

@@ -30,6 +30,7 @@ from torch import Tensor
 from remesh.plan.layout import Layout, ShardSpec
 
 
+ROUND_BYTES = 64 * 2**20  # per peer and round
 DIRECT_MIN_BYTES = 2**20  # contiguous pieces this large travel as their own messages, without a copy
 
 
@@ -138,9 +139,46 @@ def _buckets(pieces: list[Transfer], max_numel: int) -> list[list[Transfer]]:
     return out
 
 
+class MessageRules:
+    """How a move's pieces travel: a large piece contiguous on at least one side is its own
+    message, sent from or received into the tensor itself on that side (one copy at most, on the
+    strided side); the others are packed into one flat message per peer and round."""
+
+    def __init__(self, spec: ShardSpec, src: Layout, dst: Layout, direct_min_bytes: int):
+        self.shapes = {"src": {r: spec.local_shapes(src, r) for r in src.ranks},
+                       "dst": {r: spec.local_shapes(dst, r) for r in dst.ranks}}
+        self.min_numel = direct_min_bytes / spec.element_size
+
+    def contiguous(self, t: Transfer, side: str) -> bool:
+        return _contiguous(self.shapes[side][t.src if side == "src" else t.dst][t.name], t.dim, t.length)
+
+    def own_message(self, t: Transfer) -> bool:
+        return t.numel >= self.min_numel and (self.contiguous(t, "src") or self.contiguous(t, "dst"))
+
+    def split(self, pieces: list[Transfer], side: str) -> tuple[list[Transfer], list[Transfer], int]:
+        """A peer's pieces of a round: packed, own messages, and the staging elements they need
+        on `side` (the packed pieces, and own ones strided there)."""
+        packed = [t for t in pieces if not self.own_message(t)]
+        own = [t for t in pieces if self.own_message(t)]
+        return packed, own, sum(t.numel for t in packed) + sum(t.numel for t in own if not self.contiguous(t, side))
+
+    def staged_on(self, t: Transfer) -> tuple[int, ...]:
+        """The ranks whose staging buffers `t` goes through (none when it is its own message,
+        contiguous on both sides). A peer's buffer is its largest round's need: at most the sum
+        of its staged pieces, and exactly that when they fit one round (the planner counts it)."""
+        if t.src == t.dst:
+            return ()
+        return tuple(r for side, r in (("src", t.src), ("dst", t.dst)) if self.split([t], side)[2])
+
+
+def _staging_needs(buckets: dict[int, list[list[Transfer]]], rules: MessageRules, side: str) -> dict[int, int]:
+    """Staging elements per peer: its largest round's need."""
+    return {peer: max(rules.split(b, side)[2] for b in rounds) for peer, rounds in buckets.items()}
+
+
 def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tensor] | None,
                plan: list[Transfer] | None = None, group: dist.ProcessGroup | None = None,
-               bucket_bytes: int = 64 * 2**20, device: torch.device | str = "cpu",
+               bucket_bytes: int = ROUND_BYTES, device: torch.device | str = "cpu",
                direct_min_bytes: int = DIRECT_MIN_BYTES, out: dict[str, Tensor] | None = None,
                alias_local: bool = False) -> tuple[dict[str, Tensor], ReallocStats]:
     """Collective over every rank of src and dst (and only those need to call it).
@@ -190,43 +228,21 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
     def peer_rank(r: int) -> int:  # point-to-point calls take global ranks
         return dist.get_global_rank(group, r) if group is not None else r
 
-    src_shapes = {r: spec.local_shapes(src, r) for r in src.ranks}
-    dst_shapes = {r: spec.local_shapes(dst, r) for r in dst.ranks}
-
-    def src_contiguous(t: Transfer) -> bool:
-        return _contiguous(src_shapes[t.src][t.name], t.dim, t.length)
-
-    def dst_contiguous(t: Transfer) -> bool:
-        return _contiguous(dst_shapes[t.dst][t.name], t.dim, t.length)
-
-    def own_message(t: Transfer) -> bool:
-        """Large and contiguous on at least one side: its own message, sent from or received into
-        the tensor itself on that side (one copy at most, on the strided side)."""
-        return t.numel * spec.element_size >= direct_min_bytes and (src_contiguous(t) or dst_contiguous(t))
-
-    # staging for packed and strided pieces, one buffer per peer and direction, reused round to round
-    send_stage: dict[int, Tensor] = {}
-    recv_stage: dict[int, Tensor] = {}
-
-    def staging(store: dict[int, Tensor], peer: int, numel: int) -> Tensor:
-        if peer not in store or store[peer].numel() < numel:
-            store[peer] = torch.empty(numel, dtype=dtype, device=device)
-        return store[peer]
-
-    def split(pieces: list[Transfer], contiguous_here) -> tuple[list[Transfer], list[Transfer], int]:
-        """A peer's pieces of a round: packed together, or each its own message; and the staging
-        they need on this side (the packed ones, and own ones strided here)."""
-        packed = [t for t in pieces if not own_message(t)]
-        own = [t for t in pieces if own_message(t)]
-        return packed, own, sum(t.numel for t in packed) + sum(t.numel for t in own if not contiguous_here(t))
+    rules = MessageRules(spec, src, dst, direct_min_bytes)
+    # staging for packed and strided pieces: one buffer per peer and direction, as large as the
+    # peer's largest round, reused round to round
+    send_stage = {peer: torch.empty(n, dtype=dtype, device=device)
+                  for peer, n in _staging_needs(send_buckets, rules, "src").items()}
+    recv_stage = {peer: torch.empty(n, dtype=dtype, device=device)
+                  for peer, n in _staging_needs(recv_buckets, rules, "dst").items()}
 
     for k in range(rounds):
         ops, unpack, keep = [], [], []  # keep: send buffers stay alive until their wait
         for peer, buckets in send_buckets.items():
             if k >= len(buckets):
                 continue
-            packed, own, need = split(buckets[k], src_contiguous)
-            buf = staging(send_stage, peer, need)
+            packed, own, _ = rules.split(buckets[k], "src")
+            buf = send_stage[peer]
             messages_out, offset = [], 0
             if packed:
                 for t in packed:
@@ -236,7 +252,7 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
                 messages_out.append(buf[:offset])
             for t in own:
                 piece = shards[t.name].narrow(t.dim, t.src_start, t.length)
-                if not src_contiguous(t):
+                if not rules.contiguous(t, "src"):
                     piece = buf[offset:offset + t.numel].view(piece.shape).copy_(piece)
                     offset += t.numel
                 messages_out.append(piece)
@@ -247,8 +263,8 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
         for peer, buckets in recv_buckets.items():
             if k >= len(buckets):
                 continue
-            packed, own, need = split(buckets[k], dst_contiguous)
-            buf = staging(recv_stage, peer, need)
+            packed, own, _ = rules.split(buckets[k], "dst")
+            buf = recv_stage[peer]
             messages_in, offset = [], 0
             if packed:
                 offset = sum(t.numel for t in packed)
@@ -256,7 +272,7 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
                 unpack.append((buf[:offset], packed))
             for t in own:
                 target = out[t.name].narrow(t.dim, t.dst_start, t.length)
-                if dst_contiguous(t):
+                if rules.contiguous(t, "dst"):
                     messages_in.append(target)
                 else:
                     messages_in.append(buf[offset:offset + t.numel])
