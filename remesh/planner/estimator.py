@@ -12,9 +12,10 @@ sends and bubbles, and reallocations from their actual transfer plans.
 It models what remesh's runtime does (rl/planned.py): generation without speculation (plain
 decoding is the estimate's baseline; drafting only makes it faster), all trainable copies in
 other layouts kept until the end of the iteration, full Adam state on every dp rank (1/dp of it
-with ZeRO-1), a reallocation's staging buffers on top of what is resident. Memory is tensor bytes, as a GPU's allocator counts them (max_memory_allocated;
-runtime/memory.py measures the same on a CPU); the allocator's cache and the process's own
-footprint (a CUDA context, the interpreter) come on top.
+with ZeRO-1), a reallocation's staging buffers on top of what is resident. Memory is tensor
+bytes, as a GPU's allocator counts them (max_memory_allocated; runtime/memory.py measures the
+same on a CPU); the allocator's cache and the process's own footprint (a CUDA context, the
+interpreter) come on top.
 """
 
 from __future__ import annotations
