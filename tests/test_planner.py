@@ -8,6 +8,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from remesh.dataflow.graph import MFC, DataflowGraph, graph_for
 from remesh.plan.layout import Layout, ShardSpec
@@ -15,7 +16,7 @@ from remesh.plan.plan import parse_plan, validate
 from remesh.planner.cluster import Cluster, parse_bytes
 from remesh.planner.estimator import (Estimator, Workload, _transfer_totals, kv_bytes_per_token, layer_flops,
                                       layer_linears, layer_params, zero_shares)
-from remesh.planner.profile import HardwareProfile, LinkCost
+from remesh.planner.profile import COLD_BYTES, HardwareProfile, LinkCost, cold_copies
 from remesh.planner.search import NoPlanFits, search
 from remesh.planner.simulate import simulate
 from remesh.runtime.realloc import DIRECT_MIN_BYTES, MessageRules, transfer_plan
@@ -273,6 +274,14 @@ def test_no_plan_fits_names_the_smallest_cluster():
     est = Estimator(_workload(graph, models={"actor": big}), cluster("100MiB"))
     with pytest.raises(NoPlanFits, match=r"more devices of 100 MiB do not help .* at least \d+ MiB"):
         search(est, max_steps=50)
+
+
+def test_gemm_rates_are_timed_over_weights_larger_than_the_cache():
+    small, large = torch.zeros(576, 576), torch.zeros(6144, 6144)
+    copies = cold_copies(small)
+    assert copies[0] is small and sum(c.nbytes for c in copies) >= COLD_BYTES > 40 << 20
+    assert len({c.data_ptr() for c in copies}) == len(copies)
+    assert cold_copies(large) == [large]  # already beyond the cache
 
 
 def test_shipped_profiles_load():

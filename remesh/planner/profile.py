@@ -14,6 +14,7 @@ was measured on and a datasheet profile of the H100 (marked as such: not measure
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -32,6 +33,7 @@ GEMM_M = (1, 2, 4, 8, 12, 16, 32, 64, 256, 1024, 4096)
 GEMM_KN = ((256, 256), (256, 1024), (1024, 256), (1024, 1024), (2048, 2048), (256, 16384), (1024, 16384),
            (256, 65536), (1024, 65536))
 CPU_GEMM_MAX_MACS = 1 << 34  # larger multiplies take seconds on a CPU, at the rate of the largest measured
+COLD_BYTES = 128 << 20  # weights timed in turn, beyond the last-level cache (48 MiB here, 50 MiB on an H100)
 COMM_BYTES = (1 << 10, 1 << 16, 1 << 20, 1 << 23)
 COMM_ROUNDS = 7
 
@@ -165,9 +167,16 @@ def _dtypes(device: torch.device) -> list[torch.dtype]:
     return [torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32]
 
 
+def cold_copies(w: torch.Tensor, total_bytes: int = COLD_BYTES) -> list[torch.Tensor]:
+    """`w` and as many random tensors of its shape as make `total_bytes` together: timed in
+    turn, each is read from memory, not from a cache that the others have since evicted it from."""
+    return [w] + [torch.randn_like(w) for _ in range(-(-total_bytes // w.nbytes) - 1)]
+
+
 def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[float]]]:
     """Forward and forward + backward rates of nn.Linear-shaped multiplies over the grid (the
-    forward of a decode-sized multiply on a CPU: the faster of the engine's two layouts)."""
+    forward of a decode-sized multiply on a CPU: the faster of the engine's two layouts; the
+    forward with its weights read from memory, as in a model's forward)."""
     from remesh.rollout.kernels import transposed_linear, tunable
 
     out: dict[str, list[list[float]]] = {}
@@ -182,10 +191,16 @@ def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[flo
                 x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
                 w = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)  # x @ w.T
                 grad = torch.ones(m, n, device=device, dtype=dtype)
+                # a forward reads each layer's weights once, from memory: one weight timed in a
+                # loop would be read from cache (2-3x faster here for decode-sized multiplies),
+                # so the forward cycles through distinct copies larger than any cache together
+                weights = cold_copies(w.detach())
+                turn = itertools.count()
                 with torch.no_grad():
-                    fwd = _time(lambda: torch.nn.functional.linear(x, w), device)
+                    fwd = _time(lambda: torch.nn.functional.linear(x, weights[next(turn) % len(weights)]), device)
                     if tunable(m, w):  # the rollout engine takes the faster layout of these
-                        fwd = min(fwd, _time(lambda: transposed_linear(x, w), device))
+                        fwd = min(fwd, _time(lambda: transposed_linear(x, weights[next(turn) % len(weights)]), device))
+                del weights
                 both = _time(lambda: torch.autograd.backward(torch.nn.functional.linear(x, w), grad), device)
                 x.grad = w.grad = None
                 rows.append([m, k, n, 2.0 * m * k * n / fwd, 6.0 * m * k * n / both])
