@@ -16,7 +16,7 @@ from remesh.plan.plan import parse_plan, validate
 from remesh.planner.cluster import Cluster, parse_bytes
 from remesh.planner.estimator import (Estimator, Workload, _transfer_totals, kv_bytes_per_token, layer_flops,
                                       layer_linears, layer_params, zero_shares)
-from remesh.planner.profile import COLD_BYTES, HardwareProfile, LinkCost, cold_copies
+from remesh.planner.profile import COLD_BYTES, HardwareProfile, LinkCost, _median_comm, cold_copies
 from remesh.planner.search import NoPlanFits, search
 from remesh.planner.simulate import simulate
 from remesh.runtime.realloc import DIRECT_MIN_BYTES, MessageRules, transfer_plan
@@ -282,6 +282,13 @@ def test_gemm_rates_are_timed_over_weights_larger_than_the_cache():
     assert copies[0] is small and sum(c.nbytes for c in copies) >= COLD_BYTES > 40 << 20
     assert len({c.data_ptr() for c in copies}) == len(copies)
     assert cold_copies(large) == [large]  # already beyond the cache
+
+
+def test_link_costs_and_contention_are_medians_over_passes():
+    passes = [({"gloo": {"all_reduce": LinkCost(l, b)}}, c) for l, b, c in ((1e-3, 9e8, 0.26), (2e-3, 7e8, 0.0),
+                                                                           (5e-4, 1e9, 0.02))]
+    comm, contention = _median_comm(passes)
+    assert comm == {"gloo": {"all_reduce": LinkCost(1e-3, 9e8)}} and contention == 0.02
 
 
 def test_shipped_profiles_load():

@@ -534,6 +534,15 @@ def measure_comm(device_type: str) -> tuple[dict[str, dict[str, LinkCost]], floa
     return {backend: {op: _fit(points) for op, points in ranks[0].items()}}, max(0.0, contention)
 
 
+def _median_comm(passes: list[tuple[dict[str, dict[str, LinkCost]], float]]) -> tuple[dict[str, dict[str, LinkCost]], float]:
+    """Per backend and op, the median latency and bandwidth over the passes; the median contention
+    (one pass here measured 0.26 where the passes minutes before and after gave 0.00-0.02)."""
+    comm = {b: {op: LinkCost(statistics.median(p[0][b][op].latency_s for p in passes),
+                             statistics.median(p[0][b][op].bytes_per_s for p in passes)) for op in ops}
+            for b, ops in passes[0][0].items()}
+    return comm, statistics.median(c for _, c in passes)
+
+
 def _median_rows(passes: list[dict[str, list[list[float]]]]) -> dict[str, list[list[float]]]:
     """Per shape, the median rate over the passes."""
     out = {}
@@ -566,7 +575,7 @@ def measure_profile(name: str, device: str = "cpu", progress: bool = True, passe
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=passes * (len(GEMM_M) * len(GEMM_KN) * len(_dtypes(dev)) + 3) + 3, desc="profile",
+        bar = tqdm(total=passes * (len(GEMM_M) * len(GEMM_KN) * len(_dtypes(dev)) + 4) + 2, desc="profile",
                    unit="test")
     tick = (lambda: bar.update(1)) if bar else None
     runs = []
@@ -582,8 +591,11 @@ def measure_profile(name: str, device: str = "cpu", progress: bool = True, passe
     gemm = _median_rows([g for g, _ in runs])
     scalars = _median_values([{k: v for k, v in sc.items() if k != "attention_flops_per_s"} for _, sc in runs])
     attention = {d: statistics.median(sc["attention_flops_per_s"][d] for _, sc in runs) for d in runs[0][1]["attention_flops_per_s"]}
-    comm, contention = measure_comm(dev.type)
-    tick and tick()
+    comms = []
+    for _ in range(passes):
+        comms.append(measure_comm(dev.type))
+        tick and tick()
+    comm, contention = _median_comm(comms)
     what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
     profile = HardwareProfile(
         name=name, device=dev.type, threads=torch.get_num_threads() if dev.type == "cpu" else 1,
