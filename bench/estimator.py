@@ -16,7 +16,7 @@ what a GPU's allocator reports as max_memory_allocated. The resident-size growth
 timed iteration (VmHWM, less the size before any model was built) is reported beside it: it
 also holds the allocator's cache, the interpreter's objects and the libraries loaded since.
 
-A run during which the host stole more than 5% of this VM's CPU for other machines (/proc/stat;
+A run during which the host stole more than 2% of this VM's CPU for other machines (/proc/stat;
 these shared machines have spells of 30%) is run again, up to twice, keeping the least
 disturbed; each run's steal is in the JSON.
 
@@ -140,7 +140,7 @@ def _rank(rank: int, world: int, cfg: RLConfig, plan, iters: int) -> dict:
             "peak": tracker.max_peak, "calls": tensor_calls}
 
 
-MAX_STEAL = 0.05  # a run during which the host took more of the CPU for other machines is run again
+MAX_STEAL = 0.02  # a run during which the host took more of the CPU for other machines is run again
 RETRIES = 2
 
 
