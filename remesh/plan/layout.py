@@ -178,6 +178,7 @@ class ShardSpec:
         with torch.device("meta"):
             model = Transformer(args)
         self.shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}  # tied weights once
+        self._params: dict[int, tuple[ParamShard, ...]] = {}  # by pp (the planner asks for thousands of layouts)
 
     @cached_property
     def element_size(self) -> int:
@@ -221,8 +222,10 @@ class ShardSpec:
             tp_dim = None
         return ParamShard(name, shape, tp_dim, stages)
 
-    def params(self, pp: int) -> list[ParamShard]:
-        return [self.param(n, pp) for n in self.shapes]
+    def params(self, pp: int) -> tuple[ParamShard, ...]:
+        if pp not in self._params:
+            self._params[pp] = tuple(self.param(n, pp) for n in self.shapes)
+        return self._params[pp]
 
     def local_slice(self, p: ParamShard, layout: Layout, rank: int) -> tuple[int, int, int] | None:
         """(dim, start, stop) of parameter `p` held by `rank` under `layout` (the full extent

@@ -429,13 +429,21 @@ class Estimator:
                 t, grads = self.call_peak(m, layout, r)
                 if t + grads > out[r].transient + out[r].grads:
                     out[r].transient, out[r].grads, out[r].transient_mfc = t, grads, m.name
-        # a reallocation's staging buffers, over what is resident then (the target copy included)
+        # a reallocation's staging buffers, over what is resident then (the target copy included);
+        # they stage at most the rank's source and target shards, so the transfer plan is only
+        # worked out where that much would be the rank's largest transient
         for role, layout in {(m.role, plan_layouts[m.name]) for m in w.graph.mfcs if m.role in train}:
-            if layout != train[role]:
-                for r, nbytes in self._transfer_totals(role, train[role], layout)[4].items():
-                    if nbytes > out[r].transient + out[r].grads:
-                        out[r].transient, out[r].grads = nbytes, 0.0
-                        out[r].transient_mfc = f"realloc {role} {train[role]}->{layout}"
+            src = train[role]
+            if layout == src:
+                continue
+            for r in set(src.ranks) | set(layout.ranks):
+                bound = sum(self._local_params(role, x, r) for x in (src, layout) if r in x.ranks) * w.bytes_per_el
+                if bound <= out[r].transient + out[r].grads:
+                    continue
+                nbytes = self._transfer_totals(role, src, layout)[4].get(r, 0.0)
+                if nbytes > out[r].transient + out[r].grads:
+                    out[r].transient, out[r].grads = nbytes, 0.0
+                    out[r].transient_mfc = f"realloc {role} {src}->{layout}"
         return out
 
     def call_memory(self, plan_layouts: dict[str, Layout], name: str, rank: int) -> float:

@@ -145,12 +145,24 @@ class MessageRules:
     strided side); the others are packed into one flat message per peer and round."""
 
     def __init__(self, spec: ShardSpec, src: Layout, dst: Layout, direct_min_bytes: int):
-        self.shapes = {"src": {r: spec.local_shapes(src, r) for r in src.ranks},
-                       "dst": {r: spec.local_shapes(dst, r) for r in dst.ranks}}
+        self.spec, self.layouts = spec, {"src": src, "dst": dst}
         self.min_numel = direct_min_bytes / spec.element_size
+        self._shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}  # by (side, stage, tp index) and (side, rank)
+
+    def shapes(self, side: str, rank: int) -> dict[str, tuple[int, ...]]:
+        """The rank's local shapes on `side`: those of its (stage, tp index), computed once each
+        (the planner asks for every rank of 128-device layouts)."""
+        if (side, rank) not in self._shapes:
+            layout = self.layouts[side]
+            stage, _, tp_index = layout.coord(rank)
+            key = (side, stage, tp_index)
+            if key not in self._shapes:
+                self._shapes[key] = self.spec.local_shapes(layout, rank)
+            self._shapes[(side, rank)] = self._shapes[key]
+        return self._shapes[(side, rank)]
 
     def contiguous(self, t: Transfer, side: str) -> bool:
-        return _contiguous(self.shapes[side][t.src if side == "src" else t.dst][t.name], t.dim, t.length)
+        return _contiguous(self.shapes(side, t.src if side == "src" else t.dst)[t.name], t.dim, t.length)
 
     def own_message(self, t: Transfer) -> bool:
         return t.numel >= self.min_numel and (self.contiguous(t, "src") or self.contiguous(t, "dst"))
@@ -168,7 +180,8 @@ class MessageRules:
         of its staged pieces, and exactly that when they fit one round (the planner counts it)."""
         if t.src == t.dst:
             return ()
-        return tuple(r for side, r in (("src", t.src), ("dst", t.dst)) if self.split([t], side)[2])
+        own = self.own_message(t)
+        return tuple(r for side, r in (("src", t.src), ("dst", t.dst)) if not own or not self.contiguous(t, side))
 
 
 def _staging_needs(buckets: dict[int, list[list[Transfer]]], rules: MessageRules, side: str) -> dict[int, int]:
