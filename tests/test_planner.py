@@ -16,7 +16,8 @@ from remesh.plan.plan import parse_plan, validate
 from remesh.planner.cluster import Cluster, parse_bytes
 from remesh.planner.estimator import (Estimator, Workload, _transfer_totals, kv_bytes_per_token, layer_flops,
                                       layer_linears, layer_params, zero_shares)
-from remesh.planner.profile import COLD_BYTES, HardwareProfile, LinkCost, _median_comm, cold_copies
+from remesh.planner.profile import (COLD_BYTES, HardwareProfile, LinkCost, _median_comm, _median_values,
+                                    cold_copies)
 from remesh.planner.search import NoPlanFits, search
 from remesh.planner.simulate import simulate
 from remesh.runtime.realloc import DIRECT_MIN_BYTES, MessageRules, transfer_plan
@@ -289,6 +290,11 @@ def test_link_costs_and_contention_are_medians_over_passes():
                                                                            (5e-4, 1e9, 0.02))]
     comm, contention = _median_comm(passes)
     assert comm == {"gloo": {"all_reduce": LinkCost(1e-3, 9e8)}} and contention == 0.02
+
+
+def test_profile_passes_reduce_to_medians_nested_records_included():
+    passes = [{"layer_s": t, "reference_layer": {"dim": 576, "decode_s": t * 2, "note": "x"}} for t in (3.0, 1.0, 2.0)]
+    assert _median_values(passes) == {"layer_s": 2.0, "reference_layer": {"dim": 576, "decode_s": 4.0, "note": "x"}}
 
 
 def test_shipped_profiles_load():

@@ -553,14 +553,16 @@ def _median_rows(passes: list[dict[str, list[list[float]]]]) -> dict[str, list[l
 
 
 def _median_values(passes: list[dict]) -> dict:
-    """Per key, the median over the passes (a dict, the reference layer's raw record: the first
-    pass's)."""
+    """Per key, the median over the passes, nested dicts (the reference layer's raw record) key by
+    key, so that the record agrees with the fitted values beside it."""
     out = {}
     for key, first in passes[0].items():
         if isinstance(first, dict):
-            out[key] = first
-        else:
+            out[key] = _median_values([p[key] for p in passes])
+        elif isinstance(first, (int, float)):
             out[key] = statistics.median(p[key] for p in passes)
+        else:
+            out[key] = first
     return out
 
 
