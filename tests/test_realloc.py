@@ -101,8 +101,9 @@ def _staging_peaks(rank: int, world: int, pairs: list[tuple[str, str]]) -> list[
     full = {n: p.detach() for n, p in model.named_parameters()}
     spec = ShardSpec(model.args)
     extra = []
-    reallocate(spec, Layout.parse(pairs[0][0]), Layout.parse(pairs[0][1]),  # first p2p calls allocate once
-               spec.shard_state(full, Layout.parse(pairs[0][0]), rank) if rank in Layout.parse(pairs[0][0]).ranks else None)
+    first_src, first_dst = Layout.parse(pairs[0][0]), Layout.parse(pairs[0][1])
+    reallocate(spec, first_src, first_dst,  # first p2p calls allocate once
+               spec.shard_state(full, first_src, rank) if rank in first_src.ranks else None)
     for s, d in pairs:
         src, dst = Layout.parse(s), Layout.parse(d)
         shards = spec.shard_state(full, src, rank) if rank in src.ranks else None

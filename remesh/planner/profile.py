@@ -200,7 +200,6 @@ def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[flo
                     fwd = _time(lambda: torch.nn.functional.linear(x, weights[next(turn) % len(weights)]), device)
                     if tunable(m, w):  # the rollout engine takes the faster layout of these
                         fwd = min(fwd, _time(lambda: transposed_linear(x, weights[next(turn) % len(weights)]), device))
-                del weights
                 both = _time(lambda: torch.autograd.backward(torch.nn.functional.linear(x, w), grad), device)
                 x.grad = w.grad = None
                 rows.append([m, k, n, 2.0 * m * k * n / fwd, 6.0 * m * k * n / both])
@@ -591,8 +590,7 @@ def measure_profile(name: str, device: str = "cpu", progress: bool = True, passe
         tick and tick()
         runs.append((gemm, scalars))
     gemm = _median_rows([g for g, _ in runs])
-    scalars = _median_values([{k: v for k, v in sc.items() if k != "attention_flops_per_s"} for _, sc in runs])
-    attention = {d: statistics.median(sc["attention_flops_per_s"][d] for _, sc in runs) for d in runs[0][1]["attention_flops_per_s"]}
+    scalars = _median_values([sc for _, sc in runs])  # attention_flops_per_s: per dtype
     comms = []
     for _ in range(passes):
         comms.append(measure_comm(dev.type))
@@ -603,7 +601,7 @@ def measure_profile(name: str, device: str = "cpu", progress: bool = True, passe
         name=name, device=dev.type, threads=torch.get_num_threads() if dev.type == "cpu" else 1,
         source=f"measured on {socket.gethostname()} ({what}), torch {torch.__version__}, "
                f"{time.strftime('%Y-%m-%d')}, median of {passes} passes",
-        gemm=gemm, attention_flops_per_s=attention, comm=comm, contention=contention if dev.type == "cpu" else 0.0,
+        gemm=gemm, comm=comm, contention=contention if dev.type == "cpu" else 0.0,
         **scalars)
     # the fits below charge what the rates leave unexplained: each against the median profile
     for fit in (measure_layer_residuals, calibrate_code_paths):

@@ -167,12 +167,17 @@ class MessageRules:
     def own_message(self, t: Transfer) -> bool:
         return t.numel >= self.min_numel and (self.contiguous(t, "src") or self.contiguous(t, "dst"))
 
+    def staged(self, t: Transfer, side: str) -> bool:
+        """Whether `t` goes through `side`'s staging buffer: packed, or its own message but strided there."""
+        return not self.own_message(t) or not self.contiguous(t, side)
+
     def split(self, pieces: list[Transfer], side: str) -> tuple[list[Transfer], list[Transfer], int]:
         """A peer's pieces of a round: packed, own messages, and the staging elements they need
-        on `side` (the packed pieces, and own ones strided there)."""
-        packed = [t for t in pieces if not self.own_message(t)]
-        own = [t for t in pieces if self.own_message(t)]
-        return packed, own, sum(t.numel for t in packed) + sum(t.numel for t in own if not self.contiguous(t, side))
+        on `side`."""
+        packed, own = [], []
+        for t in pieces:
+            (own if self.own_message(t) else packed).append(t)
+        return packed, own, sum(t.numel for t in pieces if self.staged(t, side))
 
     def staged_on(self, t: Transfer) -> tuple[int, ...]:
         """The ranks whose staging buffers `t` goes through (none when it is its own message,
@@ -180,8 +185,7 @@ class MessageRules:
         of its staged pieces, and exactly that when they fit one round (the planner counts it)."""
         if t.src == t.dst:
             return ()
-        own = self.own_message(t)
-        return tuple(r for side, r in (("src", t.src), ("dst", t.dst)) if not own or not self.contiguous(t, side))
+        return tuple(r for side, r in (("src", t.src), ("dst", t.dst)) if self.staged(t, side))
 
 
 def _staging_needs(buckets: dict[int, list[list[Transfer]]], rules: MessageRules, side: str) -> dict[int, int]:
