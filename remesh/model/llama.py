@@ -170,6 +170,8 @@ class Transformer(nn.Module):
 
     def init_weights(self, std: float = 0.02) -> None:
         for name, p in self.named_parameters():
+            if p.is_meta:  # no values to set; torch's meta initialisers would cost 3/4 of a model's build
+                continue
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith("bias"):
