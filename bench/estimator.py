@@ -8,6 +8,9 @@ measured (median). Responses have a fixed length (EOS ignored, bench-only), so t
 the estimator is given is the one that ran; generation is plain decoding (rollout.spec=off):
 the estimator predicts plain decoding. Rule-based reward (VADER).
 
+Estimates use the profile of the processor this runs on (`profile.local_profile`: one measured
+by `remesh profile`, or a shipped one); its name is in the JSON.
+
 Per run: estimated vs measured iteration time and per-MFC time (the simulated duration of the
 call, core sharing included, vs the slowest rank's measured time), and estimated vs measured
 peak memory per rank, also per call. Measured memory is the peak of live tensor bytes
@@ -176,6 +179,9 @@ def main() -> None:
     iters = args.iters or (2 if args.quick else 3)
     root = Path(tempfile.mkdtemp())
     small = small_model(root)
+    used = local_cluster(2).profile  # the processor's own profile (profile.local_profile), as a local plan takes
+    profile_used = {"name": used.name, "processor": used.processor, "source": used.source}
+    print(f"profile: {used.name} ({used.source})", flush=True)
     t_start = time.perf_counter()
     cases = [  # (model, algo, world, plan)
         (small, "remax", 2, "colocated"), (small, "remax", 2, "split"),
@@ -272,7 +278,7 @@ def main() -> None:
                                                            default=float("nan")), 3)}
     partial = "_partial" if args.cases or args.no_search else ""
     finish("estimator" + ("_quick" if args.quick else "") + partial, headline, {"runs": details, "search_vs_heuristics": versus},
-           iters=iters, wall_s=round(time.perf_counter() - t_start, 1))
+           iters=iters, wall_s=round(time.perf_counter() - t_start, 1), profile=profile_used)
 
 
 if __name__ == "__main__":

@@ -97,8 +97,11 @@ def _profile(args: argparse.Namespace) -> None:
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     profile = measure_profile(args.name, args.device, passes=args.passes)
-    out = profile.save(args.out or f"{args.name}.json")
-    print(f"remesh: profile {profile.name} ({profile.source}) written to {out}")
+    from remesh.planner.profile import user_profiles_dir
+
+    out = profile.save(args.out or user_profiles_dir() / f"{args.name}.json")
+    print(f"remesh: profile {profile.name} ({profile.source}) written to {out}"
+          + ("" if args.out else "; local plans on this processor use it"))
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -158,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads per process while measuring (a local plan gives each rank cores / ranks)")
     pr.add_argument("--passes", type=int, default=3,
                     help="measure everything this many times, interleaved, and keep each value's median")
-    pr.add_argument("--out", help="output JSON (default NAME.json)")
+    pr.add_argument("--out", help="output JSON (default: NAME.json in ~/.cache/remesh/profiles, where local "
+                                      "plans on this processor find it)")
     pl = sub.add_parser("plan", help="search an execution plan for an RL config on a cluster")
     pl.add_argument("config", help="RL config YAML")
     pl.add_argument("overrides", nargs="*", help="dotted overrides")

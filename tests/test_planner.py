@@ -159,6 +159,23 @@ def test_reallocation_totals_from_a_reduced_model_match_the_full_plan():
         assert staging.get(r, 0) == sum(t.numel * 4 for t in plan if r in rules.staged_on(t)) > 0
 
 
+def test_reallocation_time_by_hand():
+    """d1@0 -> d2@0-1 of the 2-layer model: rank 0 sends everything to rank 1 in one message (a
+    link of 1 GB/s and 1 ms a message) and copies its own at the memory bandwidth (1 GB/s); then
+    each target builds its model."""
+    graph = graph_for("ppo")
+    cluster = Cluster("toy", 1, 2, 1e12, _profile(build_model_s=0.5, build_layer_s=0.25), "gloo", LinkCost(1e-3, 1e9),
+                      None, None)
+    est = Estimator(_workload(graph), cluster)
+    src, dst = Layout((0,)), Layout((0, 1), 2)
+    nbytes = A.num_params() * 4
+    sent, recv, msgs, local, _ = _transfer_totals(A, "float32", src, dst)
+    assert sent == {0: nbytes} and recv == {1: nbytes} and msgs == {0: 1} and local == {0: nbytes}
+    want = nbytes / 1e9 + 1e-3 + nbytes / 1e9 + 0.5 + 0.25 * 2  # the busiest link, the local copy, the build
+    assert est.realloc_seconds("actor", src, dst) == pytest.approx(want)
+    assert est.realloc_seconds("actor", src, src) == 0.0
+
+
 class _Fixed(Estimator):
     """Calls and reallocations of given durations."""
 
@@ -302,3 +319,25 @@ def test_shipped_profiles_load():
     assert cpu.device == "cpu" and cpu.gemm["float32"] and "gloo" in cpu.comm
     h100 = HardwareProfile.load("h100-datasheet")
     assert h100.source.startswith("datasheet") and math.isfinite(h100.gemm_flops_per_s(4096, 8192, 8192, "bfloat16"))
+
+
+def test_local_profile_is_the_processors_own(tmp_path, monkeypatch):
+    """A local cluster takes a profile measured on the processor it runs on: the user's own
+    (`remesh profile` saves into the cache), else a shipped one, else cpu-local with a warning."""
+    from remesh.planner import profile as prof
+    from remesh.planner.cluster import local_cluster
+
+    monkeypatch.setenv("REMESH_CACHE", str(tmp_path))
+    monkeypatch.setattr(prof, "processor_name", lambda device="cpu": "Toy CPU 9000")
+    with pytest.warns(UserWarning, match=r"no hardware profile of this processor \(Toy CPU 9000\).*remesh profile"):
+        assert local_cluster(2).profile.name == "cpu-local"
+    other = _profile(name="elsewhere", processor="Another CPU")
+    other.save(prof.user_profiles_dir() / "elsewhere.json")
+    (prof.user_profiles_dir() / "notes.json").write_text("{not json")  # not a profile: passed over
+    mine = _profile(name="mine", processor="Toy CPU 9000")
+    mine.save(prof.user_profiles_dir() / "mine.json")
+    cluster = local_cluster(2)
+    assert cluster.profile.name == "mine" and cluster.profile.processor == "Toy CPU 9000"
+    shipped = HardwareProfile.load("cpu-local")
+    monkeypatch.setattr(prof, "processor_name", lambda device="cpu": shipped.processor)
+    assert shipped.processor and local_cluster(2).profile.name == "cpu-local"

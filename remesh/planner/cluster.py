@@ -161,10 +161,14 @@ class Cluster:
         return cluster
 
 
-def local_cluster(devices: int, profile: str = "cpu-local", device_memory: float | None = None) -> Cluster:
-    """This machine as a cluster of `devices` local processes (what `trainer.nproc` starts)."""
+def local_cluster(devices: int, profile: str | None = None, device_memory: float | None = None) -> Cluster:
+    """This machine as a cluster of `devices` local processes (what `trainer.nproc` starts), with
+    the profile of its processor (`profile.local_profile`) unless one is named."""
     import os
 
+    from remesh.planner.profile import local_profile
+
+    profile = profile or local_profile("cpu")
     if device_memory is None:
         try:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -10,6 +10,8 @@
   fitted as latency + bytes / bandwidth.
 Saved as JSON (`HardwareProfile.save/load`); `profiles/` ships the profiles of the machines it
 was measured on and a datasheet profile of the H100 (marked as such: not measured).
+`remesh profile` saves into the user's cache (`user_profiles_dir`), where `local_profile` finds
+it: the planner of a local run takes the profile of the processor it runs on.
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ class HardwareProfile:
     # caches): two processes computing at once each take (1 + contention) x as long as one alone
     contention: float = 0.0
     train_call_overhead_s: float = 0.0  # fixed cost of one train micro-batch (loss, packing, Python)
+    # building a layout's model around reallocated tensors (runtime/parallelize.build_local_model)
+    build_model_s: float = 0.0
+    build_layer_s: float = 0.0
     reference_layer: dict = field(default_factory=dict)  # the measured layer and its raw times
+    processor: str = ""  # the CPU model or GPU name it was measured on (`processor_name`)
     comm: dict[str, dict[str, LinkCost]] = field(default_factory=dict)  # backend -> op -> cost, 2 ranks, 1 node
 
     # ------------------------------------------------------------------ queries
@@ -144,6 +150,52 @@ class HardwareProfile:
 
 
 # ---------------------------------------------------------------------- measurement
+def user_profiles_dir() -> Path:
+    from remesh.checkpoint.default import cache_dir
+
+    return cache_dir() / "profiles"
+
+
+def local_profile(device: str = "cpu") -> str:
+    """Path of the profile for this machine's processor: one measured here by `remesh profile`
+    (the newest), else a shipped one of the same processor, else the shipped `cpu-local` with a
+    warning that its rates belong to another processor."""
+    import warnings
+
+    here = processor_name(device)
+    mine = sorted(user_profiles_dir().glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in [*mine, *sorted(PROFILES_DIR.glob("*.json"))]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # not a profile: HardwareProfile.load names the problem when it is asked for
+        if data.get("device") == torch.device(device).type and data.get("processor") == here:
+            return str(path)
+    fallback = PROFILES_DIR / "cpu-local.json"
+    warnings.warn(f"no hardware profile of this processor ({here}): the estimates use {fallback.name}, measured on "
+                  f"{json.loads(fallback.read_text()).get('processor') or 'another machine'}, and can be off by 2x. "
+                  f"`remesh profile` (about 9 minutes) measures this one; local plans then use it",
+                  stacklevel=2)
+    return str(fallback)
+
+
+def processor_name(device: str | torch.device = "cpu") -> str:
+    """What a profile's rates belong to: the GPU's name, or the CPU's model (shared VMs of one
+    name can land on different processors from one day to the next, at rates 2x apart)."""
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _time(fn, device: torch.device, reps: int = 5, min_s: float = 0.02) -> float:
     """Median seconds of fn(), each sample repeating fn until min_s has passed."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -310,8 +362,22 @@ def measure_overheads(device: torch.device) -> dict[str, float]:
         steps[batch] = decode[len(decode) // 2]
     per_seq = max((steps[16] - steps[1]) / 15, 0.0)
     step = max(steps[1] - per_seq - layer, 1e-7)
+
+    # a reallocation ends by building the target layout's model around the received tensors
+    from remesh.plan.layout import Layout, ShardSpec
+    from remesh.runtime.parallelize import build_local_model
+
+    def build(layers: int):
+        args = ModelArgs(vocab_size=64, dim=32, n_layers=layers, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=512)
+        layout = Layout((0,))
+        shards = {n: torch.zeros(shape, device=device) for n, shape in ShardSpec(args).local_shapes(layout, 0).items()}
+        return lambda: build_local_model(args, layout, 0, shards, device=device)
+
+    b1, b3 = _time(build(1), device), _time(build(3), device)
+    build_layer = max((b3 - b1) / 2, 0.0)
     return {"layer_overhead_s": layer, "train_layer_overhead_s": train_layer, "step_overhead_s": step,
-            "seq_overhead_s": per_seq, "call_overhead_s": call}
+            "seq_overhead_s": per_seq, "call_overhead_s": call, "build_layer_s": build_layer,
+            "build_model_s": max(b1 - build_layer, 0.0)}
 
 
 REFERENCE_LAYER = dict(dim=576, n_heads=9, n_kv_heads=3, ffn_dim=1536)  # SmolLM2-135M's layer
@@ -568,7 +634,6 @@ def _median_values(passes: list[dict]) -> dict:
 def measure_profile(name: str, device: str = "cpu", progress: bool = True, passes: int = 3) -> HardwareProfile:
     """Each measurement is taken in `passes` interleaved passes and the median kept: on a shared
     machine the rates drift by tens of percent over minutes, and one pass can land in a slow spell."""
-    import platform
     import socket
 
     dev = torch.device(device)
@@ -596,12 +661,12 @@ def measure_profile(name: str, device: str = "cpu", progress: bool = True, passe
         comms.append(measure_comm(dev.type))
         tick and tick()
     comm, contention = _median_comm(comms)
-    what = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    what = processor_name(dev)
     profile = HardwareProfile(
         name=name, device=dev.type, threads=torch.get_num_threads() if dev.type == "cpu" else 1,
         source=f"measured on {socket.gethostname()} ({what}), torch {torch.__version__}, "
                f"{time.strftime('%Y-%m-%d')}, median of {passes} passes",
-        gemm=gemm, comm=comm, contention=contention if dev.type == "cpu" else 0.0,
+        gemm=gemm, comm=comm, contention=contention if dev.type == "cpu" else 0.0, processor=what,
         **scalars)
     # the fits below charge what the rates leave unexplained: each against the median profile
     for fit in (measure_layer_residuals, calibrate_code_paths):
