@@ -284,7 +284,8 @@ class Estimator:
     # ------------------------------------------------------------------ reallocation
     def realloc_seconds(self, role: str, src: Layout, dst: Layout) -> float:
         """From the transfer plan: the busiest rank's bytes over its link (sends and receives
-        overlap), one latency per message, and local copies at the memory bandwidth."""
+        overlap), one latency per message, and local copies at the memory bandwidth; then the
+        target ranks build their stage's model around the tensors."""
         if src == dst:
             return 0.0
         sent, recv, msgs, local, _ = self._transfer_totals(role, src, dst)
@@ -292,7 +293,9 @@ class Estimator:
         busiest = max((max(sent.get(r, 0), recv.get(r, 0)) / link.bytes_per_s + msgs.get(r, 0) * link.latency_s
                        for r in set(src.ranks) | set(dst.ranks)), default=0.0)
         copies = max(local.values(), default=0) / self.profile.mem_bytes_per_s
-        return busiest + copies
+        p = self.profile
+        build = p.build_model_s + p.build_layer_s * self.workload.models[role].n_layers / dst.pp
+        return busiest + copies + build
 
     def _transfer_totals(self, role: str, src: Layout, dst: Layout):
         key = ("x", role, src, dst)
