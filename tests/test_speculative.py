@@ -370,3 +370,18 @@ def test_tree_acceptance_prior_comes_from_the_chains():
     s.prior_weight = 2.0  # the tree's own first observation (a miss) moves it from there
     s.observe("ngram", 2, 1, 0)
     assert s.alphas("ngram", 2, 1) == pytest.approx([(1 - 0.5 ** 2) * 2 / 3])
+
+
+def test_probes_are_spaced_in_proportion_to_the_live_batch():
+    """A probe verifies drafts for every live sequence: every explore_every steps up to
+    explore_batch live sequences, 4x as far apart at 4x that batch."""
+    def probes(batch: int, steps: int) -> list[int]:
+        policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(2,), widths=(1,), explore_every=8, explore_batch=4)
+        for t, sec in [(1, 0.1), (64, 6.4)]:  # linear: drafts never pay, every other choice is off
+            policy.step_time.observe(t, sec)
+        for _ in range(50):
+            policy.acceptance.observe("ngram", 1, 2, 0)
+        return [i for i in range(1, steps + 1) if policy.choose(batch) != OFF]
+
+    assert probes(2, 40) == probes(4, 40) == [8, 16, 24, 32, 40]
+    assert probes(16, 100) == [32, 64, 96]
