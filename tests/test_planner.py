@@ -341,3 +341,24 @@ def test_local_profile_is_the_processors_own(tmp_path, monkeypatch):
     shipped = HardwareProfile.load("cpu-local")
     monkeypatch.setattr(prof, "processor_name", lambda device="cpu": shipped.processor)
     assert shipped.processor and local_cluster(2).profile.name == "cpu-local"
+
+
+def test_local_cluster_on_a_gpu_machine_takes_its_gpus(tmp_path, monkeypatch):
+    """Where CUDA is available the ranks run on the GPUs over NCCL: so does the local cluster,
+    with the GPU's own profile, else the H100 datasheet's with a warning; no core sharing."""
+    from types import SimpleNamespace
+
+    from remesh.planner import profile as prof
+    from remesh.planner.cluster import local_cluster
+
+    monkeypatch.setenv("REMESH_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(prof, "processor_name", lambda device="cpu": "NVIDIA Toy" if str(device) == "cuda" else "Toy CPU")
+    with pytest.warns(UserWarning, match=r"\(NVIDIA Toy\).*h100-datasheet.*remesh profile --device cuda"):
+        cluster = local_cluster(2)
+    assert (cluster.profile.name, cluster.backend, cluster.cores_per_node) == ("h100-datasheet", "nccl", None)
+    assert cluster.device_memory == 80 * 2**30
+    _profile(name="toy-gpu", device="cuda", processor="NVIDIA Toy", comm={"nccl": {"p2p": LinkCost(0.0, 1e11)}}).save(
+        prof.user_profiles_dir() / "toy-gpu.json")
+    assert local_cluster(2).profile.name == "toy-gpu"

@@ -162,18 +162,28 @@ class Cluster:
 
 
 def local_cluster(devices: int, profile: str | None = None, device_memory: float | None = None) -> Cluster:
-    """This machine as a cluster of `devices` local processes (what `trainer.nproc` starts), with
-    the profile of its processor (`profile.local_profile`) unless one is named."""
+    """This machine as a cluster of `devices` local processes (what `trainer.nproc` or torchrun
+    starts): its GPUs where CUDA is available (the ranks then use them, over NCCL), else CPU
+    processes time-sharing its cores; with the profile of its processor or GPU
+    (`profile.local_profile`) unless one is named."""
     import os
+
+    import torch
 
     from remesh.planner.profile import local_profile
 
-    profile = profile or local_profile("cpu")
-    if device_memory is None:
+    gpu = torch.cuda.is_available()
+    profile = profile or local_profile("cuda" if gpu else "cpu")
+    if device_memory is None and gpu:
+        device_memory = torch.cuda.get_device_properties(0).total_memory
+    elif device_memory is None:
         try:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             total = 16 * 2**30
         device_memory = total * 0.8 / devices
-    return Cluster.from_dict({"nodes": 1, "devices_per_node": devices, "device_memory": device_memory,
-                              "profile": profile, "cores_per_node": os.cpu_count() or 1, "name": f"local-{devices}"})
+    spec = {"nodes": 1, "devices_per_node": devices, "device_memory": device_memory, "profile": profile,
+            "name": f"local-{devices}"}
+    if not gpu:
+        spec["cores_per_node"] = os.cpu_count() or 1
+    return Cluster.from_dict(spec)

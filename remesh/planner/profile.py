@@ -157,9 +157,9 @@ def user_profiles_dir() -> Path:
 
 
 def local_profile(device: str = "cpu") -> str:
-    """Path of the profile for this machine's processor: one measured here by `remesh profile`
-    (the newest), else a shipped one of the same processor, else the shipped `cpu-local` with a
-    warning that its rates belong to another processor."""
+    """Path of the profile for this machine's processor (or GPU): one measured here by `remesh
+    profile` (the newest), else a shipped one of the same processor, else the shipped `cpu-local`
+    (GPUs: `h100-datasheet`) with a warning that its rates belong to another device."""
     import warnings
 
     here = processor_name(device)
@@ -171,10 +171,11 @@ def local_profile(device: str = "cpu") -> str:
             continue  # not a profile: HardwareProfile.load names the problem when it is asked for
         if data.get("device") == torch.device(device).type and data.get("processor") == here:
             return str(path)
-    fallback = PROFILES_DIR / "cpu-local.json"
-    warnings.warn(f"no hardware profile of this processor ({here}): the estimates use {fallback.name}, measured on "
-                  f"{json.loads(fallback.read_text()).get('processor') or 'another machine'}, and can be off by 2x. "
-                  f"`remesh profile` (about 9 minutes) measures this one; local plans then use it",
+    cuda = torch.device(device).type == "cuda"
+    fallback = PROFILES_DIR / ("h100-datasheet.json" if cuda else "cpu-local.json")
+    warnings.warn(f"no hardware profile of this processor ({here}): the estimates use {fallback.stem} "
+                  f"({json.loads(fallback.read_text())['source']}), and can be off by 2x. `remesh profile"
+                  f"{' --device cuda' if cuda else ''}` (minutes) measures this one; local plans then use it",
                   stacklevel=2)
     return str(fallback)
 
