@@ -112,7 +112,7 @@ def _plan(args: argparse.Namespace) -> None:
     cfg = load_config(RLConfig, args.config, args.overrides)
     try:
         if args.cluster.startswith("local:"):
-            cluster = local_cluster(int(args.cluster.split(":", 1)[1]))
+            cluster = local_cluster(int(args.cluster.split(":", 1)[1]), device=cfg.trainer.device)
         else:
             cluster = Cluster.load(args.cluster)
     except ValueError as e:

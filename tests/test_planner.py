@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -362,3 +363,6 @@ def test_local_cluster_on_a_gpu_machine_takes_its_gpus(tmp_path, monkeypatch):
     _profile(name="toy-gpu", device="cuda", processor="NVIDIA Toy", comm={"nccl": {"p2p": LinkCost(0.0, 1e11)}}).save(
         prof.user_profiles_dir() / "toy-gpu.json")
     assert local_cluster(2).profile.name == "toy-gpu"
+    # a run whose trainer.device is cpu runs CPU processes there: so does its cluster
+    cpu = local_cluster(2, device="cpu", profile="cpu-local")
+    assert (cpu.backend, cpu.cores_per_node) == ("gloo", os.cpu_count() or 1)

@@ -161,18 +161,19 @@ class Cluster:
         return cluster
 
 
-def local_cluster(devices: int, profile: str | None = None, device_memory: float | None = None) -> Cluster:
+def local_cluster(devices: int, profile: str | None = None, device_memory: float | None = None,
+                  device: str = "auto") -> Cluster:
     """This machine as a cluster of `devices` local processes (what `trainer.nproc` or torchrun
-    starts): its GPUs where CUDA is available (the ranks then use them, over NCCL), else CPU
-    processes time-sharing its cores; with the profile of its processor or GPU
-    (`profile.local_profile`) unless one is named."""
+    starts) on `device` (a run's `trainer.device`; auto: its GPUs where CUDA is available, as the
+    ranks then use them, over NCCL), else CPU processes time-sharing its cores; with the profile
+    of its processor or GPU (`profile.local_profile`) unless one is named."""
     import os
 
     import torch
 
     from remesh.planner.profile import local_profile
 
-    gpu = torch.cuda.is_available()
+    gpu = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
     profile = profile or local_profile("cuda" if gpu else "cpu")
     if device_memory is None and gpu:
         device_memory = torch.cuda.get_device_properties(0).total_memory

@@ -545,7 +545,7 @@ def searched(cfg: RLConfig, world: int, announce: bool = True) -> RLConfig:
     from remesh.planner.planning import plan_for_config, plot_timeline, report
 
     p = cfg.planner
-    cluster = Cluster.load(p.cluster) if p.cluster else local_cluster(world)
+    cluster = Cluster.load(p.cluster) if p.cluster else local_cluster(world, device=cfg.trainer.device)
     if cluster.world != world:
         raise ValueError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
     result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
