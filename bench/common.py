@@ -56,22 +56,14 @@ def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None
     return args
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     """Where a result was measured: host, CPU, cores, torch version, device (GPU name on CUDA)."""
+    from remesh.planner.profile import processor_name  # what profiles record: a result and its profile compare
+
     device = torch.device(device)
     info: dict[str, Any] = {
         "hostname": socket.gethostname(),
-        "cpu": cpu_model(),
+        "cpu": processor_name("cpu"),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -162,16 +162,16 @@ def local_profile(device: str = "cpu") -> str:
     (GPUs: `h100-datasheet`) with a warning that its rates belong to another device."""
     import warnings
 
-    here = processor_name(device)
+    here, kind = processor_name(device), torch.device(device).type
     mine = sorted(user_profiles_dir().glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in [*mine, *sorted(PROFILES_DIR.glob("*.json"))]:
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # not a profile: HardwareProfile.load names the problem when it is asked for
-        if data.get("device") == torch.device(device).type and data.get("processor") == here:
+        if data.get("device") == kind and data.get("processor") == here:
             return str(path)
-    cuda = torch.device(device).type == "cuda"
+    cuda = kind == "cuda"
     fallback = PROFILES_DIR / ("h100-datasheet.json" if cuda else "cpu-local.json")
     warnings.warn(f"no hardware profile of this processor ({here}): the estimates use {fallback.stem} "
                   f"({json.loads(fallback.read_text())['source']}), and can be off by 2x. `remesh profile"
