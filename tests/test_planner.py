@@ -109,9 +109,9 @@ def test_memory_of_a_layout_by_hand():
     # training's activations, before any gradient exists: per rank 2 prompts of 12
     # tokens, each packed once before its 2 responses of 8 (shared prompts), 56 tokens in one
     # micro-batch; saved per token and layer (5 * 64 + 8 heads * 16 + 4 * 96) * 4 bytes, one
-    # layer's live tensors (4 * 64 + 4 * 16 + 3 * 96) * 4, and the head's logits and one
-    # temporary on the 4 * 8 response rows, fp32, untied vocabulary of 96
-    acts = 3328 * 2 * 56 + 2432 * 56 + 32 * 96 * 8
+    # layer's live tensors (4 * 64 + 4 * 16 + 3 * 96) * 4, and the head's logits (their
+    # log-sum-exp taken in place) on the 4 * 8 response rows, fp32, untied vocabulary of 96
+    acts = 3328 * 2 * 56 + 2432 * 56 + 32 * 96 * 4
     train = next(m for m in graph.mfcs if m.name == "actor_train")
     assert est.transient_bytes(train, plan["actor_train"])[0] == acts
     # the peak is the end of the backward, above them: every gradient, and the dp gradient sum's
@@ -122,7 +122,7 @@ def test_memory_of_a_layout_by_hand():
     # on top of the first one's gradients (the end of the backward, gradients and the embedding
     # table's new gradient, 96 x 64, is lower)
     est40 = Estimator(_workload(graph, n_samples=2, migrate=False, micro_batch_tokens=40), _cluster(devices=2))
-    acts40 = 3328 * 2 * 40 + 2432 * 40 + 32 * 96 * 8
+    acts40 = 3328 * 2 * 40 + 2432 * 40 + 32 * 96 * 4
     assert est40.call_peak(train, plan["actor_train"], 0) == (acts40, n * 4)
     assert acts40 > 96 * 64 * 4
     assert mem[0].copies == 0  # the generation copy on rank 0 is the training copy's tensors

@@ -26,12 +26,16 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             logits = (hidden[s:s + chunk] @ w.t()).float()
             if inv_temp != 1.0:
                 logits.mul_(inv_temp)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-            last = logits
+            target = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            # the log-sum-exp in place: torch.logsumexp would allocate a second chunk-sized block
+            vmax = logits.amax(dim=-1, keepdim=True)
+            total = logits.sub_(vmax).exp_().sum(dim=-1, keepdim=True)
+            lse[s:s + chunk] = (vmax + total.log()).squeeze(1)
+            out[s:s + chunk] = target - lse[s:s + chunk]
+            last = (logits, total)
         ctx.last_probs = None
         if any(ctx.needs_input_grad[:2]):  # keep the last chunk's softmax (in place: no extra memory)
-            ctx.last_probs = last.sub_(lse[n - last.shape[0]:, None]).exp_()
+            ctx.last_probs = last[0].div_(last[1])
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.inv_temp, ctx.chunk = inv_temp, chunk
         return out

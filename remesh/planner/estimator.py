@@ -358,11 +358,12 @@ class Estimator:
         layers = a.n_layers // layout.pp
         # one layer's live tensors in a forward: residual, norm, q/k/v, attention out, 3 ffn-wide
         live = tokens * (4 * a.dim + 2 * a.n_kv_heads * a.head_dim // layout.tp + 3 * a.ffn_dim // layout.tp) * b
-        # the head runs on the response tokens only (the positions that predict them): fp32 logits
-        # and one temporary as large (the log-sum-exp's)
+        # the head runs on the response tokens only (the positions that predict them): fp32 logits,
+        # their log-sum-exp taken in place (model/logprobs.py); the vocab-parallel head keeps its
+        # exponentials beside them (runtime/parallelize.py)
         head_rows = min(tokens, seqs * w.gen_len_max)
         vocab = a.vocab_size // layout.tp if a.head == "lm" else 1
-        head = head_rows * vocab * 4 * 2
+        head = head_rows * vocab * 4 * (2 if layout.tp > 1 else 1)
         if mfc.call == "inference":
             return live + head
         # saved for backward, per layer and token: norm in/out, q, k, v, attention out,

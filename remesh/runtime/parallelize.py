@@ -118,7 +118,7 @@ class _VocabParallelLogprob(torch.autograd.Function):
         logits = logits.float()
         vmax = logits.max(dim=-1).values
         dist.all_reduce(vmax, op=dist.ReduceOp.MAX, group=group)
-        exp = (logits - vmax[:, None]).exp()
+        exp = (logits - vmax[:, None]).exp_()  # in place: one block beside the logits, not two
         total = exp.sum(dim=-1)
         dist.all_reduce(total, group=group)
         local = targets - start
