@@ -76,6 +76,10 @@ def _worker(rank: int, world: int):
     mine = produced.get(rank)
     lengths = {sid: len(v) for sid, v in mine.items()} if mine else None
     out["d3"] = redistribute(mine, lengths, layouts[0], layouts[2], groups)
+    # a train call's inputs: every consumer rank gets every sample, on the producer's own ranks
+    # (one all-gather) and on others (pairwise sends)
+    out["same"] = redistribute(mine, lengths, layouts[0], layouts[0], groups, replicate=True)
+    out["wider"] = redistribute(mine, lengths, layouts[0], layouts[2], groups, replicate=True)
     # produced by t2@1-2 (holder: rank 1, tp rank 0), consumed by d2@0,2 (rank 1 not in it)
     mine = {i: f"s{i}" for i in range(5)} if rank == holder_rank(layouts[1], 0) else None
     out["d2"] = redistribute(mine, {i: i + 1 for i in range(5)} if mine else None, layouts[1], layouts[3], groups)
@@ -101,6 +105,10 @@ def test_train_step_under_layouts_and_data_transfer():
     assert results[0]["d3"] == {0: "a" * 9}
     assert results[1]["d3"] == {3: "d" * 6, 4: "e"}
     assert results[2]["d3"] == {1: "b" * 4, 2: "cc"}
+    everything = {0: "a" * 9, 1: "b" * 4, 2: "cc", 3: "d" * 6, 4: "e"}
+    assert results[0]["same"] == results[1]["same"] == everything and results[2]["same"] == {}
+    assert all(results[r]["wider"] == everything for r in range(3))
+    assert list(results[0]["same"]) == sorted(everything)
     # lengths 1..5 over two replicas: {4, 1, 0} (5+2+1) and {3, 2} (4+3)
     assert results[0]["d2"] == {0: "s0", 1: "s1", 4: "s4"} and results[2]["d2"] == {2: "s2", 3: "s3"}
     assert results[1]["d2"] == {}

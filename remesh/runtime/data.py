@@ -76,6 +76,12 @@ def redistribute(items: dict[int, Any] | None, lengths: dict[int, int] | None, s
     if rank in holders and (items is None or lengths is None or items.keys() != lengths.keys()):
         raise ValueError(f"rank {rank} holds producer outputs under {src}: pass its items and their lengths")
     device = object_device()
+    if replicate and set(src.ranks) == set(dst.ranks) and src.size > 1:
+        # every rank wants every sample and already holds a share: one all-gather, where the
+        # pairwise sends below take a message per (holder, receiver) pair, one after another
+        gathered = [None] * src.size
+        dist.all_gather_object(gathered, items if rank in holders else None, group=groups.get(src.ranks))
+        return dict(sorted((sid, item) for part in gathered if part for sid, item in part.items()))
     # 1. every src rank learns which holder has which sample and how long it is
     info = {s: (lengths if rank == s else None) for s in holders}
     if rank in src.ranks and src.size > 1:
