@@ -7,7 +7,9 @@
   one layer's forward, backward and optimizer update, one engine decode step and each
   sequence's share of it (sampling, bookkeeping);
 - point-to-point, all-reduce and all-gather on 2 local processes of the device's backend,
-  fitted as latency + bytes / bandwidth.
+  fitted as latency + bytes / bandwidth;
+- on a CPU, how much 2 processes running decode steps and train steps slow each other, on
+  two cores and sharing one.
 Saved as JSON (`HardwareProfile.save/load`); `profiles/` ships the profiles of the machines it
 was measured on and a datasheet profile of the H100 (marked as such: not measured).
 `remesh profile` saves into the user's cache (`user_profiles_dir`), where `local_profile` finds
@@ -79,9 +81,12 @@ class HardwareProfile:
     layer_s_per_token_dim: float = 0.0  # packed forward (prefill, inference)
     decode_layer_s_per_token_dim: float = 0.0  # decode over the KV cache (gathering each slot's rows)
     train_layer_s_per_token_dim: float = 0.0
-    # slowdown of each busy device per other busy device of the node (shared memory bandwidth and
-    # caches): two processes computing at once each take (1 + contention) x as long as one alone
+    # CPU processes slowing each other, measured on model-shaped work (decode steps, a train
+    # step): per other busy core of the node (shared memory bandwidth and caches), two processes
+    # computing at once each take (1 + contention) x as long as one alone; two processes on one
+    # core take 2 (1 + timeshare) x (context switches, each evicting the other's cache)
     contention: float = 0.0
+    timeshare: float = 0.0
     train_call_overhead_s: float = 0.0  # fixed cost of one train micro-batch (loss, packing, Python)
     # building a layout's model around reallocated tensors (runtime/parallelize.build_local_model)
     build_model_s: float = 0.0
@@ -510,39 +515,7 @@ def _comm_rank(rank: int, world: int, device_type: str) -> dict[str, dict[str, l
     import torch.distributed as dist
 
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    out: dict[str, dict[str, list[float]]] = {"p2p": {}, "all_reduce": {}, "all_gather": {}, "contention": {}}
-    # model-like work alone (the other rank waiting) and on both ranks at once: projections over
-    # 189 MiB of distinct weights, more than any last-level cache (a model's weights are streamed
-    # from memory every step, never reused from cache), at decode (16 rows) and at prefill and
-    # training (512 rows) sizes. A small matrix reused from cache would measure the two
-    # processes evicting each other's working set instead: 0.24-0.65 here for one 16 MiB matrix
-    # against 0.00-0.05 for this work (2-core VM, two 1-thread processes).
-    weights = [torch.randn(1536, 576, device=device) for _ in range(56)]
-    probes = [torch.randn(rows, 576, device=device) for rows in (16, 512)]
-
-    def timed(x: torch.Tensor) -> float:
-        t0 = time.perf_counter()
-        for w in weights:
-            torch.nn.functional.linear(x, w)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
-    factors = []
-    for x in probes:
-        timed(x)
-        alone, both = [], []
-        for _ in range(15):  # interleaved, medians: a neighbour's burst on a shared host moves single samples
-            dist.barrier()
-            if rank == 0:
-                alone.append(timed(x))
-            dist.barrier()
-            both.append(timed(x))
-        if rank == 0:
-            factors.append(statistics.median(both) / statistics.median(alone) - 1)
-    if rank == 0:
-        out["contention"]["factor"] = [statistics.mean(factors)]
-    weights.clear()  # 189 MiB not needed for the link measurements
+    out: dict[str, dict[str, list[float]]] = {"p2p": {}, "all_reduce": {}, "all_gather": {}}
     buffers = {}
     for nbytes in COMM_BYTES:
         x = torch.zeros(nbytes // 4, dtype=torch.float32, device=device)
@@ -587,26 +560,99 @@ def _fit(points: dict[str, list[float]]) -> LinkCost:
     return LinkCost(latency_s=max(t_lo - lo / bw, 1e-7), bytes_per_s=bw)
 
 
-def measure_comm(device_type: str) -> tuple[dict[str, dict[str, LinkCost]], float]:
-    """Link costs per collective of the device's backend, and the contention between two busy
-    processes (CPU: they share memory bandwidth and caches)."""
+def measure_comm(device_type: str) -> dict[str, dict[str, LinkCost]]:
+    """Link costs per collective of the device's backend, between 2 local processes."""
     from remesh.runtime.launch import default_backend, spawn
 
     backend = default_backend(device_type)
     if device_type == "cuda" and torch.cuda.device_count() < 2:
-        return {}, 0.0  # one process per GPU: nothing to measure between two
+        return {}  # one process per GPU: nothing to measure between two
     ranks = spawn(_comm_rank, 2, args=(device_type,), backend=backend, timeout_s=600)
-    contention = ranks[0].pop("contention")["factor"][0]
-    return {backend: {op: _fit(points) for op, points in ranks[0].items()}}, max(0.0, contention)
+    return {backend: {op: _fit(points) for op, points in ranks[0].items()}}
 
 
-def _median_comm(passes: list[tuple[dict[str, dict[str, LinkCost]], float]]) -> tuple[dict[str, dict[str, LinkCost]], float]:
-    """Per backend and op, the median latency and bandwidth over the passes; the median contention
-    (one pass here measured 0.26 where the passes minutes before and after gave 0.00-0.02)."""
-    comm = {b: {op: LinkCost(statistics.median(p[0][b][op].latency_s for p in passes),
-                             statistics.median(p[0][b][op].bytes_per_s for p in passes)) for op in ops}
-            for b, ops in passes[0][0].items()}
-    return comm, statistics.median(c for _, c in passes)
+def _sharing_rank(rank: int, world: int) -> dict[str, float]:
+    """Model-shaped work, each rank alone in turn and both at once, on a core each and then both
+    pinned to one core; per workload, the slower rank's together / alone (a data-parallel call
+    waits for its slowest rank)."""
+    import os
+
+    import torch.distributed as dist
+
+    from remesh.model.attention import AttnContext
+    from remesh.model.llama import ModelArgs, Transformer
+    from remesh.rollout import RolloutEngine, SamplingParams
+    from remesh.train.configs import OptimConfig
+    from remesh.train.optim import build_optimizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    # a real-sized vocabulary: its head streams 108 MiB of weights each decode step, as a real
+    # model's does, more than any last-level cache (a small matrix reused from cache measures
+    # the two processes evicting each other's working set instead)
+    model = Transformer(ModelArgs(vocab_size=49152, n_layers=2, max_seq_len=256, **REFERENCE_LAYER))
+    engine = RolloutEngine(model, max_batch=4, calibrate=False)
+    prompts = [list(range(1 + i, 33 + i)) for i in range(4)]
+    opt = build_optimizer(model, OptimConfig(lr=1e-9))
+    ids = torch.arange(256) % 1000
+    pos = torch.arange(256) % 128
+
+    def decode() -> None:
+        engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=16, seed=0))
+
+    def train() -> None:
+        h = model(ids, pos, AttnContext.packed([128, 128]))
+        model.token_logprobs(h, ids).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    everywhere = os.sched_getaffinity(0)
+    out = {}
+    for placement, core in (("contention", rank), ("timeshare", 0)):
+        os.sched_setaffinity(0, {sorted(everywhere)[core]})
+        factors = []
+        for fn in (decode, train):
+            fn()
+            alone, both = [], []
+            for _ in range(5):  # interleaved, medians: a neighbour's burst on a shared host moves single samples
+                for who in range(world):
+                    dist.barrier()
+                    if rank == who:
+                        alone.append(timed(fn))
+                dist.barrier()
+                both.append(timed(fn))
+            mine = statistics.median(both) / statistics.median(alone)
+            every: list[float] = [0.0] * world
+            dist.all_gather_object(every, mine)
+            factors.append(max(every))
+        out[placement] = statistics.mean(factors)
+    os.sched_setaffinity(0, everywhere)
+    # two busy cores: each slower by `contention`; two processes on one core: beyond sharing it
+    return {"contention": max(0.0, out["contention"] - 1), "timeshare": max(0.0, out["timeshare"] / 2 - 1)}
+
+
+def measure_sharing(device_type: str) -> dict[str, float]:
+    """How CPU processes slow each other (`HardwareProfile.contention`, `.timeshare`): 0 on GPUs,
+    where each process has its own device."""
+    import os
+
+    from remesh.runtime.launch import spawn
+
+    if device_type != "cpu" or not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        return {"contention": 0.0, "timeshare": 0.0}
+    return spawn(_sharing_rank, 2, timeout_s=600)[0]
+
+
+def _median_comm(passes: list[dict[str, dict[str, LinkCost]]]) -> dict[str, dict[str, LinkCost]]:
+    """Per backend and op, the median latency and bandwidth over the passes."""
+    return {b: {op: LinkCost(statistics.median(p[b][op].latency_s for p in passes),
+                             statistics.median(p[b][op].bytes_per_s for p in passes)) for op in ops}
+            for b, ops in passes[0].items()}
 
 
 def _median_rows(passes: list[dict[str, list[list[float]]]]) -> dict[str, list[list[float]]]:
@@ -657,18 +703,18 @@ def measure_profile(name: str, device: str = "cpu", progress: bool = True, passe
         runs.append((gemm, scalars))
     gemm = _median_rows([g for g, _ in runs])
     scalars = _median_values([sc for _, sc in runs])  # attention_flops_per_s: per dtype
-    comms = []
+    comms, sharing = [], []
     for _ in range(passes):
         comms.append(measure_comm(dev.type))
+        sharing.append(measure_sharing(dev.type))
         tick and tick()
-    comm, contention = _median_comm(comms)
+    comm = _median_comm(comms)
     what = processor_name(dev)
     profile = HardwareProfile(
         name=name, device=dev.type, threads=torch.get_num_threads() if dev.type == "cpu" else 1,
         source=f"measured on {socket.gethostname()} ({what}), torch {torch.__version__}, "
                f"{time.strftime('%Y-%m-%d')}, median of {passes} passes",
-        gemm=gemm, comm=comm, contention=contention if dev.type == "cpu" else 0.0, processor=what,
-        **scalars)
+        gemm=gemm, comm=comm, processor=what, **_median_values(sharing), **scalars)
     # the fits below charge what the rates leave unexplained: each against the median profile
     for fit in (measure_layer_residuals, calibrate_code_paths):
         for key, value in _median_values([fit(profile, dev) for _ in range(passes)]).items():

@@ -5,7 +5,8 @@ level of the graph, first every call's data transfer and reallocation (collectiv
 ranks concerned), then every call's execution. A task starts when all of its ranks have
 finished their earlier tasks, so calls on disjoint meshes overlap and a rank shared by two
 calls runs them one after the other. On a CPU node whose devices (processes) outnumber its
-cores, running compute tasks share the cores: each advances at cores / busy devices.
+cores, running compute tasks share the cores: each advances at cores / busy devices, slowed by
+the profile's measured contention and time-sharing costs.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ def simulate(layouts: dict[str, Layout], est: Estimator) -> Timeline:
 
 
 def _rates(tasks: list[Task], running: set[int], cluster) -> dict[int, float]:
-    """Speed of each running task: on a CPU node, the cores shared among its busy devices, and
-    slowed by the measured contention of each other busy core."""
+    """Speed of each running task: on a CPU node, the cores shared among its busy devices,
+    slowed by the measured contention of each other busy core, and, where busy devices outnumber
+    the cores, by the measured cost of time-sharing one (up to twice as many: every core shared)."""
     if cluster.cores_per_node is None:
         return {i: 1.0 for i in running}
     busy: dict[int, int] = {}
@@ -122,12 +124,13 @@ def _rates(tasks: list[Task], running: set[int], cluster) -> dict[int, float]:
                 n = cluster.node_of(r)
                 busy[n] = busy.get(n, 0) + 1
     out = {}
-    cores, gamma = cluster.cores_per_node, cluster.profile.contention
+    cores, p = cluster.cores_per_node, cluster.profile
+
+    def rate(b: int) -> float:
+        shared = min(1.0, max(0, b - cores) / cores)  # the fraction of cores running two or more
+        return min(1.0, cores / b) / ((1 + p.contention * (min(b, cores) - 1)) * (1 + p.timeshare * shared))
+
     for i in running:
         t = tasks[i]
-        if t.kind != "compute":
-            out[i] = 1.0
-            continue
-        out[i] = min(min(1.0, cores / busy[cluster.node_of(r)]) / (1 + gamma * (min(busy[cluster.node_of(r)], cores) - 1))
-                     for r in t.ranks)
+        out[i] = 1.0 if t.kind != "compute" else min(rate(busy[cluster.node_of(r)]) for r in t.ranks)
     return out
