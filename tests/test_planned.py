@@ -115,29 +115,50 @@ def test_invalid_plan_is_rejected_before_processes_start(rl_workspace):
         train_rl(_load(ws, cfg, "bad_plan"))
 
 
-@pytest.mark.timeout(300)
-def test_torchrun_runs_a_planned_job(rl_workspace):
-    """The multi-node path: torchrun starts the ranks, the job reads its world from torchrun."""
+def _torchrun(ws, cfg: dict, name: str, timeout: float = 240):
     import os
     import subprocess
     import sys
 
     import yaml
 
+    path = ws / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "remesh.cli", "train",
+                           str(path)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_runs_a_planned_job(rl_workspace):
+    """The multi-node path: torchrun starts the ranks, the job reads its world from torchrun;
+    with `plan: search`, rank 0 searches and every rank runs its plan."""
     ws = rl_workspace
     cfg = _config(ws, "grpo", "torchrun")
     cfg["trainer"]["iterations"] = 2
-    cfg["plan"] = "colocated"
-    path = ws / "torchrun.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    run = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "remesh.cli", "train",
-                          str(path)], capture_output=True, text=True, timeout=240,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cfg["plan"] = "search"
+    cfg["planner"] = {"steps": 200}
+    run = _torchrun(ws, cfg, "torchrun")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "plan on 2 ranks: actor_gen=d2t1@0-1" in run.stdout
+    assert run.stdout.count("remesh: plan search") == 1
+    searched = run.stdout.split("remesh: plan search")[1].split("): ", 1)[1].split(" (estimated")[0]
+    assert f"plan on 2 ranks: {searched}" in run.stdout
     assert len(read_metrics(ws / "torchrun" / "metrics.jsonl")) == 2
     assert (ws / "torchrun" / "final" / "config.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_search_error_reaches_every_rank(rl_workspace):
+    """A search that fails on rank 0 fails the job at once on every rank, not after the other
+    ranks time out waiting for a plan."""
+    ws = rl_workspace
+    cfg = _config(ws, "grpo", "torchrun_bad")
+    cfg["plan"] = "search"
+    cfg["planner"] = {"cluster": "nowhere.yaml"}
+    run = _torchrun(ws, cfg, "torchrun_bad", timeout=100)
+    assert run.returncode != 0
+    assert run.stderr.count("no such file or shipped cluster") >= 2, run.stderr[-3000:]
 
 
 @pytest.mark.timeout(300)

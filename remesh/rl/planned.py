@@ -522,20 +522,46 @@ def train_planned(cfg: RLConfig) -> RLResult:
     """Under torchrun: this process's part of the job. Otherwise: `trainer.nproc` local
     processes (gloo on CPU), started here; rank 0's result is returned."""
     world = int(os.environ.get("WORLD_SIZE", cfg.trainer.nproc))
-    if cfg.plan == "search":  # every torchrun rank searches alike: the step budget is deterministic
-        cfg = searched(cfg, world, announce="WORLD_SIZE" not in os.environ or os.environ.get("RANK") == "0")
     if "WORLD_SIZE" in os.environ:
-        plan = check_plan(cfg, world)  # before the process group exists
+        if cfg.plan != "search":
+            check_plan(cfg, world)  # before the process group exists: every rank fails alike
         init_distributed(default_backend(pick_device(cfg.trainer.device)))
         try:
-            return PlannedRLTrainer(cfg, plan).fit()
+            if cfg.plan == "search":
+                cfg = _searched_by_rank0(cfg, world)
+            return PlannedRLTrainer(cfg, check_plan(cfg, world)).fit()
         finally:
             dist.destroy_process_group()
+    if cfg.plan == "search":
+        cfg = searched(cfg, world)
     plan = check_plan(cfg, world)
     return spawn(_planned_worker, world, args=(cfg, plan), timeout_s=cfg.trainer.job_timeout_s)[0]
 
 
-def searched(cfg: RLConfig, world: int, announce: bool = True) -> RLConfig:
+def _searched_by_rank0(cfg: RLConfig, world: int) -> RLConfig:
+    """Rank 0 searches and sends every rank its plan, or its error (so that no rank waits for a
+    plan that will not come): nodes whose caches hold different profiles would otherwise find
+    different plans, and a job whose ranks run different plans hangs."""
+    import dataclasses
+    import pickle
+
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = searched(cfg, world).plan
+        except Exception as e:
+            try:
+                pickle.dumps(e)
+                outcome[0] = e
+            except Exception:
+                outcome[0] = RuntimeError(f"plan search failed on rank 0: {type(e).__name__}: {e}")
+    dist.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return dataclasses.replace(cfg, plan=outcome[0])
+
+
+def searched(cfg: RLConfig, world: int) -> RLConfig:
     """`cfg` with `plan: search` replaced by the plan the planner finds for `planner.cluster`
     (default: this machine as `world` local processes); its timeline goes to the output folder."""
     import dataclasses
@@ -549,13 +575,12 @@ def searched(cfg: RLConfig, world: int, announce: bool = True) -> RLConfig:
     if cluster.world != world:
         raise ValueError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
     result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
-    if announce:
-        out = Path(cfg.trainer.output_dir)
-        png = plot_timeline(result.best.timeline, out / "plan_timeline.png",
-                            f"searched plan, estimated {result.best.seconds:.2f} s per iteration")
-        (out / "plan_search.txt").write_text(report(result, cluster) + "\n")
-        print(f"remesh: plan search ({result.distinct} plans estimated): {result.best.plan.one_line()} "
-              f"(estimated {result.best.seconds:.2f} s per iteration; "
-              + ", ".join(f"{k} {e.seconds:.2f} s" for k, e in result.heuristics.items() if e) + f"); timeline {png}",
-              flush=True)
+    out = Path(cfg.trainer.output_dir)
+    png = plot_timeline(result.best.timeline, out / "plan_timeline.png",
+                        f"searched plan, estimated {result.best.seconds:.2f} s per iteration")
+    (out / "plan_search.txt").write_text(report(result, cluster) + "\n")
+    print(f"remesh: plan search ({result.distinct} plans estimated): {result.best.plan.one_line()} "
+          f"(estimated {result.best.seconds:.2f} s per iteration; "
+          + ", ".join(f"{k} {e.seconds:.2f} s" for k, e in result.heuristics.items() if e) + f"); timeline {png}",
+          flush=True)
     return dataclasses.replace(cfg, plan=result.best.plan.one_line())
