@@ -9,7 +9,8 @@ the estimator is given is the one that ran; generation is plain decoding (rollou
 the estimator predicts plain decoding. Rule-based reward (VADER).
 
 Estimates use the profile of the processor this runs on (`profile.local_profile`: one measured
-by `remesh profile`, or a shipped one); its name is in the JSON.
+by `remesh profile`, or a shipped one); its name is in the JSON, with its drift: how many times
+as long the machine takes now for the profile's reference layer as when it was measured.
 
 Per run: estimated vs measured iteration time and per-MFC time (the simulated duration of the
 call, core sharing included, vs the slowest rank's measured time), and estimated vs measured
@@ -53,6 +54,7 @@ import yaml  # noqa: E402
 from remesh.config import load_config  # noqa: E402
 from remesh.planner.cluster import local_cluster  # noqa: E402
 from remesh.planner.estimator import Estimator  # noqa: E402
+from remesh.planner.profile import check_drift  # noqa: E402
 from remesh.planner.planning import workload_from_config  # noqa: E402
 from remesh.planner.search import estimate, search  # noqa: E402
 from remesh.rl.config import RLConfig  # noqa: E402
@@ -180,7 +182,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     small = small_model(root)
     used = local_cluster(2).profile  # the processor's own profile (profile.local_profile), as a local plan takes
-    profile_used = {"name": used.name, "processor": used.processor, "source": used.source}
+    # how much slower (> 1) this machine runs the profile's reference layer now than when it was measured
+    drift = check_drift(used, used.device)
+    profile_used = {"name": used.name, "processor": used.processor, "source": used.source,
+                    "drift": None if drift is None else round(drift, 3)}
     print(f"profile: {used.name} ({used.source})", flush=True)
     t_start = time.perf_counter()
     cases = [  # (model, algo, world, plan)

@@ -107,12 +107,14 @@ def _profile(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from remesh.planner.cluster import Cluster, local_cluster
     from remesh.planner.planning import plan_for_config, plot_timeline, report
+    from remesh.planner.profile import check_drift
     from remesh.rl.config import RLConfig
 
     cfg = load_config(RLConfig, args.config, args.overrides)
     try:
         if args.cluster.startswith("local:"):
             cluster = local_cluster(int(args.cluster.split(":", 1)[1]), device=cfg.trainer.device)
+            check_drift(cluster.profile, cluster.profile.device)  # this machine's profile: still true?
         else:
             cluster = Cluster.load(args.cluster)
     except ValueError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from remesh.planner.cluster import Cluster, parse_bytes
 from remesh.planner.estimator import (Estimator, Workload, _transfer_totals, kv_bytes_per_token, layer_flops,
                                       layer_linears, layer_params, zero_shares)
 from remesh.planner.profile import (COLD_BYTES, HardwareProfile, LinkCost, _median_comm, _median_values,
-                                    cold_copies)
+                                    check_drift, cold_copies, drift_ratio, time_reference_layer)
 from remesh.planner.search import NoPlanFits, search
 from remesh.planner.simulate import simulate
 from remesh.runtime.realloc import DIRECT_MIN_BYTES, MessageRules, transfer_plan
@@ -367,3 +368,33 @@ def test_local_cluster_on_a_gpu_machine_takes_its_gpus(tmp_path, monkeypatch):
     # a run whose trainer.device is cpu runs CPU processes there: so does its cluster
     cpu = local_cluster(2, device="cpu", profile="cpu-local")
     assert (cpu.backend, cpu.cores_per_node) == ("gloo", os.cpu_count() or 1)
+
+
+def test_drift_ratio_is_the_median_over_the_reference_times():
+    recorded = {"dim": 576, "decode_16x64_s": 1.0, "prefill_512_s": 2.0, "train_512_s": 4.0}
+    assert drift_ratio(recorded, {"decode_16x64_s": 1.5, "prefill_512_s": 2.0, "train_512_s": 2.0}) == 1.0
+    assert drift_ratio(recorded, {"decode_16x64_s": 1.3, "prefill_512_s": 2.8, "train_512_s": 4.8}) == pytest.approx(1.3)
+    assert drift_ratio({}, {"decode_16x64_s": 1.0}) is None
+
+
+def test_check_drift_warns_when_the_machine_no_longer_matches_its_profile(monkeypatch):
+    import remesh.planner.profile as profile_module
+
+    recorded = {"decode_16x64_s": 0.01, "prefill_512_s": 0.1, "train_512_s": 0.3}
+    profile = _profile(reference_layer=recorded)
+    slower = {k: v * 1.3 for k, v in recorded.items()}
+    monkeypatch.setattr(profile_module, "time_reference_layer", lambda device, reps=5: slower)
+    with pytest.warns(UserWarning, match=r"1\.30x as long as when profile toy was measured.*remesh profile"):
+        assert check_drift(profile) == pytest.approx(1.3)
+    monkeypatch.setattr(profile_module, "time_reference_layer", lambda device, reps=5: {k: v * 1.05 for k, v in recorded.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_drift(profile) == pytest.approx(1.05)
+        assert check_drift(_profile()) is None  # a datasheet profile records no reference layer
+        assert check_drift(profile, "meta") is None  # another device kind than the profile's
+
+
+def test_reference_layer_times_are_positive_and_ordered():
+    torch.set_num_threads(1)
+    t = time_reference_layer(torch.device("cpu"), reps=1)
+    assert 0 < t["decode_16x64_s"] < t["prefill_512_s"] < t["train_512_s"]

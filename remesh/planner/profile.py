@@ -389,20 +389,18 @@ def measure_overheads(device: torch.device) -> dict[str, float]:
 REFERENCE_LAYER = dict(dim=576, n_heads=9, n_kv_heads=3, ffn_dim=1536)  # SmolLM2-135M's layer
 
 
-def measure_layer_residuals(profile: HardwareProfile, device: torch.device) -> dict:
-    """Time a real layer (4 minus 2 layers of a reference model) in decode (16 sequences, 64
-    cached positions), prefill (512 tokens) and training (512 tokens, forward + backward); what
-    the profile's GEMM and attention rates do not explain, beyond the fixed per-layer cost, is
-    charged per token and model-dim unit."""
+def time_reference_layer(device: torch.device, reps: int = 5) -> dict[str, float]:
+    """Seconds of one real layer (4 minus 2 layers of a reference model, halved) in decode (16
+    sequences, 64 cached positions, as the engine runs it), prefill (512 tokens) and training
+    (512 tokens, forward + backward); each the median of `reps` samples."""
     from remesh.model.attention import AttnContext
     from remesh.model.llama import ModelArgs, Transformer
-    from remesh.planner.estimator import layer_linears
+    from remesh.rollout.kernels import TunedLinears
 
     def model(layers: int) -> Transformer:
         torch.manual_seed(0)
         return Transformer(ModelArgs(vocab_size=256, n_layers=layers, max_seq_len=1024, **REFERENCE_LAYER)).to(device)
 
-    a = model(1).args
     m2, m4 = model(2), model(4)
     b, ctx_len, prefill = 16, 64, 512
 
@@ -425,14 +423,54 @@ def measure_layer_residuals(profile: HardwareProfile, device: torch.device) -> d
             m(ids, pos, AttnContext.packed([128] * (prefill // 128), device)).sum().backward()
         return step
 
-    from remesh.rollout.kernels import TunedLinears
-
     tuned = TunedLinears()  # decode as the engine runs it: its projections in the faster layout
     with torch.inference_mode():
         with tuned.applied(m4), tuned.applied(m2):
-            t_decode = (_time(decode(m4), device) - _time(decode(m2), device)) / 2
-        t_prefill = (_time(forward(m4), device) - _time(forward(m2), device)) / 2
-    t_train = (_time(train(m4), device) - _time(train(m2), device)) / 2
+            t_decode = (_time(decode(m4), device, reps) - _time(decode(m2), device, reps)) / 2
+        t_prefill = (_time(forward(m4), device, reps) - _time(forward(m2), device, reps)) / 2
+    t_train = (_time(train(m4), device, reps) - _time(train(m2), device, reps)) / 2
+    return {"decode_16x64_s": t_decode, "prefill_512_s": t_prefill, "train_512_s": t_train}
+
+
+def drift_ratio(recorded: dict, now: dict[str, float]) -> float | None:
+    """How many times slower (> 1) or faster this machine runs the reference layer now than when
+    a profile recorded it: the median over decode, prefill and training; None without a record."""
+    ratios = [now[k] / recorded[k] for k in now if recorded.get(k, 0) > 0 and now[k] > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def check_drift(profile: HardwareProfile, device: str | torch.device = "cpu", tolerance: float = 0.2) -> float | None:
+    """Re-time the profile's reference layer (a few seconds on a CPU) and warn when this machine now runs
+    it more than `tolerance` slower or faster than when the profile was measured: the same
+    machine name can land on a different host, or a busy one, and the estimates move with it.
+    Returns the ratio (None: the profile holds no reference times, e.g. a datasheet one)."""
+    import warnings
+
+    if not profile.reference_layer or torch.device(device).type != profile.device:
+        return None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(profile.threads)  # as the profile was measured
+    try:
+        ratio = drift_ratio(profile.reference_layer, time_reference_layer(torch.device(device), reps=3))
+    finally:
+        torch.set_num_threads(threads)
+    if ratio is not None and abs(math.log(ratio)) > math.log(1 + tolerance):
+        warnings.warn(f"this machine runs the reference layer {ratio:.2f}x as long as when profile {profile.name} "
+                      f"was measured ({profile.source}): its time estimates are off by about as much. "
+                      f"`remesh profile` (minutes) re-measures it", stacklevel=2)
+    return ratio
+
+
+def measure_layer_residuals(profile: HardwareProfile, device: torch.device) -> dict:
+    """Time a real layer (`time_reference_layer`); what the profile's GEMM and attention rates
+    do not explain, beyond the fixed per-layer cost, is charged per token and model-dim unit."""
+    from remesh.model.llama import ModelArgs
+    from remesh.planner.estimator import layer_linears
+
+    a = ModelArgs(vocab_size=256, n_layers=1, max_seq_len=1024, **REFERENCE_LAYER)
+    b, ctx_len, prefill = 16, 64, 512
+    times = time_reference_layer(device)
+    t_decode, t_prefill, t_train = times["decode_16x64_s"], times["prefill_512_s"], times["train_512_s"]
     dtype = "float32"
 
     def explained(tokens: int, ctx: float, seqs: int, train: bool) -> float:
@@ -447,8 +485,8 @@ def measure_layer_residuals(profile: HardwareProfile, device: torch.device) -> d
     per_train = (t_train - explained(prefill, 64, 4, True) - profile.train_layer_overhead_s) / (prefill * a.dim)
     return {"layer_s_per_token_dim": max(0.0, per_prefill), "decode_layer_s_per_token_dim": max(0.0, per_decode),
             "train_layer_s_per_token_dim": max(0.0, per_train),
-            "reference_layer": {**REFERENCE_LAYER, "decode_16x64_s": t_decode, "prefill_512_s": t_prefill,
-                                "train_512_s": t_train, "residual_decode": per_decode, "residual_prefill": per_prefill}}
+            "reference_layer": {**REFERENCE_LAYER, **times, "residual_decode": per_decode,
+                                "residual_prefill": per_prefill}}
 
 
 def calibrate_code_paths(profile: HardwareProfile, device: torch.device) -> dict:

@@ -569,9 +569,14 @@ def searched(cfg: RLConfig, world: int) -> RLConfig:
 
     from remesh.planner.cluster import Cluster, local_cluster
     from remesh.planner.planning import plan_for_config, plot_timeline, report
+    from remesh.planner.profile import check_drift
 
     p = cfg.planner
-    cluster = Cluster.load(p.cluster) if p.cluster else local_cluster(world, device=cfg.trainer.device)
+    if p.cluster:
+        cluster = Cluster.load(p.cluster)
+    else:
+        cluster = local_cluster(world, device=cfg.trainer.device)
+        check_drift(cluster.profile, cluster.profile.device)  # this machine's profile: still true?
     if cluster.world != world:
         raise ValueError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
     result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
