@@ -8,8 +8,8 @@
   sequence's share of it (sampling, bookkeeping);
 - point-to-point, all-reduce and all-gather on 2 local processes of the device's backend,
   fitted as latency + bytes / bandwidth;
-- on a CPU, how much 2 processes running decode steps and train steps slow each other, on
-  two cores and sharing one.
+- on a CPU, how much processes running decode steps and train steps slow each other: 2 and
+  then 4 of them on two cores.
 Saved as JSON (`HardwareProfile.save/load`); `profiles/` ships the profiles of the machines it
 was measured on and a datasheet profile of the H100 (marked as such: not measured).
 `remesh profile` saves into the user's cache (`user_profiles_dir`), where `local_profile` finds
@@ -83,8 +83,9 @@ class HardwareProfile:
     train_layer_s_per_token_dim: float = 0.0
     # CPU processes slowing each other, measured on model-shaped work (decode steps, a train
     # step): per other busy core of the node (shared memory bandwidth and caches), two processes
-    # computing at once each take (1 + contention) x as long as one alone; two processes on one
-    # core take 2 (1 + timeshare) x (context switches, each evicting the other's cache)
+    # computing at once each take (1 + contention) x as long as one alone; twice as many
+    # processes as cores take 2 (1 + contention) (1 + timeshare) x (context switches evicting
+    # each other's cache, migrations between cores, uneven shares)
     contention: float = 0.0
     timeshare: float = 0.0
     train_call_overhead_s: float = 0.0  # fixed cost of one train micro-batch (loss, packing, Python)
@@ -433,13 +434,15 @@ def time_reference_layer(device: torch.device, reps: int = 5) -> dict[str, float
 
 
 def drift_ratio(recorded: dict, now: dict[str, float]) -> float | None:
-    """How many times slower (> 1) or faster this machine runs the reference layer now than when
-    a profile recorded it: the median over decode, prefill and training; None without a record."""
-    ratios = [now[k] / recorded[k] for k in now if recorded.get(k, 0) > 0 and now[k] > 0]
-    return statistics.median(ratios) if ratios else None
+    """How many times as long (> 1: slower) this machine takes now for the reference layer as when
+    a profile recorded it: summed over decode, prefill and training, so that the longest, least
+    noisy timings weigh most (one of them alone moves by 15-40% from run to run on a shared VM;
+    the sum by about 10%). None without a record."""
+    keys = [k for k in now if recorded.get(k, 0) > 0 and now[k] > 0]
+    return sum(now[k] for k in keys) / sum(recorded[k] for k in keys) if keys else None
 
 
-def check_drift(profile: HardwareProfile, device: str | torch.device = "cpu", tolerance: float = 0.2) -> float | None:
+def check_drift(profile: HardwareProfile, device: str | torch.device = "cpu", tolerance: float = 0.25) -> float | None:
     """Re-time the profile's reference layer (a few seconds on a CPU) and warn when this machine now runs
     it more than `tolerance` slower or faster than when the profile was measured: the same
     machine name can land on a different host, or a busy one, and the estimates move with it.
@@ -610,9 +613,10 @@ def measure_comm(device_type: str) -> dict[str, dict[str, LinkCost]]:
 
 
 def _sharing_rank(rank: int, world: int) -> dict[str, float]:
-    """Model-shaped work, each rank alone in turn and both at once, on a core each and then both
-    pinned to one core; per workload, the slower rank's together / alone (a data-parallel call
-    waits for its slowest rank)."""
+    """Model-shaped work on two cores, each busy rank alone in turn and then all at once: first
+    ranks 0-1 (a core each), then all four (two per core, floating between them as the
+    scheduler places them); per workload, the slowest rank's together / alone (a data-parallel
+    call waits for its slowest rank)."""
     import os
 
     import torch.distributed as dist
@@ -623,11 +627,12 @@ def _sharing_rank(rank: int, world: int) -> dict[str, float]:
     from remesh.train.configs import OptimConfig
     from remesh.train.optim import build_optimizer
 
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # a real-sized vocabulary: its head streams 108 MiB of weights each decode step, as a real
     # model's does, more than any last-level cache (a small matrix reused from cache measures
-    # the two processes evicting each other's working set instead)
+    # the processes evicting each other's working set instead)
     model = Transformer(ModelArgs(vocab_size=49152, n_layers=2, max_seq_len=256, **REFERENCE_LAYER))
     engine = RolloutEngine(model, max_batch=4, calibrate=False)
     prompts = [list(range(1 + i, 33 + i)) for i in range(4)]
@@ -649,41 +654,43 @@ def _sharing_rank(rank: int, world: int) -> dict[str, float]:
         fn()
         return time.perf_counter() - t0
 
-    everywhere = os.sched_getaffinity(0)
-    out = {}
-    for placement, core in (("contention", rank), ("timeshare", 0)):
-        os.sched_setaffinity(0, {sorted(everywhere)[core]})
+    factor = {}
+    for busy in (2, world):
         factors = []
         for fn in (decode, train):
             fn()
-            alone, both = [], []
+            alone, together = [], []
             for _ in range(5):  # interleaved, medians: a neighbour's burst on a shared host moves single samples
-                for who in range(world):
+                for who in range(busy):
                     dist.barrier()
                     if rank == who:
                         alone.append(timed(fn))
                 dist.barrier()
-                both.append(timed(fn))
-            mine = statistics.median(both) / statistics.median(alone)
+                if rank < busy:
+                    together.append(timed(fn))
+            mine = statistics.median(together) / statistics.median(alone) if rank < busy else 0.0
             every: list[float] = [0.0] * world
             dist.all_gather_object(every, mine)
             factors.append(max(every))
-        out[placement] = statistics.mean(factors)
-    os.sched_setaffinity(0, everywhere)
-    # two busy cores: each slower by `contention`; two processes on one core: beyond sharing it
-    return {"contention": max(0.0, out["contention"] - 1), "timeshare": max(0.0, out["timeshare"] / 2 - 1)}
+        factor[busy] = statistics.mean(factors)
+    # the simulator's model (planner/simulate.py): b busy processes on c cores each take
+    # max(1, b / c) x (1 + contention x (min(b, c) - 1)) x (1 + timeshare x min(1, (b - c) / c)) as long
+    # as alone
+    contention = max(0.0, factor[2] - 1)
+    return {"contention": contention, "timeshare": max(0.0, factor[world] / (2 * (1 + contention)) - 1)}
 
 
 def measure_sharing(device_type: str) -> dict[str, float]:
-    """How CPU processes slow each other (`HardwareProfile.contention`, `.timeshare`): 0 on GPUs,
-    where each process has its own device."""
+    """How CPU processes slow each other (`HardwareProfile.contention`, `.timeshare`), measured
+    on two of the machine's cores with two and four processes: 0 on GPUs, where each process
+    has its own device."""
     import os
 
     from remesh.runtime.launch import spawn
 
     if device_type != "cpu" or not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         return {"contention": 0.0, "timeshare": 0.0}
-    return spawn(_sharing_rank, 2, timeout_s=600)[0]
+    return spawn(_sharing_rank, 4, timeout_s=600)[0]
 
 
 def _median_comm(passes: list[dict[str, dict[str, LinkCost]]]) -> dict[str, dict[str, LinkCost]]:
