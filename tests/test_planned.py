@@ -194,3 +194,22 @@ def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_pat
     assert png.stat().st_size > 0
     assert main(["plan", str(config), "--cluster", "nowhere.yaml"]) == 2
     assert "no such file or shipped cluster" in capsys.readouterr().err
+
+
+def test_planned_run_passes_its_timeouts_to_the_processes(rl_workspace, monkeypatch):
+    """A rank may wait long for another mesh's generation: the run's collective timeout, not
+    spawn's short default, bounds it; the job itself has no time limit unless one is set."""
+    import remesh.rl.planned as planned
+
+    seen = {}
+
+    def fake_spawn(fn, world, args=(), **kw):
+        seen.update(kw, world=world)
+        return [None]
+
+    monkeypatch.setattr(planned, "spawn", fake_spawn)
+    cfg = _config(rl_workspace, "grpo", "timeouts")
+    cfg["trainer"].update(nproc=2, collective_timeout_s=900)
+    cfg["plan"] = "colocated"
+    planned.train_planned(_load(rl_workspace, cfg, "timeouts"))
+    assert seen == {"world": 2, "timeout_s": None, "collective_timeout_s": 900}

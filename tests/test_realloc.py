@@ -94,6 +94,22 @@ def test_a_rank_that_dies_ends_the_job():
         spawn(_die_mid_iteration, 3, timeout_s=90, collective_timeout_s=60)
 
 
+def _late_rank(rank: int, world: int, late_s: float) -> int:
+    if rank == 1:
+        time.sleep(late_s)  # another mesh's long generation, say
+    dist.barrier()
+    return rank
+
+
+@pytest.mark.timeout(120)
+def test_collective_timeout_bounds_a_wait_and_the_job_has_no_limit_of_its_own():
+    assert spawn(_late_rank, 2, args=(2.0,), timeout_s=None, collective_timeout_s=30) == [0, 1]
+    t0 = time.monotonic()
+    with pytest.raises(DistributedJobError, match="rank 0"):
+        spawn(_late_rank, 2, args=(20.0,), timeout_s=None, collective_timeout_s=2)
+    assert time.monotonic() - t0 < 15  # rank 0 gave up after 2 s, and the job with it
+
+
 def _staging_peaks(rank: int, world: int, pairs: list[tuple[str, str]]) -> list[int]:
     from remesh.runtime.memory import PeakTensorMemory
 

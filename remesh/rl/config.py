@@ -114,7 +114,10 @@ class RLTrainerConfig:
     show_samples: int = 3  # prompts whose responses are printed before and after training
     plot: bool = True  # reward curve PNG
     nproc: int = 1  # local processes for a run with a plan (under torchrun: its world size instead)
-    job_timeout_s: float = 3600.0  # a planned run on local processes is stopped after this long
+    # how long a rank of a planned run waits in one collective (for another mesh's generation,
+    # a data transfer, a reallocation) before the job fails: a hung rank cannot hang the job
+    collective_timeout_s: float = 1800.0
+    job_timeout_s: float | None = None  # stop a planned run on local processes after this long
 
 
 @dataclass

@@ -525,7 +525,7 @@ def train_planned(cfg: RLConfig) -> RLResult:
     if "WORLD_SIZE" in os.environ:
         if cfg.plan != "search":
             check_plan(cfg, world)  # before the process group exists: every rank fails alike
-        init_distributed(default_backend(pick_device(cfg.trainer.device)))
+        init_distributed(default_backend(pick_device(cfg.trainer.device)), cfg.trainer.collective_timeout_s)
         try:
             if cfg.plan == "search":
                 cfg = _searched_by_rank0(cfg, world)
@@ -535,7 +535,8 @@ def train_planned(cfg: RLConfig) -> RLResult:
     if cfg.plan == "search":
         cfg = searched(cfg, world)
     plan = check_plan(cfg, world)
-    return spawn(_planned_worker, world, args=(cfg, plan), timeout_s=cfg.trainer.job_timeout_s)[0]
+    return spawn(_planned_worker, world, args=(cfg, plan), timeout_s=cfg.trainer.job_timeout_s,
+                 collective_timeout_s=cfg.trainer.collective_timeout_s)[0]
 
 
 def _searched_by_rank0(cfg: RLConfig, world: int) -> RLConfig:

@@ -12,6 +12,7 @@ rank's result, and when a rank raises or dies it stops the others and raises
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import tempfile
@@ -76,20 +77,21 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, backend: str, c
 
 
 def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: str = "gloo",
-          timeout_s: float = 300.0, collective_timeout_s: float = 60.0) -> list[Any]:
+          timeout_s: float | None = 300.0, collective_timeout_s: float = 60.0) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` new processes joined in one process
     group; return the results in rank order. `fn` must be importable (module level).
 
     Bounded failure: when a rank raises or exits, the others are stopped at once and
     DistributedJobError names the first rank that failed (a peer's lost connection is a
     consequence, not the cause) with its traceback; a job still running after `timeout_s` is
-    stopped and reported the same way."""
+    stopped and reported the same way (None: no limit; a rank waiting on a hung peer still
+    fails after `collective_timeout_s`)."""
     with tempfile.TemporaryDirectory(prefix="remesh-spawn-") as out_dir:
         ctx = mp.start_processes(_worker, args=(fn, world_size, free_port(), backend, collective_timeout_s, out_dir, args),
                                  nprocs=world_size, join=False, start_method="spawn")
         procs = ctx.processes
         running = {p.sentinel: r for r, p in enumerate(procs)}
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else math.inf)
         try:
             while running:
                 left = deadline - time.monotonic()
