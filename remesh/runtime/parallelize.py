@@ -131,7 +131,9 @@ class _VocabParallelLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         exp, total, local, inside = ctx.saved_tensors
-        grad = -(exp / total[:, None]) * g[:, None]  # d/dlogits of log p = onehot - softmax
+        # d/dlogits of log p = onehot - softmax, in the saved exponentials' storage: one pass, no
+        # new vocabulary-wide block (a second backward through this graph is refused by autograd)
+        grad = exp.mul_((-g / total)[:, None])
         rows = inside.nonzero().squeeze(1)
         grad[rows, local[rows]] += g[rows]
         return grad, None, None, None
