@@ -90,6 +90,24 @@ def test_tensor_parallel_collectives_by_hand():
     assert forward(1.0, True, 4) - forward(0.0, True, 4) == pytest.approx(2 * (A.n_layers * 4 + 1 + 3 + 1))
 
 
+def test_vocabulary_parallel_head_has_its_own_elementwise_cost():
+    graph = graph_for("grpo", reference=False)
+
+    def head(tp: int, train: bool, **costs) -> float:
+        est = Estimator(_workload(graph), _cluster(**costs))
+        return est._head(A, tp, 10, train=train)
+
+    measured = dict(logprob_s_per_el=1e-6, train_logprob_s_per_el=2e-6, tp_logprob_s_per_el=3e-6,
+                    tp_train_logprob_s_per_el=5e-6)
+    # 10 rows: each rank's slice of the vocabulary of 96 is 48, at the tp costs; without them
+    # (an older profile) the tp = 1 costs stand in
+    for train, tp1, tp2 in ((False, 1e-6, 3e-6), (True, 2e-6, 5e-6)):
+        gemm = head(2, train)  # no elementwise costs: the GEMM alone
+        assert head(2, train, **measured) - gemm == pytest.approx(10 * 48 * tp2)
+        assert head(2, train, logprob_s_per_el=1e-6, train_logprob_s_per_el=2e-6) - gemm == pytest.approx(10 * 48 * tp1)
+        assert head(1, train, **measured) - head(1, train) == pytest.approx(10 * 96 * tp1)
+
+
 def test_gemm_rate_interpolates_in_log_m():
     p = _profile(gemm={"float32": [[1, 64, 64, 1e9, 1e9], [4, 64, 64, 4e9, 2e9], [16, 64, 64, 4e9, 4e9]]})
     assert p.gemm_flops_per_s(2, 64, 64, "float32") == pytest.approx(2e9)  # halfway in log m

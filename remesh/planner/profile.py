@@ -74,6 +74,11 @@ class HardwareProfile:
     logprob_s_per_el: float = 0.0
     train_logprob_s_per_el: float = 0.0
     sample_s_per_el: float = 0.0
+    # the same for the vocabulary-parallel log-probs of a tp > 1 head (runtime/parallelize.py:
+    # exponentials kept for backward, max / sum / target all-reduces); 0: not measured, the
+    # tp = 1 costs stand in
+    tp_logprob_s_per_el: float = 0.0
+    tp_train_logprob_s_per_el: float = 0.0
     # an optimizer step per parameter (AdamW + global-norm clipping + zeroing the grads), and the
     # dense gradient of an embedding table per element (zeroed, then rows added), per micro-batch
     adam_s_per_param: float = 0.0
@@ -322,7 +327,40 @@ def measure_vocab_costs(device: torch.device) -> dict[str, float]:
     return {"adam_s_per_param": adam, "embedding_grad_s_per_el": emb_t,
             "logprob_s_per_el": max(fwd - gemm_f, 0.0) / (rows * vocab),
             "train_logprob_s_per_el": max(both - 3 * gemm_f, 0.0) / (rows * vocab),  # one chunk: no recompute
-            "sample_s_per_el": samp / (16 * vocab)}
+            "sample_s_per_el": samp / (16 * vocab), **_vocab_parallel_costs(device)}
+
+
+def _vocab_parallel_costs(device: torch.device) -> dict[str, float]:
+    """Per element of a logits block, the vocabulary-parallel log-probs forward, and forward +
+    backward, in a one-rank gloo group of this process (its all-reduces cost next to nothing:
+    the links are measured apart). Nothing on a GPU, or inside a running job."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from remesh.runtime.parallelize import _VocabParallelLogprob
+
+    if device.type != "cpu" or dist.is_initialized():
+        return {}
+    rows, vocab = 256, 16384
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", store=dist.FileStore(f"{tmp}/store", 1), rank=0, world_size=1)
+        try:
+            group = dist.group.WORLD
+            logits = torch.randn(rows, vocab, device=device, requires_grad=True)
+            targets = torch.randint(0, vocab, (rows,), device=device)
+
+            def train():
+                logits.grad = None  # the backward's block becomes the gradient, as in a model
+                _VocabParallelLogprob.apply(logits, targets, 0, group).sum().backward()
+
+            with torch.no_grad():
+                fwd = _time(lambda: _VocabParallelLogprob.apply(logits, targets, 0, group), device)
+            both = _time(train, device)
+        finally:
+            dist.destroy_process_group()
+    return {"tp_logprob_s_per_el": max(fwd, 0.0) / (rows * vocab),
+            "tp_train_logprob_s_per_el": max(both, 0.0) / (rows * vocab)}
 
 
 def measure_overheads(device: torch.device) -> dict[str, float]:
