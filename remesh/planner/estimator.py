@@ -201,12 +201,11 @@ class Estimator:
         n = a.vocab_size // tp
         recomputed = max(0.0, rows - default_chunk_tokens(a.vocab_size)) / rows if train and tp == 1 and rows else 0.0
         gemm = self._gemms(rows, [(a.dim, n)], train) * (1 + recomputed / 3)
+        per_el = p.train_logprob_s_per_el if train else p.logprob_s_per_el
+        if tp > 1:  # the vocabulary-parallel log-probs, where the profile measured them
+            per_el = (p.tp_train_logprob_s_per_el if train else p.tp_logprob_s_per_el) or per_el
         if sample:
             per_el = p.sample_s_per_el
-        elif tp > 1 and (p.tp_train_logprob_s_per_el if train else p.tp_logprob_s_per_el):
-            per_el = p.tp_train_logprob_s_per_el if train else p.tp_logprob_s_per_el
-        else:
-            per_el = p.train_logprob_s_per_el if train else p.logprob_s_per_el
         return gemm + per_el * rows * (a.vocab_size if sample else n)
 
     # ------------------------------------------------------------------ MFC time

@@ -426,6 +426,8 @@ def measure_overheads(device: torch.device) -> dict[str, float]:
 
 
 REFERENCE_LAYER = dict(dim=576, n_heads=9, n_kv_heads=3, ffn_dim=1536)  # SmolLM2-135M's layer
+# its workloads: decode of 16 sequences over 64 cached positions, prefill and training of 512 tokens
+REF_DECODE_SEQS, REF_DECODE_CTX, REF_TOKENS = 16, 64, 512
 
 
 def time_reference_layer(device: torch.device, reps: int = 5) -> dict[str, float]:
@@ -441,7 +443,7 @@ def time_reference_layer(device: torch.device, reps: int = 5) -> dict[str, float
         return Transformer(ModelArgs(vocab_size=256, n_layers=layers, max_seq_len=1024, **REFERENCE_LAYER)).to(device)
 
     m2, m4 = model(2), model(4)
-    b, ctx_len, prefill = 16, 64, 512
+    b, ctx_len, prefill = REF_DECODE_SEQS, REF_DECODE_CTX, REF_TOKENS
 
     def decode(m: Transformer):
         cache = m.new_kv_cache(b, ctx_len + 1)
@@ -509,7 +511,7 @@ def measure_layer_residuals(profile: HardwareProfile, device: torch.device) -> d
     from remesh.planner.estimator import layer_linears
 
     a = ModelArgs(vocab_size=256, n_layers=1, max_seq_len=1024, **REFERENCE_LAYER)
-    b, ctx_len, prefill = 16, 64, 512
+    b, ctx_len, prefill = REF_DECODE_SEQS, REF_DECODE_CTX, REF_TOKENS
     times = time_reference_layer(device)
     t_decode, t_prefill, t_train = times["decode_16x64_s"], times["prefill_512_s"], times["train_512_s"]
     dtype = "float32"
@@ -665,7 +667,8 @@ def _sharing_rank(rank: int, world: int) -> dict[str, float]:
     from remesh.train.configs import OptimConfig
     from remesh.train.optim import build_optimizer
 
-    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))
+    cores = 2
+    os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     # a real-sized vocabulary: its head streams 108 MiB of weights each decode step, as a real
@@ -693,7 +696,7 @@ def _sharing_rank(rank: int, world: int) -> dict[str, float]:
         return time.perf_counter() - t0
 
     factor = {}
-    for busy in (2, world):
+    for busy in (cores, world):
         factors = []
         for fn in (decode, train):
             fn()
@@ -714,8 +717,8 @@ def _sharing_rank(rank: int, world: int) -> dict[str, float]:
     # the simulator's model (planner/simulate.py): b busy processes on c cores each take
     # max(1, b / c) x (1 + contention x (min(b, c) - 1)) x (1 + timeshare x min(1, (b - c) / c)) as long
     # as alone
-    contention = max(0.0, factor[2] - 1)
-    return {"contention": contention, "timeshare": max(0.0, factor[world] / (2 * (1 + contention)) - 1)}
+    contention = max(0.0, factor[cores] - 1)
+    return {"contention": contention, "timeshare": max(0.0, factor[world] / (world / cores * (1 + contention)) - 1)}
 
 
 def measure_sharing(device_type: str) -> dict[str, float]:

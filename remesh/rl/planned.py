@@ -523,13 +523,14 @@ def train_planned(cfg: RLConfig) -> RLResult:
     processes (gloo on CPU), started here; rank 0's result is returned."""
     world = int(os.environ.get("WORLD_SIZE", cfg.trainer.nproc))
     if "WORLD_SIZE" in os.environ:
-        if cfg.plan != "search":
-            check_plan(cfg, world)  # before the process group exists: every rank fails alike
+        # a given plan is checked before the process group exists: every rank fails alike
+        plan = None if cfg.plan == "search" else check_plan(cfg, world)
         init_distributed(default_backend(pick_device(cfg.trainer.device)), cfg.trainer.collective_timeout_s)
         try:
-            if cfg.plan == "search":
+            if plan is None:
                 cfg = _searched_by_rank0(cfg, world)
-            return PlannedRLTrainer(cfg, check_plan(cfg, world)).fit()
+                plan = check_plan(cfg, world)
+            return PlannedRLTrainer(cfg, plan).fit()
         finally:
             dist.destroy_process_group()
     if cfg.plan == "search":
