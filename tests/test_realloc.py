@@ -94,6 +94,22 @@ def test_a_rank_that_dies_ends_the_job():
         spawn(_die_mid_iteration, 3, timeout_s=90, collective_timeout_s=60)
 
 
+def _abort_at_exit(rank: int, world: int) -> int:
+    import atexit
+    import os
+
+    if rank == 1:
+        atexit.register(os.abort)  # as torch's teardown has done once its work was finished
+    dist.barrier()
+    return rank * 10
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_dies_in_teardown_after_returning_keeps_its_result():
+    with pytest.warns(RuntimeWarning, match="rank 1 exited with code -6 after returning its result"):
+        assert spawn(_abort_at_exit, 2, timeout_s=90, collective_timeout_s=60) == [0, 10]
+
+
 def _late_rank(rank: int, world: int, late_s: float) -> int:
     if rank == 1:
         time.sleep(late_s)  # another mesh's long generation, say

@@ -18,6 +18,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any, Callable
@@ -68,7 +69,9 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, backend: str, c
     try:
         init_distributed(backend, collective_timeout_s)
         result = fn(rank, world_size, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # written whole or not at all: a result file on disk means fn returned
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt.tmp")
+        os.replace(Path(out_dir) / f"rank{rank}.pt.tmp", Path(out_dir) / f"rank{rank}.pt")
         dist.destroy_process_group()
     except BaseException:
         # written before this process exits, so before its peers see their connections close
@@ -85,7 +88,11 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: st
     DistributedJobError names the first rank that failed (a peer's lost connection is a
     consequence, not the cause) with its traceback; a job still running after `timeout_s` is
     stopped and reported the same way (None: no limit; a rank waiting on a hung peer still
-    fails after `collective_timeout_s`)."""
+    fails after `collective_timeout_s`).
+
+    A rank that dies after its function returned (torch's process-group teardown at exit has
+    been seen to abort, 'terminate called without an active exception') has done its work: its
+    result counts, with a warning naming it."""
     with tempfile.TemporaryDirectory(prefix="remesh-spawn-") as out_dir:
         ctx = mp.start_processes(_worker, args=(fn, world_size, free_port(), backend, collective_timeout_s, out_dir, args),
                                  nprocs=world_size, join=False, start_method="spawn")
@@ -104,7 +111,11 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: st
                 for sentinel in ready:
                     r = running.pop(sentinel)
                     procs[r].join()
-                    if procs[r].exitcode != 0:
+                    code = procs[r].exitcode
+                    if code != 0 and (Path(out_dir) / f"rank{r}.pt").exists():
+                        warnings.warn(f"rank {r} exited with code {code} after returning its result "
+                                      f"(in its process teardown); the result stands", RuntimeWarning, stacklevel=2)
+                    elif code != 0:
                         failed.append(r)
                 if failed:
                     raise _job_error(failed, procs, Path(out_dir))
