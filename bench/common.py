@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -337,12 +338,23 @@ def print_table(headers: list[str], rows: list[list[Any]]) -> None:
 def finish(name: str, headline: dict[str, Any], details: dict[str, Any], device: str | torch.device = "cpu",
            **extra: Any) -> dict[str, Any]:
     """Write {headline..., machine, details} to bench/results/<name>.json and print it as the
-    last line of output (one line of JSON)."""
-    result = {**headline, "machine": machine_info(device), **extra, "details": details}
+    last line of output (one line of JSON). A figure that could not be measured (NaN, inf) is
+    written as null: strict JSON, which a NaN token is not."""
+    result = _finite_or_null({**headline, "machine": machine_info(device), **extra, "details": details})
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    print(json.dumps(result, allow_nan=False), flush=True)
     return result
+
+
+def _finite_or_null(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    return x
 
 
 def demo_prompts(tokenizer: Any, length_mix: bool = False) -> list[list[int]]:
