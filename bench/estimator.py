@@ -66,7 +66,8 @@ BASE = {
     "reward": {"terms": [{"name": "vader_sentiment"}]},
     "rollout": {"temperature": 1.0, "max_new_tokens": 24, "spec": "off", "migrate_every": 0},
     "data": {"train": "data/demo/prompts.jsonl", "max_prompt_len": 96},
-    "trainer": {"iterations": 1000, "prompts_per_iter": 8, "micro_batch_tokens": 2048, "progress": False,
+    # gloo ranks on this machine's CPU cores, on a GPU host too: what the estimator is checked on here
+    "trainer": {"device": "cpu", "iterations": 1000, "prompts_per_iter": 8, "micro_batch_tokens": 2048, "progress": False,
                 "tensorboard": False, "plot": False, "show_samples": 0, "seed": 0},
 }
 ALGOS = {"remax": {"algo": {"name": "remax"}},
@@ -181,7 +182,7 @@ def main() -> None:
     iters = args.iters or (2 if args.quick else 3)
     root = Path(tempfile.mkdtemp())
     small = small_model(root)
-    used = local_cluster(2).profile  # the processor's own profile (profile.local_profile), as a local plan takes
+    used = local_cluster(2, device="cpu").profile  # the processor's own profile (profile.local_profile), as a local plan takes
     # how much slower (> 1) this machine runs the profile's reference layer now than when it was measured
     drift = check_drift(used, used.device)
     profile_used = {"name": used.name, "processor": used.processor, "source": used.source,
@@ -209,7 +210,7 @@ def main() -> None:
     for i, (model, algo, world, plan_text) in enumerate(cases):
         cfg = make_config(model, algo, plan_text, world, root / f"run{i}")
         got = run(cfg, world, iters)
-        est = Estimator(workload_from_config(cfg), local_cluster(world))
+        est = Estimator(workload_from_config(cfg), local_cluster(world, device="cpu"))
         from remesh.rl.planned import check_plan
 
         layouts = check_plan(cfg, world).layouts
@@ -258,7 +259,7 @@ def main() -> None:
     for algo in () if args.no_search else ("remax", "ppo"):
         for world in ((2,) if args.quick else (2, 4)):
             cfg = make_config(small, algo, "colocated", world, root / f"search_{algo}{world}")
-            est = Estimator(workload_from_config(cfg), local_cluster(world))
+            est = Estimator(workload_from_config(cfg), local_cluster(world, device="cpu"))
             result = search(est, max_steps=3000, seed=0)
             plans = {"searched": result.best.plan.one_line()}
             plans.update({name: h.plan.one_line() for name, h in result.heuristics.items() if h is not None})

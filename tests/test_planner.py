@@ -374,6 +374,7 @@ def test_local_cluster_on_a_gpu_machine_takes_its_gpus(tmp_path, monkeypatch):
 
     monkeypatch.setenv("REMESH_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * 2**30))
     monkeypatch.setattr(prof, "processor_name", lambda device="cpu": "NVIDIA Toy" if str(device) == "cuda" else "Toy CPU")
     with pytest.warns(UserWarning, match=r"\(NVIDIA Toy\).*h100-datasheet.*remesh profile --device cuda"):
@@ -383,6 +384,8 @@ def test_local_cluster_on_a_gpu_machine_takes_its_gpus(tmp_path, monkeypatch):
     _profile(name="toy-gpu", device="cuda", processor="NVIDIA Toy", comm={"nccl": {"p2p": LinkCost(0.0, 1e11)}}).save(
         prof.user_profiles_dir() / "toy-gpu.json")
     assert local_cluster(2).profile.name == "toy-gpu"
+    with pytest.raises(ValueError, match="4 processes on GPUs, but this machine has 2 CUDA device.*trainer.nproc"):
+        local_cluster(4)  # one GPU per rank
     # a run whose trainer.device is cpu runs CPU processes there: so does its cluster
     cpu = local_cluster(2, device="cpu", profile="cpu-local")
     assert (cpu.backend, cpu.cores_per_node) == ("gloo", os.cpu_count() or 1)

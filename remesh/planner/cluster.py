@@ -174,6 +174,9 @@ def local_cluster(devices: int, profile: str | None = None, device_memory: float
     from remesh.planner.profile import local_profile
 
     gpu = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
+    if gpu and devices > torch.cuda.device_count():  # one GPU per rank: a plan for more would not run
+        raise ValueError(f"{devices} processes on GPUs, but this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s): set trainer.nproc (or torchrun's --nproc-per-node) to at most that")
     profile = profile or local_profile("cuda" if gpu else "cpu")
     if device_memory is None and gpu:
         device_memory = torch.cuda.get_device_properties(0).total_memory
