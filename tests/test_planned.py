@@ -106,6 +106,50 @@ def test_pipeline_stages_give_the_one_process_metrics(rl_workspace):
             assert abs(ra[k] - rb[k]) <= ATOL + RTOL * abs(ra[k]), (k, ra[k], rb[k])
 
 
+RESUME_PLANS = {  # two ranks: tensor-parallel training with PPO's critic; ReMax with ZeRO-1 over dp=2
+    "ppo": "actor_gen=d2@0-1 ref_inf=d1@0 rew_inf=d1@1 critic_inf=d2@0-1 actor_train=d1t2@0-1 critic_train=d1t2@0-1",
+    "remax": "actor_gen=d1@0 actor_greedy=d1@1 ref_inf=d2@0-1 rew_inf=d2@0-1 actor_train=d2@0-1",
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("algo", ["ppo", "remax"])
+def test_planned_run_resumes_from_its_checkpoint(rl_workspace, algo):
+    """Resumed from its iteration-2 checkpoint, a planned run logs iterations 3 and 4 bit for bit
+    as the run that went on (rollout.spec=off, as for one process); the checkpoint's actor is a
+    whole HF model; another plan, or one process, is refused before any process starts."""
+    from remesh.checkpoint import load_hf
+    from tests.test_rl import _metrics_without_times
+
+    ws = rl_workspace
+    sections = {**SECTIONS[algo], "rollout": {**SECTIONS[algo]["rollout"], "spec": "off"},
+                "kl": {"coef": 0.05, "target": 0.1, "horizon": 100}}
+    if algo == "remax":
+        sections["actor_optim"] = {"zero": True, "schedule": "cosine", "warmup_steps": 1}  # lr moves every step
+    cfg = _config(ws, algo, f"{algo}_ckpt", **sections)
+    cfg["trainer"].update(iterations=4, nproc=2, save_every=2)
+    cfg["plan"] = RESUME_PLANS[algo]
+    went_on = train_rl(_load(ws, cfg, f"{algo}_ckpt"))
+    ckpt = ws / f"{algo}_ckpt" / "checkpoints" / "step_000002"
+    assert load_hf(ckpt, head="lm").args.n_layers == 2
+    assert (ckpt / "critic" / "config.json").exists() == (algo == "ppo")
+
+    cfg["trainer"].update(output_dir=str(ws / f"{algo}_resumed"), resume=str(ckpt))
+    cfg["plan"] = "search"  # takes the checkpoint's plan
+    resumed = train_rl(_load(ws, cfg, f"{algo}_resumed"))
+    a, b = _metrics_without_times(went_on.metrics_file), _metrics_without_times(resumed.metrics_file)
+    assert sorted(b) == [3, 4]
+    assert {k: a[k] for k in b} == b
+
+    cfg["plan"] = RESUME_PLANS[algo].replace("actor_gen=d2@0-1", "actor_gen=d1@0").replace("actor_gen=d1@0 actor_greedy=d1@1",
+                                                                                          "actor_gen=d1@1 actor_greedy=d1@0")
+    with pytest.raises(ValueError, match="was written under the plan .* not .*resume it under its plan"):
+        train_rl(_load(ws, cfg, f"{algo}_other_plan"))
+    cfg["plan"] = None
+    with pytest.raises(ValueError, match="written under an execution plan on 2 ranks"):
+        RLTrainer(_load(ws, cfg, f"{algo}_one_process"))
+
+
 def test_invalid_plan_is_rejected_before_processes_start(rl_workspace):
     ws = rl_workspace
     cfg = _config(ws, "remax", "bad_plan", rollout={"n_samples": 1})

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,6 +60,8 @@ from remesh.runtime.pipeline import MicroBatch, PipelineModel, PipelineStage, sy
 from remesh.runtime.realloc import ReallocStats, reallocate
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
+from remesh.train.state import (STATE_DIR, checkpoint_plan, checkpoint_progress, load_trainer_state, prune_checkpoints,
+                                resolve_resume, save_planned_state, save_trainer_state)
 from remesh.train.trainer import pick_device, tc_clip
 
 _RESPONSE_KEYS = ("responses", "greedy_responses")
@@ -74,10 +77,10 @@ class PlannedRLTrainer(RLTrainer):
                                "trainer.nproc=N`")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._setup_common(cfg)
-        if self.resume_dir is not None:
-            raise ValueError("trainer.resume is not supported under an execution plan yet")
         self.plan = plan
         self._setup_models()
+        if self.resume_dir is not None:
+            self._restore()
 
     # ---- setup ---------------------------------------------------------------------------------
     def _setup_models(self) -> None:
@@ -100,6 +103,8 @@ class PlannedRLTrainer(RLTrainer):
         def build(role: str, layout: Layout) -> Transformer:
             if role not in full:
                 path, head, dtype = _role_source(cfg, role)
+                if self.resume_dir is not None and role in self.train_layout:  # trained roles go on from the checkpoint
+                    path = str(self.resume_dir if role == "actor" else self.resume_dir / role)
                 full[role] = {n: p.detach() for n, p in load_hf(path, head=head, dtype=dtype).named_parameters()}
             shards = {n: t.clone() for n, t in self.specs[role].shard_state(full[role], layout, self.rank).items()}
             tp_group = self.groups.get(layout.tp_group(self.rank))
@@ -430,15 +435,54 @@ class PlannedRLTrainer(RLTrainer):
             metrics.update({f"reward/{k}": v for k, v in e["reward_metrics"].items()})
         return metrics
 
-    def full_actor(self) -> Transformer | None:
-        """The whole actor on rank 0 (a reallocation to one rank); None elsewhere."""
+    def full_model(self, role: str) -> Transformer | None:
+        """A trained role's whole model on rank 0 (a reallocation to one rank); None elsewhere.
+        Collective: every rank takes part."""
         target = Layout((0,))
-        src = self.train_layout["actor"]
-        spec = self.specs["actor"]
-        shards = _shards(self.actor, spec) if self.rank in src.ranks else None
+        src = self.train_layout[role]
+        spec = self.specs[role]
+        shards = _shards(getattr(self, role), spec) if self.rank in src.ranks else None
         out, stats = reallocate(spec, src, target, shards, device=self.device)
-        self._log_realloc("actor", src, target, stats)
-        return build_local_model(self.args["actor"], target, 0, out) if self.rank == 0 else None
+        self._log_realloc(role, src, target, stats)
+        return build_local_model(self.args[role], target, 0, out) if self.rank == 0 else None
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Collective. `step_N/` holds the whole actor (and critic in `critic/`) in HF format, as
+        one process writes it, so that it loads like any model; `trainer_state/rank<r>/<role>/`
+        each rank's optimizer (its shard, or its ZeRO part), scheduler and RNG; and
+        `trainer_state/state.json`, written last by rank 0, the progress and the plan, which a
+        resume runs under again (the optimizer shards fit that plan only)."""
+        folder = self.out / "checkpoints" / f"step_{self.iteration:06d}"
+        for role in self.train_layout:  # the same order on every rank
+            whole = self.full_model(role)
+            if whole is not None:
+                save_hf(whole, folder if role == "actor" else folder / role, self.tokenizer)
+        for role, layout in self.train_layout.items():
+            if self.rank in layout.ranks:
+                opt = getattr(self, f"{role}_opt")
+                save_trainer_state(folder / STATE_DIR / f"rank{self.rank}" / role, getattr(opt, "optim", opt),
+                                   getattr(self, f"{role}_sched"), {"step": self.iteration})
+        dist.barrier()  # every rank's part is on disk before the checkpoint is marked complete
+        if self.rank == 0:
+            save_planned_state(folder / STATE_DIR, {"step": self.iteration, "kl": self.kl_ctl.state_dict()},
+                               self.plan.one_line(), self.world)
+            prune_checkpoints(self.out, self.cfg.trainer.keep_checkpoints)
+        return folder
+
+    def _restore(self) -> None:
+        """This rank's optimizer, scheduler and RNG from the checkpoint (`resumed_plan` has
+        checked that it was written under this plan); the progress and KL state, as everywhere."""
+        for role, layout in self.train_layout.items():
+            if self.rank in layout.ranks:
+                opt, sched = getattr(self, f"{role}_opt"), getattr(self, f"{role}_sched")
+                load_trainer_state(self.resume_dir / STATE_DIR / f"rank{self.rank}" / role, getattr(opt, "optim", opt),
+                                   sched)
+                for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+                    group["lr"] = lr  # under ZeRO the wrapper's groups, which the scheduler drives, set the step's lr
+        progress = checkpoint_progress(self.resume_dir)
+        self.kl_ctl.load_state_dict(progress["kl"])
+        self.start = self.iteration = progress["step"]
 
     def fit(self) -> RLResult:
         tc = self.cfg.trainer
@@ -451,12 +495,15 @@ class PlannedRLTrainer(RLTrainer):
             print(f"remesh: plan on {self.world} ranks: {self.plan.one_line()}", flush=True)
             for note in self._notes:
                 print(f"remesh: {note}", flush=True)
-            logger = MetricsLogger(self.out, tc.tensorboard, tc.wandb_project, config_to_dict(self.cfg))
+            if self.resume_dir is not None:
+                print(f"remesh: resumed from {self.resume_dir} at iteration {self.start}", flush=True)
+            logger = MetricsLogger(self.out, tc.tensorboard, tc.wandb_project, config_to_dict(self.cfg),
+                                   resume_step=self.start if self.resume_dir is not None else None)
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=tc.iterations, disable=not tc.progress, unit="it", desc=f"{self.cfg.algo.name} (plan)",
-                       dynamic_ncols=True)
-        shown = self.prompts[:tc.show_samples] if lead else []
+            bar = tqdm(total=tc.iterations, initial=self.start, disable=not tc.progress, unit="it",
+                       desc=f"{self.cfg.algo.name} (plan)", dynamic_ncols=True)
+        shown = self.prompts[:tc.show_samples] if lead and self.resume_dir is None else []
         initial = RolloutEngine(load_hf(self.initial, head="lm").to(self.device), calibrate=False) if shown else None
         before = self.sample_texts(shown, initial) if shown else []
         while self.iteration < tc.iterations:
@@ -469,7 +516,9 @@ class PlannedRLTrainer(RLTrainer):
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl/token', 0.0):.4f}",
                                 gen_tok_s=f"{metrics['perf/gen_tokens_per_s']:.0f}", refresh=False)
                 bar.update(1)
-        final = self.full_actor()  # collective: every rank sends its part to rank 0
+            if tc.save_every and self.iteration % tc.save_every == 0 and self.iteration < tc.iterations:
+                self.save_checkpoint()
+        final = self.full_model("actor")  # collective: every rank sends its part to rank 0
         if not lead:
             return RLResult(self.out, self.out / "final", self.out / "metrics.jsonl", None, self.iteration)
         bar.close()
@@ -522,6 +571,8 @@ def train_planned(cfg: RLConfig) -> RLResult:
     """Under torchrun: this process's part of the job. Otherwise: `trainer.nproc` local
     processes (gloo on CPU), started here; rank 0's result is returned."""
     world = int(os.environ.get("WORLD_SIZE", cfg.trainer.nproc))
+    if cfg.trainer.resume:
+        cfg = resumed_plan(cfg, world)
     if "WORLD_SIZE" in os.environ:
         # a given plan is checked before the process group exists: every rank fails alike
         plan = None if cfg.plan == "search" else check_plan(cfg, world)
@@ -538,6 +589,29 @@ def train_planned(cfg: RLConfig) -> RLResult:
     plan = check_plan(cfg, world)
     return spawn(_planned_worker, world, args=(cfg, plan), timeout_s=cfg.trainer.job_timeout_s,
                  collective_timeout_s=cfg.trainer.collective_timeout_s)[0]
+
+
+def resumed_plan(cfg: RLConfig, world: int) -> RLConfig:
+    """A resumed planned run goes on under the plan its checkpoint was written under (the
+    optimizer's shards fit that plan's layouts): `plan: search` takes it; another plan, another
+    number of ranks, or a checkpoint from one process is an error naming both."""
+    import dataclasses
+
+    folder = resolve_resume(cfg.trainer.resume, Path(cfg.trainer.output_dir))
+    saved = checkpoint_plan(folder)
+    if saved is None:
+        raise ValueError(f"trainer.resume: {folder} was written by one process: resume it without a plan")
+    if saved["world"] != world:
+        raise ValueError(f"trainer.resume: {folder} was written on {saved['world']} ranks, this job has {world}: "
+                         f"resume it with trainer.nproc={saved['world']}")
+    if cfg.plan == "search":
+        print(f"remesh: resuming under the checkpoint's plan: {saved['plan']}", flush=True)
+        return dataclasses.replace(cfg, plan=saved["plan"])
+    mine = check_plan(cfg, world).one_line()
+    if mine != saved["plan"]:
+        raise ValueError(f"trainer.resume: {folder} was written under the plan \"{saved['plan']}\", not \"{mine}\": "
+                         f"resume it under its plan (plan: search takes it)")
+    return cfg
 
 
 def _searched_by_rank0(cfg: RLConfig, world: int) -> RLConfig:
@@ -567,7 +641,6 @@ def searched(cfg: RLConfig, world: int) -> RLConfig:
     """`cfg` with `plan: search` replaced by the plan the planner finds for `planner.cluster`
     (default: this machine as `world` local processes); its timeline goes to the output folder."""
     import dataclasses
-    from pathlib import Path
 
     from remesh.planner.cluster import Cluster, local_cluster
     from remesh.planner.planning import plan_for_config, plot_timeline, report

@@ -34,7 +34,7 @@ from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.rollout.drafters import load_draft_model
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
-from remesh.train.state import (STATE_DIR, load_trainer_state, prune_checkpoints, resolve_resume,
+from remesh.train.state import (STATE_DIR, checkpoint_plan, load_trainer_state, prune_checkpoints, resolve_resume,
                                 save_trainer_state)
 from remesh.train.trainer import autocast_context, epoch_order, pick_device, tc_clip
 
@@ -89,6 +89,9 @@ class RLTrainer:
         """Every role's whole model on this process, optimizers, and the resumed state."""
         cfg = self.cfg
         dtype = getattr(torch, cfg.actor.dtype)
+        if self.resume_dir is not None and (saved := checkpoint_plan(self.resume_dir)):
+            raise ValueError(f"trainer.resume: {self.resume_dir} was written under an execution plan on {saved['world']} "
+                             f"ranks: resume it under that plan (plan: \"{saved['plan']}\", trainer.nproc={saved['world']})")
         self.actor = load_hf(self.resume_dir or self.initial, head="lm", dtype=dtype, device=self.device)
         self.engine = RolloutEngine(self.actor, spec=cfg.rollout.spec, max_batch=cfg.rollout.max_batch,
                                     draft_model=load_draft_model(cfg.rollout.draft_model, self.actor, dtype))

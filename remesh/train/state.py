@@ -2,7 +2,9 @@
 
 A checkpoint folder `step_000120/` holds the model in HF format plus `trainer_state/` with the
 optimizer (tensors + param-group JSON), scheduler, progress counters and RNG states, which is
-everything a resumed run needs to continue bitwise as if it had never stopped.
+everything a resumed run needs to continue bitwise as if it had never stopped. A checkpoint
+written under an execution plan keeps each rank's optimizer shard, scheduler and RNG in
+`trainer_state/rank<r>/<role>/`, and its `state.json` names the plan it fits.
 """
 
 from __future__ import annotations
@@ -115,3 +117,21 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
     for old in step_checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_planned_state(folder: Path, progress: dict[str, Any], plan: str, world: int) -> None:
+    """Mark a checkpoint written under an execution plan complete (rank 0, once every rank has
+    written its part to `folder/rank<r>/`): its progress, and the plan a resume must run under."""
+    tmp = folder / "state.json.tmp"
+    tmp.write_text(json.dumps({"progress": progress, "plan": {"plan": plan, "world": world}}, indent=1))
+    os.replace(tmp, folder / "state.json")
+
+
+def checkpoint_plan(checkpoint: Path) -> dict[str, Any] | None:
+    """{"plan": one-line plan, "world": ranks} of a checkpoint written under an execution plan;
+    None for one written by one process."""
+    return json.loads((checkpoint / STATE_DIR / "state.json").read_text()).get("plan")
+
+
+def checkpoint_progress(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE_DIR / "state.json").read_text())["progress"]
