@@ -10,7 +10,7 @@ import torch
 
 from remesh.dataflow.graph import graph_for
 from remesh.plan.layout import Layout, ShardSpec, format_ranks, parse_ranks
-from remesh.plan.plan import heuristic_plan, load_plan, parse_plan, plan_from_dict, validate
+from remesh.plan.plan import heuristic_plan, load_plan, parse_plan, plan_from_dict, static_memory, validate
 from remesh.runtime.realloc import transfer_plan
 from tests.models import tiny_args
 
@@ -114,6 +114,18 @@ def test_validate_memory_names_the_rank_and_what_it_needs():
     with pytest.raises(ValueError, match=r"rank 0 needs .* GiB for parameters, gradients and optimizer state alone "
                                          r"\(MFCs actor_gen, actor_greedy, ref_inf, rew_inf, actor_train\)"):
         validate(plan, graph, models, 2, device_memory=100_000)
+
+
+def test_static_memory_shards_adam_state_over_dp_only_under_zero():
+    graph = graph_for("remax")
+    models = _ppo_models(vocab_size=96)
+    plan = heuristic_plan("colocated", graph, 2)
+    assert plan.layouts["actor_train"] == Layout((0, 1), 2)
+    specs = {m.role: ShardSpec(models[m.role]) for m in graph.mfcs}
+    plain = static_memory(plan, graph, specs, {"actor"})
+    zero = static_memory(plan, graph, specs, {"actor"}, zero=frozenset({"actor"}))
+    actor = specs["actor"].local_bytes(plan.layouts["actor_train"], 0)  # fp32: the moments are 2x this
+    assert plain[0] - zero[0] == plain[1] - zero[1] == 2 * actor // 2  # half of each rank's two moments
 
 
 def test_heuristic_plans():

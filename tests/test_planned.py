@@ -159,6 +159,25 @@ def test_invalid_plan_is_rejected_before_processes_start(rl_workspace):
         train_rl(_load(ws, cfg, "bad_plan"))
 
 
+def test_a_plan_that_does_not_fit_a_gpu_is_rejected_before_processes_start(rl_workspace, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from remesh.rl import planned
+
+    ws = rl_workspace
+    cfg = _config(ws, "remax", "gpu_plan", rollout={"n_samples": 1})
+    cfg["trainer"].update(nproc=2, device="cuda")
+    cfg["plan"] = "colocated"
+    monkeypatch.setattr(planned, "pick_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=100_000))
+    with pytest.raises(ValueError, match=r"rank 0 needs .* GiB for parameters, gradients and optimizer state alone"):
+        planned.check_plan(_load(ws, cfg, "gpu_plan"), 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=2**30))
+    assert planned.check_plan(_load(ws, cfg, "gpu_plan"), 2).layouts["actor_train"].dp == 2
+
+
 def _torchrun(ws, cfg: dict, name: str, timeout: float = 240):
     import os
     import subprocess

@@ -153,11 +153,12 @@ def resolve_plan(spec: str, graph: DataflowGraph, world_size: int) -> ExecutionP
 
 
 def static_memory(plan: ExecutionPlan, graph: DataflowGraph, specs: dict[str, ShardSpec],
-                  trainable: set[str]) -> dict[int, int]:
+                  trainable: set[str], zero: frozenset[str] = frozenset()) -> dict[int, int]:
     """Bytes per rank of what a plan keeps resident, activations and KV caches not included:
-    each trainable role's training copy (parameters, gradients, and Adam moments sharded over
-    dp as ZeRO-1 does) on its train MFC's ranks, plus the largest other-layout copy that any one
-    call builds on the rank (built before the call, freed after), plus frozen roles' copies."""
+    each trainable role's training copy (parameters, gradients, and Adam moments, sharded over
+    dp for the roles in `zero`, as ZeRO-1 does) on its train MFC's ranks, plus the largest
+    other-layout copy that any one call builds on the rank (built before the call, freed
+    after), plus frozen roles' copies."""
     per_rank = {r: 0 for r in range(plan.world_size)}
     transient = {r: 0 for r in range(plan.world_size)}
     train_layout = {m.role: plan.layouts[m.name] for m in graph.mfcs if m.call == "train_step"}
@@ -166,7 +167,7 @@ def static_memory(plan: ExecutionPlan, graph: DataflowGraph, specs: dict[str, Sh
         for r in layout.ranks:
             params = spec.local_bytes(layout, r)
             fp32 = params * 4 // spec.element_size
-            per_rank[r] += 2 * params + ADAM_STATE_FACTOR * fp32 // layout.dp
+            per_rank[r] += 2 * params + ADAM_STATE_FACTOR * fp32 // (layout.dp if role in zero else 1)
     frozen_seen: set[tuple[str, int]] = set()
     for m in graph.mfcs:
         layout, spec = plan.layouts[m.name], specs[m.role]
@@ -182,9 +183,10 @@ def static_memory(plan: ExecutionPlan, graph: DataflowGraph, specs: dict[str, Sh
 
 
 def validate(plan: ExecutionPlan, graph: DataflowGraph, models: dict[str, ModelArgs], world_size: int,
-             device_memory: int | None = None, dtype: Any = None) -> ExecutionPlan:
+             device_memory: int | None = None, dtype: Any = None, zero: frozenset[str] = frozenset()) -> ExecutionPlan:
     """Raise ValueError naming the MFC and what is wrong; return the plan when it is valid.
-    `models`: role -> architecture; `device_memory`: bytes per rank (None: not checked)."""
+    `models`: role -> architecture; `device_memory`: bytes per rank (None: not checked);
+    `zero`: the roles whose Adam state is sharded over their train call's dp ranks."""
     names = [m.name for m in graph.mfcs]
     for name in plan.layouts:
         if name not in names:
@@ -209,7 +211,7 @@ def validate(plan: ExecutionPlan, graph: DataflowGraph, models: dict[str, ModelA
         specs[m.role].check(layout, what=f"plan: {m.name}={layout}")
     if device_memory is not None:
         trainable = {m.role for m in graph.mfcs if m.call == "train_step"}
-        need = static_memory(plan, graph, specs, trainable)
+        need = static_memory(plan, graph, specs, trainable, zero)
         worst = max(need, key=need.get)
         if need[worst] > device_memory:
             raise ValueError(f"plan: rank {worst} needs {need[worst] / 2**30:.2f} GiB for parameters, gradients "

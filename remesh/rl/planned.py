@@ -560,7 +560,12 @@ def role_args(cfg: RLConfig, graph: DataflowGraph) -> dict[str, ModelArgs]:
 def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
     """Validate the run's plan without any process group (fails before processes start)."""
     graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
-    return validate(resolve_plan(cfg.plan, graph, world_size), graph, role_args(cfg, graph), world_size)
+    device = pick_device(cfg.trainer.device)
+    # on GPUs, what stays resident must fit a device (the CPU ranks share the host's memory)
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    zero = frozenset(role for role, o in (("actor", cfg.actor_optim), ("critic", cfg.critic_optim)) if o.zero)
+    return validate(resolve_plan(cfg.plan, graph, world_size), graph, role_args(cfg, graph), world_size,
+                    device_memory=memory, dtype=getattr(torch, cfg.actor.dtype), zero=zero)
 
 
 def _planned_worker(rank: int, world: int, cfg: RLConfig, plan: ExecutionPlan) -> RLResult:
