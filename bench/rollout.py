@@ -14,9 +14,14 @@ Per batch size: tokens/s of every strategy (median over rounds, interleaved), an
 phase (steps with at most B/4 live sequences): adaptive vs plain tokens/s there, each pooled
 over the rounds (all their tail tokens over all their tail seconds).
 
-Headline (JSON): adaptive_vs_best_fixed_min, adaptive_vs_plain_min (min over batch sizes), and
+At batch 1, plain decoding's achieved memory bandwidth (gpt-fast's measure: the weights one
+step reads over the median step time) against the device's copy bandwidth measured in the same
+run and, on a known GPU, its datasheet figure.
+
+Headline (JSON): adaptive_vs_best_fixed_min, adaptive_vs_plain_min (min over batch sizes),
 longtail_speedup (adaptive / plain over the long-tail phase, median over the batch sizes >= 4
-where both reached it).
+where both reached it), and batch1_bandwidth_fraction (of the datasheet on a known GPU, else of
+the copy bandwidth; with batch 1 among the sizes).
 
     python bench/rollout.py [--quick] [--device cuda] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
                             [--temperature 1.0] [--length-mix]
@@ -36,6 +41,25 @@ from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path  # noq
 from remesh.rollout import RolloutEngine, SamplingParams  # noqa: E402
 
 FIXED = ("ngram:2", "ngram:4", "history:2", "history:4", "history:4x2")
+# datasheet memory bandwidth (bytes/s) by the GPU's name: the limit a batch-1 decode step is held to
+DATASHEET_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def weight_bytes_per_decode(model: torch.nn.Module) -> int:
+    """Bytes of weights one batch-1 decode step reads: every parameter once (a tied head's
+    matrix counts once, read by the head), less an untied embedding table, of which a step reads
+    one row. gpt-fast's measure, without the KV cache: a lower bound on the step's traffic."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.tok_embeddings.weight
+    tied = model.output is not None and model.output.weight is emb
+    return total - (0 if tied else emb.numel() * emb.element_size())
+
+
+def datasheet_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in DATASHEET_BYTES_PER_S.items() if key in name), None)
 
 
 def tail_rate(engine: RolloutEngine, batch: int) -> tuple[int, float]:
@@ -77,6 +101,7 @@ def main() -> None:
         engines["auto"].generate(batch[:1], params(999))  # calibrates the step-time model (untimed)
         tps = {n: [] for n in names}
         tail = {n: [0, 0.0] for n in names}  # tokens and seconds of long-tail steps, pooled over rounds
+        plain_steps: list[float] = []  # seconds of plain decoding's steps at batch 1
         lengths, identical = [], []
         for r in range(reps):
             outs = {}
@@ -88,6 +113,8 @@ def main() -> None:
                 tokens, secs = tail_rate(engines[n], b)
                 tail[n][0] += tokens
                 tail[n][1] += secs
+                if n == "off" and b == 1:
+                    plain_steps += [s.seconds for s in st.steps if s.strategy == "off"]
             ref = [o.response_ids for o in outs["off"]]
             # identical up to floating-point ties (a uniform within ~1e-6 of a CDF boundary)
             identical.append(min(sum(a.response_ids == r for a, r in zip(outs[n], ref)) / len(ref) for n in names))
@@ -107,6 +134,13 @@ def main() -> None:
                        "auto_timeline": engines["auto"].stats.timeline(),
                        "acceptance_by_position": engines["auto"].stats.acceptance_by_position()}
         print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.1f}" for n in names) + " tokens/s", flush=True)
+        if plain_steps:
+            per_size[b]["bandwidth"] = bw = bandwidth(model, plain_steps, device)
+            print(f"batch 1, plain decoding: {bw['step_s_median'] * 1e3:.1f} ms a step (median of {len(plain_steps)}), "
+                  f"{bw['achieved_bytes_per_s'] / 1e9:.1f} GB/s of weights read: {bw['fraction_of_copy']:.2f} of this "
+                  f"device's copy bandwidth ({bw['copy_bytes_per_s'] / 1e9:.1f} GB/s)"
+                  + (f", {bw['fraction_of_datasheet']:.2f} of its datasheet's" if bw["fraction_of_datasheet"] else ""),
+                  flush=True)
 
     print_table(["batch", *names, "auto/best", "auto/off", "tail auto/off"],
                 [[b, *[d["tokens_per_s"][n] for n in names], d["adaptive_vs_best_fixed"], d["adaptive_vs_plain"],
@@ -116,11 +150,29 @@ def main() -> None:
     headline = {"adaptive_vs_best_fixed_min": round(min(d["adaptive_vs_best_fixed"] for d in per_size.values()), 3),
                 "adaptive_vs_plain_min": round(min(d["adaptive_vs_plain"] for d in per_size.values()), 3),
                 "longtail_speedup": round(median(tails), 3)}
+    if 1 in per_size:
+        bw = per_size[1]["bandwidth"]
+        headline["batch1_bandwidth_fraction"] = round(bw["fraction_of_datasheet"] or bw["fraction_of_copy"], 3)
     name = ("rollout" + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
             + ("_lengthmix" if args.length_mix else "") + ("_quick" if args.quick else ""))
     finish(name, headline, {str(b): d for b, d in per_size.items()},
            device=device, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
            temperature=args.temperature, length_mix=args.length_mix, dtype="fp32", wall_s=round(time.perf_counter() - t_start, 1))
+
+
+def bandwidth(model: torch.nn.Module, step_seconds: list[float], device: torch.device) -> dict:
+    """Achieved weight-read bandwidth of batch-1 decode steps (median step), against the device's
+    copy bandwidth measured now (profile.measure_memory_bandwidth) and, on a known GPU, its
+    datasheet figure."""
+    from remesh.planner.profile import measure_memory_bandwidth
+
+    step = median(step_seconds)
+    achieved = weight_bytes_per_decode(model) / step
+    copy = measure_memory_bandwidth(device)
+    sheet = datasheet_bandwidth(device)
+    return {"weight_bytes": weight_bytes_per_decode(model), "step_s_median": step, "steps": len(step_seconds),
+            "achieved_bytes_per_s": achieved, "copy_bytes_per_s": copy, "fraction_of_copy": achieved / copy,
+            "datasheet_bytes_per_s": sheet, "fraction_of_datasheet": achieved / sheet if sheet else None}
 
 
 if __name__ == "__main__":
