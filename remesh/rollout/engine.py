@@ -246,7 +246,7 @@ class RolloutEngine:
                 run.queue.append(self._new_seq(keys[i], j, p, [], []))
         self.model.eval()
         if prompts and self.fixed is None and self.calibrate and not self.policy.step_time.calibrated:
-            with torch.inference_mode(), self._kernels(device, n_slots):
+            with torch.inference_mode(), self._kernels(device):
                 self._calibrate(n_slots, max_nodes, device)
 
     def advance(self) -> bool:
@@ -255,7 +255,7 @@ class RolloutEngine:
         run = self._run
         if not (run.queue or run.live):
             return False
-        with torch.inference_mode(), self._kernels(run.device, len(run.live) + min(len(run.queue), len(run.free))):
+        with torch.inference_mode(), self._kernels(run.device):
             admitted: list[_Seq] = []
             while run.queue and run.free:
                 s = run.queue.popleft()
@@ -394,10 +394,9 @@ class RolloutEngine:
             return self.drafters[self.fixed.drafter].max_nodes(self.fixed.depth, self.fixed.width)
         return max(self.policy.nodes(s) for s in self.policy.candidates())
 
-    def _kernels(self, device: torch.device, sequences: int):
-        """Tuned projections for a step over several sequences on a CPU (one sequence: the
-        wrapper's small cost buys nothing)."""
-        if device.type == "cpu" and sequences >= 2:
+    def _kernels(self, device: torch.device):
+        """Tuned projections for the steps on a CPU (`TunedLinears`)."""
+        if device.type == "cpu":
             return self.gemms.applied(self.model)
         return contextlib.nullcontext()
 

@@ -4,9 +4,12 @@ A decode step multiplies a few rows (one per live sequence) by every weight matr
 picks its kernel by shape and thread count, and for some row counts nn.Linear's `x @ W.T` runs
 far slower than the same product taken as `(W @ x.T).T`: on this 2-core machine with 2 threads,
 at 16 rows, 1.9-2.6x slower for every SmolLM2-135M projection and its LM head, while at 4 rows
-the first layout wins for some of them. `TunedLinears` times both the first time it meets a
-(rows, in, out, dtype, threads) shape and keeps the faster. The two differ only in the
-kernels' floating-point rounding.
+the first layout wins for some of them. A single row is the extreme case: MKL takes `x @ W.T`
+and `W @ x.T` alike down its matrix-vector path, and reads SmolLM2-135M's weights from memory
+at 10-12 GB/s, while the two-column product of the row taken twice reads them at ~28 GB/s (a
+batch-1 decode step's projections: 46 -> 19 ms). `TunedLinears` times both layouts the first
+time it meets a (rows, in, out, dtype, threads) shape and keeps the faster. The two differ only
+in the kernels' floating-point rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -27,27 +31,49 @@ MIN_WEIGHT = 1 << 16  # smaller matrices: a few microseconds either way, not wor
 def transposed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias) computed as (weight @ x.T).T: a transposed (column-major) view,
     not copied; the consumers (element-wise ops, the next projection, `unflatten` into heads)
-    take it as it is, and a copy costs as much as a small projection."""
-    out = torch.mm(weight, x.t()).t()
+    take it as it is, and a copy costs as much as a small projection. One row goes as two (itself
+    twice), so that the BLAS runs a GEMM, not its slower matrix-vector kernel."""
+    if x.shape[0] == 1:
+        out = torch.mm(weight, torch.cat((x, x)).t())[:, :1].t()
+    else:
+        out = torch.mm(weight, x.t()).t()
     return out + bias if bias is not None else out
 
 
 def tunable(rows: int, weight: Tensor) -> bool:
     """Whether a decode step's multiply of `rows` rows by `weight` is tuned (a CPU weight of at
-    least MIN_WEIGHT elements, 2..MAX_ROWS rows): the profile measures these the same way."""
-    return weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT and 2 <= rows <= MAX_ROWS
+    least MIN_WEIGHT elements, 1..MAX_ROWS rows): the profile measures these the same way."""
+    return weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT and 1 <= rows <= MAX_ROWS
+
+
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The size of the CPU's largest cache (Linux sysfs); 32 MiB where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        if text[:-1].isdigit() and text[-1] in "KM":
+            sizes.append(int(text[:-1]) << (10 if text[-1] == "K" else 20))
+    return max(sizes, default=32 << 20)
 
 
 class TunedLinears:
     """`with tuned.applied(model):` around a decode step: the model's CPU nn.Linear layers (of
-    at least MIN_WEIGHT elements), called without autograd on 2..MAX_ROWS rows, take the layout
+    at least MIN_WEIGHT elements), called without autograd on 1..MAX_ROWS rows, take the layout
     measured fastest for their shape (`choices`: shape -> True for the transposed one). One
     instance per engine; the choices persist across steps. `force`: always the transposed
-    (True) or nn.Linear's (False) layout, without timing."""
+    (True) or nn.Linear's (False) layout, without timing.
 
-    def __init__(self, reps: int = 3, force: bool | None = None):
-        self.reps, self.force = reps, force
+    A model whose tuned weights outgrow the CPU's last-level cache reads every weight from memory
+    in a step, so each timing then starts from an evicted cache (`cold`; None: decided per model).
+    Timed in cache, SmolLM2-135M's one-row products favour nn.Linear for 3 of its 5 shapes,
+    which are 2-3x slower that way once read from memory."""
+
+    def __init__(self, reps: int = 3, force: bool | None = None, cold: bool | None = None):
+        self.reps, self.force, self.cold = reps, force, cold
         self.choices: dict[tuple, bool] = {}
+        self._cold = bool(cold)
+        self._scratch: Tensor | None = None  # read between timings to evict the cache (cold)
         # shapes timed so far: a step that timed one took longer than its kind of step takes,
         # and the engine keeps such a step out of its step-time model
         self.tunings = 0
@@ -63,7 +89,9 @@ class TunedLinears:
         if model is not self._model:
             self._model = model
             self._layers = [(m, functools.partial(self._forward, m)) for m in model.modules()
-                            if type(m) is nn.Linear and tunable(2, m.weight) and "forward" not in m.__dict__]
+                            if type(m) is nn.Linear and tunable(1, m.weight) and "forward" not in m.__dict__]
+            weight_bytes = sum(m.weight.nbytes for m, _ in self._layers)
+            self._cold = self.cold if self.cold is not None else weight_bytes > last_level_cache_bytes()
         layers = self._layers  # this model's, even if a nested context switches the cache
         for m, forward in layers:
             m.__dict__["forward"] = forward
@@ -88,10 +116,15 @@ class TunedLinears:
         return transposed_linear(x, weight, bias) if transposed else F.linear(x, weight, bias)
 
     def _faster_transposed(self, x: Tensor, weight: Tensor) -> bool:
+        if self._cold and self._scratch is None:
+            self._scratch = torch.ones(2 * last_level_cache_bytes() // 4)
+
         def best(fn) -> float:
             fn()  # warm-up
             times = []
             for _ in range(self.reps):
+                if self._cold:
+                    self._scratch.sum()  # twice the cache's size read: the weight is no longer in it
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
