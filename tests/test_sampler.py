@@ -243,14 +243,9 @@ def test_tuned_linears_compute_the_same_product_and_remember_each_shape():
         if force is not None:
             assert set(tuned.choices.values()) == {force}
         assert "forward" not in layer.__dict__  # restored after the call
-    assert not tuned._cold  # 256 KiB of weights fit the cache: timed there, as a step reads them
     with tuned.applied(model):  # a training forward is never tuned
         layer(x).sum().backward()
     assert len(tuned.choices) == 2 and layer.weight.grad is not None
-    cold = TunedLinears(cold=True)
-    with torch.inference_mode(), cold.applied(model):
-        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
-    assert cold._scratch is not None and cold._scratch.nbytes >= 2 * 2**20  # evicted between timings
     other = torch.nn.Linear(128, 512)
     with tuned.applied(model), tuned.applied(other):  # two models' contexts, nested: both restored
         assert "forward" in layer.__dict__ and "forward" in other.__dict__

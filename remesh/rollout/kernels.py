@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -46,17 +45,6 @@ def tunable(rows: int, weight: Tensor) -> bool:
     return weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT and 1 <= rows <= MAX_ROWS
 
 
-@functools.cache
-def last_level_cache_bytes() -> int:
-    """The size of the CPU's largest cache (Linux sysfs); 32 MiB where it cannot be read."""
-    sizes = []
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = f.read_text().strip().upper()
-        if text[:-1].isdigit() and text[-1] in "KM":
-            sizes.append(int(text[:-1]) << (10 if text[-1] == "K" else 20))
-    return max(sizes, default=32 << 20)
-
-
 class TunedLinears:
     """`with tuned.applied(model):` around a decode step: the model's CPU nn.Linear layers (of
     at least MIN_WEIGHT elements), called without autograd on 1..MAX_ROWS rows, take the layout
@@ -64,16 +52,16 @@ class TunedLinears:
     instance per engine; the choices persist across steps. `force`: always the transposed
     (True) or nn.Linear's (False) layout, without timing.
 
-    A model whose tuned weights outgrow the CPU's last-level cache reads every weight from memory
-    in a step, so each timing then starts from an evicted cache (`cold`; None: decided per model).
-    Timed in cache, SmolLM2-135M's one-row products favour nn.Linear for 3 of its 5 shapes,
-    which are 2-3x slower that way once read from memory."""
+    The timings read the weight from cache, while a step of a model larger than the cache reads
+    it from memory: for SmolLM2-135M's one-row products, in-cache timing keeps nn.Linear's
+    layout for 3 of 5 shapes that run 2-3x faster transposed from memory (a batch-1 step: 38.6
+    ms as tuned, 31 ms with them transposed too). Timing after reading a 64 MiB scratch buffer
+    picked those, but the buffer showed in every engine's peak memory, 64 MiB beyond what the
+    planner estimates: an eviction that allocates nothing is still to do."""
 
-    def __init__(self, reps: int = 3, force: bool | None = None, cold: bool | None = None):
-        self.reps, self.force, self.cold = reps, force, cold
+    def __init__(self, reps: int = 3, force: bool | None = None):
+        self.reps, self.force = reps, force
         self.choices: dict[tuple, bool] = {}
-        self._cold = bool(cold)
-        self._scratch: Tensor | None = None  # read between timings to evict the cache (cold)
         # shapes timed so far: a step that timed one took longer than its kind of step takes,
         # and the engine keeps such a step out of its step-time model
         self.tunings = 0
@@ -90,8 +78,6 @@ class TunedLinears:
             self._model = model
             self._layers = [(m, functools.partial(self._forward, m)) for m in model.modules()
                             if type(m) is nn.Linear and tunable(1, m.weight) and "forward" not in m.__dict__]
-            weight_bytes = sum(m.weight.nbytes for m, _ in self._layers)
-            self._cold = self.cold if self.cold is not None else weight_bytes > last_level_cache_bytes()
         layers = self._layers  # this model's, even if a nested context switches the cache
         for m, forward in layers:
             m.__dict__["forward"] = forward
@@ -116,15 +102,10 @@ class TunedLinears:
         return transposed_linear(x, weight, bias) if transposed else F.linear(x, weight, bias)
 
     def _faster_transposed(self, x: Tensor, weight: Tensor) -> bool:
-        if self._cold and self._scratch is None:
-            self._scratch = torch.ones(2 * last_level_cache_bytes() // 4)
-
         def best(fn) -> float:
             fn()  # warm-up
             times = []
             for _ in range(self.reps):
-                if self._cold:
-                    self._scratch.sum()  # twice the cache's size read: the weight is no longer in it
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
