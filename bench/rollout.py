@@ -166,11 +166,11 @@ def bandwidth(model: torch.nn.Module, step_seconds: list[float], device: torch.d
     datasheet figure."""
     from remesh.planner.profile import measure_memory_bandwidth
 
-    step = median(step_seconds)
-    achieved = weight_bytes_per_decode(model) / step
+    step, weights = median(step_seconds), weight_bytes_per_decode(model)
+    achieved = weights / step
     copy = measure_memory_bandwidth(device)
     sheet = datasheet_bandwidth(device)
-    return {"weight_bytes": weight_bytes_per_decode(model), "step_s_median": step, "steps": len(step_seconds),
+    return {"weight_bytes": weights, "step_s_median": step, "steps": len(step_seconds),
             "achieved_bytes_per_s": achieved, "copy_bytes_per_s": copy, "fraction_of_copy": achieved / copy,
             "datasheet_bytes_per_s": sheet, "fraction_of_datasheet": achieved / sheet if sheet else None}
 

@@ -61,7 +61,7 @@ from remesh.runtime.realloc import ReallocStats, reallocate
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
 from remesh.train.state import (STATE_DIR, checkpoint_plan, checkpoint_progress, load_trainer_state, prune_checkpoints,
-                                resolve_resume, save_planned_state, save_trainer_state)
+                                resolve_resume, role_folder, save_planned_state, save_trainer_state)
 from remesh.train.trainer import pick_device, tc_clip
 
 _RESPONSE_KEYS = ("responses", "greedy_responses")
@@ -104,7 +104,7 @@ class PlannedRLTrainer(RLTrainer):
             if role not in full:
                 path, head, dtype = _role_source(cfg, role)
                 if self.resume_dir is not None and role in self.train_layout:  # trained roles go on from the checkpoint
-                    path = str(self.resume_dir if role == "actor" else self.resume_dir / role)
+                    path = str(role_folder(self.resume_dir, role))
                 full[role] = {n: p.detach() for n, p in load_hf(path, head=head, dtype=dtype).named_parameters()}
             shards = {n: t.clone() for n, t in self.specs[role].shard_state(full[role], layout, self.rank).items()}
             tp_group = self.groups.get(layout.tp_group(self.rank))
@@ -457,7 +457,7 @@ class PlannedRLTrainer(RLTrainer):
         for role in self.train_layout:  # the same order on every rank
             whole = self.full_model(role)
             if whole is not None:
-                save_hf(whole, folder if role == "actor" else folder / role, self.tokenizer)
+                save_hf(whole, role_folder(folder, role), self.tokenizer)
         for role, layout in self.train_layout.items():
             if self.rank in layout.ranks:
                 opt = getattr(self, f"{role}_opt")

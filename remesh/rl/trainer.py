@@ -35,7 +35,7 @@ from remesh.rollout.drafters import load_draft_model
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
 from remesh.train.state import (STATE_DIR, checkpoint_plan, load_trainer_state, prune_checkpoints, resolve_resume,
-                                save_trainer_state)
+                                role_folder, save_trainer_state)
 from remesh.train.trainer import autocast_context, epoch_order, pick_device, tc_clip
 
 # which registered advantage estimator each algorithm uses
@@ -101,7 +101,7 @@ class RLTrainer:
         self.critic = None
         if "critic" in self.graph.roles:
             critic_cfg = cfg.critic or cfg.actor
-            source = self.resume_dir / "critic" if self.resume_dir else resolve_model_path(critic_cfg.path)
+            source = role_folder(self.resume_dir, "critic") if self.resume_dir else resolve_model_path(critic_cfg.path)
             self.critic = load_hf(source, head="value", dtype=getattr(torch, critic_cfg.dtype), device=self.device)
         self.reward_fn = build_reward_fn(cfg.reward, self.device)
         self.actor_opt = build_optimizer(self.actor, cfg.actor_optim)
@@ -112,7 +112,7 @@ class RLTrainer:
         if self.resume_dir is not None:
             progress = load_trainer_state(self.resume_dir / STATE_DIR, self.actor_opt, self.actor_sched)
             if self.critic is not None:
-                load_trainer_state(self.resume_dir / "critic" / STATE_DIR, self.critic_opt, self.critic_sched)
+                load_trainer_state(role_folder(self.resume_dir, "critic") / STATE_DIR, self.critic_opt, self.critic_sched)
             self.kl_ctl.load_state_dict(progress["kl"])
             self.start = progress["step"]
         self.iteration = self.start
@@ -392,8 +392,8 @@ class RLTrainer:
         folder = self.out / "checkpoints" / f"step_{self.iteration:06d}"
         save_hf(self.actor, folder, self.tokenizer)
         if self.critic is not None:
-            save_hf(self.critic, folder / "critic", self.tokenizer)
-            save_trainer_state(folder / "critic" / STATE_DIR, self.critic_opt, self.critic_sched,
+            save_hf(self.critic, role_folder(folder, "critic"), self.tokenizer)
+            save_trainer_state(role_folder(folder, "critic") / STATE_DIR, self.critic_opt, self.critic_sched,
                                {"step": self.iteration})
         save_trainer_state(folder / STATE_DIR, self.actor_opt, self.actor_sched,  # last: marks it complete
                            {"step": self.iteration, "kl": self.kl_ctl.state_dict()})

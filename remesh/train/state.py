@@ -78,8 +78,13 @@ def save_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler
     tensors, meta = rng_state()
     save_file(tensors, str(folder / "rng.safetensors"))
     # state.json marks the checkpoint complete, so it appears atomically and last
+    _write_state(folder, {"progress": progress, "scheduler": scheduler.state_dict(), "rng": meta})
+
+
+def _write_state(folder: Path, state: dict[str, Any]) -> None:
+    """`folder/state.json`, whole or not at all."""
     tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps({"progress": progress, "scheduler": scheduler.state_dict(), "rng": meta}, indent=1))
+    tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, folder / "state.json")
 
 
@@ -119,12 +124,16 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def role_folder(checkpoint: Path, role: str) -> Path:
+    """Where a trained role's model sits in a checkpoint: the actor at its top, the critic in
+    `critic/`."""
+    return checkpoint if role == "actor" else checkpoint / role
+
+
 def save_planned_state(folder: Path, progress: dict[str, Any], plan: str, world: int) -> None:
     """Mark a checkpoint written under an execution plan complete (rank 0, once every rank has
     written its part to `folder/rank<r>/`): its progress, and the plan a resume must run under."""
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps({"progress": progress, "plan": {"plan": plan, "world": world}}, indent=1))
-    os.replace(tmp, folder / "state.json")
+    _write_state(folder, {"progress": progress, "plan": {"plan": plan, "world": world}})
 
 
 def checkpoint_plan(checkpoint: Path) -> dict[str, Any] | None:
