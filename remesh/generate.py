@@ -64,6 +64,8 @@ def run_generate(a: GenerateArgs) -> dict:
           f"({st.tokens_per_s:.1f} tokens/s, {summary['tokens_per_step']} tokens per decode step) -> {out}")
     for name, rates in summary["acceptance_by_position"].items():
         print(f"remesh: acceptance by position, {name}: " + " ".join(f"{x:.2f}" for x in rates))
+    for name, rates in summary["trial_acceptance_by_position"].items():  # auto's unverified drafts
+        print(f"remesh: acceptance by position in free trials, {name}: " + " ".join(f"{x:.2f}" for x in rates))
     print("remesh: strategies over time:")
     for line in st.timeline():
         print(f"  {line}")

@@ -13,7 +13,8 @@ from remesh.rollout import RolloutEngine, SamplingParams, greedy, target_logprob
 from remesh.rollout import speculative
 from remesh.rollout.adaptive import OFF, AcceptanceStats, AdaptivePolicy, StepTimeModel, Strategy, parse_strategy
 from remesh.rollout.drafters import Drafter, HistoryDrafter, NGramDrafter, SeqView, first_layers
-from remesh.rollout.speculative import Draft, tree_mask, verify
+from remesh.rollout.speculative import Draft, matched_depth, tree_mask, verify
+from remesh.rollout.trials import Trial
 from tests.models import tiny_model
 from tests.test_sampler import PROMPTS, peaky_model
 
@@ -69,6 +70,26 @@ def test_tree_mask_and_draft_validation():
     assert d.depths() == [0, 1, 1, 2]
     with pytest.raises(ValueError, match="parents must come first"):
         Draft([1, 2], [0, 2])
+
+
+def test_matched_depth_by_hand():
+    # root -> {5 (node 1) -> 6 (node 2)}, {7 (node 3) -> 8 (node 4)}
+    d = Draft([5, 6, 7, 8], [0, 1, 0, 3])
+    assert [matched_depth(d, e) for e in ([7, 8, 9], [5, 9], [5, 6], [9, 5], [], [7])] == [2, 1, 2, 0, 0, 1]
+
+
+def test_matched_depth_of_the_emitted_tokens_is_what_verification_accepts():
+    """A free trial scores a draft by the tokens plain decoding emits: for point-mass drafts the
+    accepted depth is the depth of the path spelling them, whatever p and the uniforms."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        # a random tree over a 3-token vocabulary (small, so that drafts are often accepted)
+        n = int(torch.randint(1, 7, (), generator=gen))
+        parents = [int(torch.randint(0, i + 1, (), generator=gen)) for i in range(n)]
+        draft = Draft(torch.randint(0, 3, (n,), generator=gen).tolist(), parents)
+        logp = torch.randn(n + 1, 3, generator=gen).log_softmax(-1)
+        v = verify(logp, draft, torch.rand(n + 1, generator=gen))
+        assert matched_depth(draft, v.tokens) == len(v.path)
 
 
 # 2. exactness: the first 3 tokens' joint distribution equals the target's ----------------------
@@ -311,6 +332,51 @@ def test_parse_strategy_errors():
         parse_strategy("ngram")
     with pytest.raises(ValueError, match="unknown drafter 'model'.*draft model"):
         RolloutEngine(tiny_model("llama"), spec="model:3")
+
+
+def test_trial_outcome_waits_for_a_mismatch_the_full_depth_or_the_end():
+    t = Trial("ngram", 1, Draft.chain([5, 6, 7]), start=2)  # guesses response[2:5]
+    assert t.depth == 3
+    assert t.outcome([1, 1], False) is None  # nothing emitted since
+    assert t.outcome([1, 1, 5], False) is None  # still on the draft
+    assert t.outcome([1, 1, 5, 9], False) == 1  # a miss at depth 2
+    assert t.outcome([1, 1, 5, 6, 7], False) == 3  # the whole draft
+    assert t.outcome([1, 1, 5, 6], True) == 2  # the sequence ended on the draft
+
+
+def test_policy_does_not_probe_drafters_that_free_trials_measure():
+    def probes(trialed: frozenset) -> int:
+        policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(2,), widths=(1,), explore_every=8, trialed=trialed)
+        for t, sec in [(1, 0.1), (64, 6.4)]:  # linear: drafts never pay
+            policy.step_time.observe(t, sec)
+        for _ in range(50):
+            policy.acceptance.observe("ngram", 1, 2, 0)
+        return sum(policy.choose(2) != OFF for _ in range(40))
+
+    assert probes(frozenset()) == 5
+    assert probes(frozenset({"ngram"})) == 0
+
+
+def test_free_trials_measure_acceptance_while_decoding_plainly():
+    """Forced to decode plainly, auto still learns its point-mass drafters' acceptance, from
+    drafts scored by the tokens emitted and never verified; the rates are those that verifying
+    the same drafter gives on the same samples."""
+    model = peaky_model("llama").eval()  # sampled tokens repeat: prompt lookup is often right
+    params = SamplingParams(max_new_tokens=48, n=2, seed=5, temperature=1.0)
+    engine = RolloutEngine(model, spec="auto", max_batch=6, calibrate=False)
+    engine.policy.choose = lambda batch: OFF
+    engine.trials.per_step = 6  # every sequence without an open trial gets one, every step
+    plain = engine.generate(PROMPTS, params)
+    assert set(engine.stats.strategy_counts()) == {"off"} and engine.stats.acceptance == {}
+    assert not engine.trials.open  # every trial was scored or dropped with its sequence
+    trials = engine.stats.trials
+    assert {"ngram", "ngramx2", "ngramx4", "history", "historyx2", "historyx4"} <= set(trials)
+    assert engine.policy.acceptance.alphas("ngram", 1, 1) != [engine.policy.acceptance.prior]
+    verified = RolloutEngine(model, spec="ngram:8", max_batch=6)
+    assert [r.response_ids for r in verified.generate(PROMPTS, params)] == [r.response_ids for r in plain]
+    (trial_hits, trial_n), (hits, n) = trials["ngram"][0], verified.stats.acceptance["ngram"][0]
+    assert trial_n >= 30 and n >= 30
+    assert trial_hits / trial_n == pytest.approx(hits / n, abs=0.1)  # here 6/48 and 33/336
 
 
 # 6. remesh generate --------------------------------------------------------------------------

@@ -12,6 +12,11 @@ With many live sequences the verifier is compute-bound and each draft token cost
 full token, so "off" wins; as sequences finish (the long tail), extra tokens per sequence
 become almost free and longer drafts win.
 
+The acceptance rates of point-mass drafters (n-gram, history) come from free trials as well
+as from the drafts verified: a few sequences per step get a draft that is not verified but
+scored against the tokens they emit (trials.py). Other drafters (a draft model) are probed: now
+and then one is used for a step whatever its prediction.
+
 The prediction leaves out costs that no model of the forward sees (building tree masks, the
 per-sequence verification walk, cache compaction) and starts from optimistic acceptance
 priors. So each step's realised goodput (tokens emitted / wall time of the whole step) is
@@ -174,10 +179,12 @@ class AdaptivePolicy:
     node_count: dict[str, object] = field(default_factory=dict)  # name -> fn(depth, width) -> nodes
     depths: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     widths: tuple[int, ...] = (1, 2, 4)
-    # steps between probes of the least recently used drafter, with up to `explore_batch` live
-    # sequences; beyond, spaced in proportion to the live batch: a probe verifies drafts for every
-    # live sequence, so it costs in proportion to them (at 16 live on a CPU, probes every 32 steps
-    # cost auto 7% against plain decoding), while the tail, where probing pays, keeps the pace
+    # drafters whose acceptance free trials measure (trials.py): never probed
+    trialed: frozenset[str] = frozenset()
+    # steps between probes of the least recently used other drafter, with up to `explore_batch`
+    # live sequences; beyond, spaced in proportion to the live batch: a probe verifies drafts for
+    # every live sequence, so it costs in proportion to them (at 16 live on a CPU, probes every 32
+    # steps cost auto 7% against plain decoding), while the tail, where probing pays, keeps the pace
     explore_every: int = 32
     explore_batch: int = 4
     _last_probe: int = 0
@@ -233,9 +240,10 @@ class AdaptivePolicy:
 
     def choose(self, batch: int) -> Strategy:
         self._steps += 1
-        if self.drafters and self._steps - self._last_probe >= self.explore_every * max(1.0, batch / self.explore_batch):
+        probed = [n for n in self.drafters if n not in self.trialed]
+        if probed and self._steps - self._last_probe >= self.explore_every * max(1.0, batch / self.explore_batch):
             self._last_probe = self._steps
-            stale = min(self.drafters, key=lambda n: self._last_used.get(n, -1))
+            stale = min(probed, key=lambda n: self._last_used.get(n, -1))
             best = Strategy(stale, 2, 1)
         else:
             best = max(self.candidates(), key=lambda s: self.goodput(s, batch))

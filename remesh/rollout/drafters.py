@@ -42,6 +42,9 @@ class SeqView:
 class Drafter:
     name = "drafter"
     stochastic = False  # True: drafts carry q and are verified with min(1, p/q)
+    # True: proposals are point masses looked up from the tokens alone (no device work, no state
+    # that `propose` advances), so an unverified draft can be scored by plain decoding (trials.py)
+    free_trials = False
 
     def propose(self, seqs: list[SeqView], depth: int, width: int) -> list[Draft]:
         raise NotImplementedError
@@ -103,6 +106,7 @@ class NGramDrafter(Drafter):
     sequence itself (prompt and response), from an n-gram index kept up to date as it grows."""
 
     name = "ngram"
+    free_trials = True
 
     def __init__(self, max_n: int = 3):
         self.max_n = max_n
@@ -139,6 +143,7 @@ class HistoryDrafter(Drafter):
     calls, up to `keep_per_group` per prompt and `max_groups` prompts) and its running siblings."""
 
     name = "history"
+    free_trials = True
 
     def __init__(self, max_n: int = 4, keep_per_group: int = 16, max_groups: int = 4096):
         self.max_n, self.keep, self.max_groups = max_n, keep_per_group, max_groups

@@ -32,6 +32,7 @@ from remesh.rollout.drafters import Drafter, HistoryDrafter, ModelDrafter, NGram
 from remesh.rollout.kernels import TunedLinears
 from remesh.rollout.sampling import SamplingParams, sample, target_logprobs
 from remesh.rollout.speculative import Draft, tree_mask, verify
+from remesh.rollout.trials import Trial, Trials
 
 
 @dataclass
@@ -67,15 +68,28 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     calibration_seconds: float = 0.0
     steps: list[StepRecord] = field(default_factory=list)
-    # strategy family ("ngram", "history:x2", ...) -> [accepted, offered] per depth
+    # strategy family ("ngram", "historyx2", ...) -> [accepted, offered] per depth, of the
+    # drafts verified and of the free trials' drafts (scored by the tokens emitted, trials.py)
     acceptance: dict[str, list[list[int]]] = field(default_factory=dict)
+    trials: dict[str, list[list[int]]] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def acceptance_by_position(self) -> dict[str, list[float]]:
-        return {k: [round(a / o, 3) if o else 0.0 for a, o in v] for k, v in self.acceptance.items()}
+    def acceptance_by_position(self, trials: bool = False) -> dict[str, list[float]]:
+        table = self.trials if trials else self.acceptance
+        return {k: [round(a / o, 3) if o else 0.0 for a, o in v] for k, v in table.items()}
+
+    def count_acceptance(self, drafter: str, width: int, offered: int, accepted: int, trial: bool = False) -> None:
+        """One draft's outcome (offered 0: the drafter had nothing, a miss at depth 1)."""
+        key = drafter + (f"x{width}" if width > 1 else "")
+        table = (self.trials if trial else self.acceptance).setdefault(key, [])
+        for i in range(min(accepted + 1, max(offered, 1))):
+            while len(table) <= i:
+                table.append([0, 0])
+            table[i][1] += 1
+            table[i][0] += int(accepted > i)
 
     def strategy_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -89,7 +103,9 @@ class GenerationStats:
                 "tokens_per_step": round(self.tokens / max(len(self.steps), 1), 2),
                 "prefill_seconds": round(self.prefill_seconds, 3),
                 "calibration_seconds": round(self.calibration_seconds, 3),
-                "acceptance_by_position": self.acceptance_by_position(), "strategies": self.strategy_counts()}
+                "acceptance_by_position": self.acceptance_by_position(),
+                "trial_acceptance_by_position": self.acceptance_by_position(trials=True),
+                "strategies": self.strategy_counts()}
 
     def timeline(self, phases: int = 8) -> list[str]:
         """The strategies chosen over time, in up to `phases` equal runs of steps."""
@@ -192,7 +208,13 @@ class RolloutEngine:
                                  f"known: {', '.join(self.drafters)}")
         self.policy = AdaptivePolicy(
             drafters={n: 2 if n == "model" else 4 for n in self.drafters},  # widest tree per drafter
-            node_count={n: d.max_nodes for n, d in self.drafters.items()})
+            node_count={n: d.max_nodes for n, d in self.drafters.items()},
+            trialed=frozenset(n for n, d in self.drafters.items() if d.free_trials))
+        deepest: dict[tuple[str, int], int] = {}  # the trials' shapes: each kind's deepest candidate
+        for c in self.policy.candidates():
+            if c.drafter in self.policy.trialed:
+                deepest[c.drafter, c.width] = max(c.depth, deepest.get((c.drafter, c.width), 0))
+        self.trials = Trials([(n, w, d) for (n, w), d in deepest.items()])
         self.cache = None
         self.stats = GenerationStats()
 
@@ -238,6 +260,7 @@ class RolloutEngine:
                 d.set_params(params)
         self.generator = torch.Generator().manual_seed(params.seed + 104729)  # extra uniforms of p/q tests
         self.stats = GenerationStats(sequences=len(prompts) * params.n)
+        self.trials.open.clear()  # sequence ids restart with every call
         run = self._run = _Run(params, device, max_nodes, free=list(range(n_slots - 1, -1, -1)),
                                bar=_progress(len(prompts) * params.n) if progress else None,
                                was_training=self.model.training)
@@ -345,6 +368,7 @@ class RolloutEngine:
         """`s` leaves the batch (finished or released): free its slot and the drafters' state."""
         self._run.live.remove(s)
         self._run.free.append(s.slot)
+        self.trials.open.pop(s.seq_id, None)
         for d in self.drafters.values():
             d.finish(s.view())
 
@@ -472,7 +496,29 @@ class RolloutEngine:
         for d in self.drafters.values():
             view = view or s.view()
             d.observe(view, tokens[:kept])
+        trial = self.trials.open.get(s.seq_id)
+        if trial is not None and (depth := trial.outcome(s.response, s.reason is not None)) is not None:
+            del self.trials.open[s.seq_id]
+            self._record_acceptance(trial.drafter, trial.width, trial.depth, depth, trial=True)
         return kept
+
+    def _open_trials(self, live: list[_Seq], strategy: Strategy, params: SamplingParams) -> None:
+        """Drafts for a few sequences that this step does not verify: the tokens they emit next
+        score them (trials.py). Their lookup time counts in the step's."""
+        picked = self.trials.next([s.seq_id for s in live], skip=(strategy.drafter, strategy.width))
+        if picked is None:
+            return
+        (name, width, depth), rows = picked
+        seqs = [live[i] for i in rows]
+        t0 = time.perf_counter()
+        drafts = self.drafters[name].propose([s.view() for s in seqs], depth, width)
+        self.policy.observe_draft(Strategy(name, depth, width), time.perf_counter() - t0, len(seqs))
+        for s, d in zip(seqs, drafts):
+            d = _prune(d, params.max_new_tokens - len(s.response) - 1)
+            if len(d):
+                self.trials.open[s.seq_id] = Trial(name, width, d, len(s.response))
+            else:
+                self._record_acceptance(name, width, 0, 0, trial=True)
 
     def _step(self, live: list[_Seq], strategy: Strategy, params: SamplingParams, device: torch.device) -> None:
         t0 = time.perf_counter()
@@ -487,8 +533,10 @@ class RolloutEngine:
             draft_s = time.perf_counter() - t0
             if not any(len(d) for d in drafts):  # nothing proposed: a plain step, counted as misses
                 for _ in drafts:
-                    self._record_acceptance(strategy, 0, 0)
+                    self._record_acceptance(strategy.drafter, strategy.width, 0, 0)
                 drafts = None
+        if self.fixed is None:
+            self._open_trials(live, strategy, params)
         t1 = time.perf_counter()
         n_nodes = max(len(d) for d in drafts) if drafts else 0
         n = 1 + n_nodes
@@ -521,7 +569,7 @@ class RolloutEngine:
                     if node != k:
                         moves.append((s.slot, s.cache_len + node, s.cache_len + k))
                 offered = max(d.depths()) if len(d) else 0
-                self._record_acceptance(strategy, offered, len(v.path))
+                self._record_acceptance(strategy.drafter, strategy.width, offered, len(v.path))
                 s.cache_len += 1 + len(v.path)
                 emitted += self._emit(s, v.tokens, v.logprobs, params)
             if moves:
@@ -539,16 +587,11 @@ class RolloutEngine:
             self.policy.observe_step(used, b, emitted, seconds)
         self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
 
-    def _record_acceptance(self, strategy: Strategy, offered: int, accepted: int) -> None:
-        """One sequence's verification, into the policy's running rates and this call's counts."""
-        self.policy.acceptance.observe(strategy.drafter, strategy.width, offered, accepted)
-        key = strategy.drafter + (f"x{strategy.width}" if strategy.width > 1 else "")
-        table = self.stats.acceptance.setdefault(key, [])
-        for i in range(min(accepted + 1, max(offered, 1))):
-            while len(table) <= i:
-                table.append([0, 0])
-            table[i][1] += 1
-            table[i][0] += int(accepted > i)
+    def _record_acceptance(self, drafter: str, width: int, offered: int, accepted: int, trial: bool = False) -> None:
+        """One draft's outcome (verified, or a free trial's), into the policy's running rates and
+        this call's counts."""
+        self.policy.acceptance.observe(drafter, width, offered, accepted)
+        self.stats.count_acceptance(drafter, width, offered, accepted, trial)
 
 
 def _prune(d: Draft, max_depth: int) -> Draft:

@@ -69,6 +69,22 @@ class Draft:
         return d
 
 
+def matched_depth(draft: Draft, emitted: list[int]) -> int:
+    """The depth to which a point-mass draft is accepted when the target emits `emitted` from
+    its root on: the longest root path spelling a prefix of `emitted`. By the point-mass rule of
+    `verify` (a token drawn from p with the position's uniform; the child proposing it accepted),
+    this is exactly what verifying the draft would accept, so plain decoding's own tokens score a
+    draft that was never verified."""
+    node, depth = 0, 0
+    for tok in emitted:
+        node = next((i for i, (t, p) in enumerate(zip(draft.tokens, draft.parents), start=1)
+                     if p == node and t == tok), 0)
+        if not node:
+            break
+        depth += 1
+    return depth
+
+
 def tree_mask(drafts: list[Draft], n_nodes: int, device: torch.device | str = "cpu") -> Tensor:
     """[B, 1 + n_nodes, 1 + n_nodes] bool: node i attends to node j iff j is i or an ancestor.
     Padding nodes (beyond a draft's length) attend to themselves only."""
