@@ -252,6 +252,36 @@ def test_tuned_linears_compute_the_same_product_and_remember_each_shape():
     assert "forward" not in layer.__dict__ and "forward" not in other.__dict__
 
 
+def test_one_row_timings_of_a_model_larger_than_the_cache_read_its_other_weights_first(monkeypatch):
+    """A step reads every weight of a model larger than the cache from memory: a one-row shape
+    is timed after the model's other weights (twice the cache's size) are read, evicting it;
+    nothing is allocated for it. A model that fits keeps in-cache timing."""
+    from remesh.rollout import kernels
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(128, 512) for _ in range(4)]  # 256 KiB of weights each
+    model = torch.nn.Sequential(*layers)
+    tuned = kernels.TunedLinears()
+    with tuned.applied(model):
+        monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 300 << 10)  # holds one layer
+        evict = tuned._evictor(layers[0].weight)
+        read = []
+        monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: read.append(self))
+        evict()
+        assert [id(w) for w in read] == [id(layers[1].weight), id(layers[2].weight), id(layers[3].weight)]
+        monkeypatch.undo()
+        monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 4 << 20)  # holds them all
+        assert tuned._evictor(layers[0].weight) is None
+        calls = []
+        monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 300 << 10)
+        monkeypatch.setattr(kernels.TunedLinears, "_evictor", lambda self, w: lambda: calls.append(w))
+        with torch.inference_mode():
+            layers[0](torch.randn(4, 128))  # several rows: timed in cache
+            assert calls == []
+            layers[0](torch.randn(1, 128))
+        assert len(calls) == 2 * tuned.reps  # before every timed run of both layouts
+
+
 def test_engine_with_transposed_projections_gives_the_same_greedy_tokens():
     from remesh.rollout import RolloutEngine
     from remesh.rollout.kernels import TunedLinears

@@ -403,25 +403,29 @@ def test_generate_command_writes_jsonl_and_summary(tmp_path, capsys):
     assert "unknown drafter 'model'" in capsys.readouterr().err
 
 
-def test_policy_corrects_an_optimistic_prediction_by_realised_goodput():
+def test_policy_corrects_its_predicted_step_times_by_the_steps_realised():
     policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(2,), widths=(1,), explore_every=10**6)
     for t, s in [(1, 0.1), (3, 0.1), (64, 0.8)]:  # memory-bound at small batch: drafts look free
         policy.step_time.observe(t, s)
     for _ in range(50):
         policy.acceptance.observe("ngram", 1, 2, 2)  # every draft accepted: 3 tokens per step predicted
-    assert policy.choose(1) == Strategy("ngram", 2, 1)
-    predicted = policy.predicted_goodput(Strategy("ngram", 2, 1), 1)
+    spec = Strategy("ngram", 2, 1)
+    assert policy.choose(1) == spec
     emitted = 1 + policy.acceptance.expected_accepted("ngram", 1, 2)  # ~2.9 (the prior fades)
-    assert predicted == pytest.approx(emitted / 0.1) and emitted > 2.8
-    # but each such step really takes 0.5 s (costs no model of the forward sees): 6 tokens/s,
-    # while plain steps deliver their predicted 10 tokens/s
-    policy.observe_step(Strategy("ngram", 2, 1), 1, 3, 0.5)  # the step chosen above: correction 6 / ~29
-    assert policy.goodput(Strategy("ngram", 2, 1), 1) == pytest.approx(6.0)
+    assert policy.predicted_goodput(spec, 1) == pytest.approx(emitted / 0.1) and emitted > 2.8
+    # but such a step really takes 0.5 s (costs no model of the forward sees): its time is
+    # scaled by 0.1 / 0.5, whatever it emitted, while plain steps take their predicted 0.1 s
+    policy.observe_step(spec, 1, 0.5)
+    assert policy.goodput(spec, 1) == pytest.approx(emitted / 0.5)
     assert policy.choose(1) == OFF
-    policy.observe_step(OFF, 1, 1, 0.1)
+    policy.observe_step(OFF, 1, 0.1)
     assert policy.choose(1) == OFF
+    # the median of the last steps: one stalled plain step (4x) does not move the correction
+    for seconds in (0.1, 0.1, 0.4):
+        policy.observe_step(OFF, 1, seconds)
+    assert policy.goodput(OFF, 1) == pytest.approx(1 / 0.1)
     # another batch size class keeps its own correction
-    assert policy.goodput(Strategy("ngram", 2, 1), 64) == policy.predicted_goodput(Strategy("ngram", 2, 1), 64)
+    assert policy.goodput(spec, 64) == policy.predicted_goodput(spec, 64)
 
 
 def test_tree_acceptance_prior_comes_from_the_chains():

@@ -17,12 +17,14 @@ as from the drafts verified: a few sequences per step get a draft that is not ve
 scored against the tokens they emit (trials.py). Other drafters (a draft model) are probed: now
 and then one is used for a step whatever its prediction.
 
-The prediction leaves out costs that no model of the forward sees (building tree masks, the
-per-sequence verification walk, cache compaction) and starts from optimistic acceptance
-priors. So each step's realised goodput (tokens emitted / wall time of the whole step) is
-compared with what was predicted for it, and the ratio, kept per drafter ("off" included) and
-per live-batch size class, scales that drafter's future predictions: a systematic error is
-corrected after a few steps, for every depth and width at once.
+The predicted time leaves out costs that no model of the forward sees (building tree masks,
+the per-sequence verification walk, cache compaction, sampling). So each step's wall time is
+compared with the time predicted for it, and the median of the last few ratios, kept per
+drafter ("off" included) and per live-batch size class, scales that drafter's predicted times:
+a systematic error is corrected after a few steps, for every depth and width at once, and one
+stalled step does not condemn a drafter. Only the time is corrected: the acceptance rates are
+observed directly, so an optimistic prior's miss does not linger in the correction of a drafter
+that is then never chosen again to revise it.
 """
 
 from __future__ import annotations
@@ -193,9 +195,11 @@ class AdaptivePolicy:
     _draft_cost: dict[str, float] = field(default_factory=dict)  # seconds per sequence per depth level
     _last_used: dict[str, int] = field(default_factory=dict)
     _steps: int = 0
-    correction_ema: float = 0.3
-    _correction: dict[tuple[str, int], float] = field(default_factory=dict)  # (drafter, batch class) -> ratio
-    _predicted: tuple[Strategy, int, float] | None = None  # the last choice and its predicted goodput
+    correction_window: int = 5
+    # (drafter, batch class) -> the last predicted / realised step times, and their median
+    _ratios: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    _correction: dict[tuple[str, int], float] = field(default_factory=dict)
+    _predicted: tuple[Strategy, int, float] | None = None  # the last choice and its predicted seconds
 
     max_nodes: int = 16  # draft tokens per sequence at most (bounds the verifier's work and the cache)
 
@@ -213,30 +217,34 @@ class AdaptivePolicy:
         fn = self.node_count.get(s.drafter)
         return fn(s.depth, s.width) if fn else s.depth * s.width
 
+    def predicted_seconds(self, s: Strategy, batch: int) -> float:
+        """One step's time with `batch` live sequences: the verifier's forward and the drafting."""
+        if s.drafter is None:
+            return self.step_time.predict(batch)
+        return (self.step_time.predict(batch * (1 + self.nodes(s)))
+                + self._draft_cost.get(s.drafter, 0.0) * batch * s.depth)
+
     def predicted_goodput(self, s: Strategy, batch: int) -> float:
         """Tokens per second with `batch` live sequences, from the step-time and acceptance models."""
-        if s.drafter is None:
-            return batch / max(self.step_time.predict(batch), 1e-9)
-        emitted = 1.0 + self.acceptance.expected_accepted(s.drafter, s.width, s.depth)
-        t = self.step_time.predict(batch * (1 + self.nodes(s)))
-        t += self._draft_cost.get(s.drafter, 0.0) * batch * s.depth
-        return batch * emitted / max(t, 1e-9)
+        emitted = 1.0 if s.drafter is None else 1.0 + self.acceptance.expected_accepted(s.drafter, s.width, s.depth)
+        return batch * emitted / max(self.predicted_seconds(s, batch), 1e-9)
 
     def goodput(self, s: Strategy, batch: int) -> float:
-        """The prediction, scaled by how the drafter's realised goodput compared with its
-        predictions at this batch size class."""
+        """The prediction, its time scaled by how the drafter's steps at this batch size class
+        took against their predicted time."""
         return self.predicted_goodput(s, batch) * self._correction.get((s.drafter or "off", _batch_class(batch)), 1.0)
 
-    def observe_step(self, s: Strategy, batch: int, emitted: int, seconds: float) -> None:
-        """A finished step: realised goodput against the prediction for it."""
+    def observe_step(self, s: Strategy, batch: int, seconds: float) -> None:
+        """A finished step's wall time, against the time predicted for it."""
         if seconds <= 0:
             return
         last = self._predicted
-        predicted = last[2] if last is not None and last[:2] == (s, batch) else self.predicted_goodput(s, batch)
+        predicted = last[2] if last is not None and last[:2] == (s, batch) else self.predicted_seconds(s, batch)
         key = (s.drafter or "off", _batch_class(batch))
-        ratio = (emitted / seconds) / max(predicted, 1e-9)
-        old = self._correction.get(key)
-        self._correction[key] = ratio if old is None else old + self.correction_ema * (ratio - old)
+        ratios = self._ratios.setdefault(key, [])
+        ratios.append(predicted / seconds)
+        del ratios[:-self.correction_window]
+        self._correction[key] = statistics.median(ratios)
 
     def choose(self, batch: int) -> Strategy:
         self._steps += 1
@@ -247,7 +255,7 @@ class AdaptivePolicy:
             best = Strategy(stale, 2, 1)
         else:
             best = max(self.candidates(), key=lambda s: self.goodput(s, batch))
-        self._predicted = (best, batch, self.predicted_goodput(best, batch))  # before this step updates the models
+        self._predicted = (best, batch, self.predicted_seconds(best, batch))  # before this step updates the models
         return best
 
     def observe_draft(self, s: Strategy, seconds: float, batch: int) -> None:

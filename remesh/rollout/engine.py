@@ -584,7 +584,7 @@ class RolloutEngine:
             self.policy.observe_draft(strategy, draft_s, b)
         seconds = time.perf_counter() - t0
         if self.fixed is None and typical:
-            self.policy.observe_step(used, b, emitted, seconds)
+            self.policy.observe_step(used, b, seconds)
         self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
 
     def _record_acceptance(self, drafter: str, width: int, offered: int, accepted: int, trial: bool = False) -> None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,17 @@ def tunable(rows: int, weight: Tensor) -> bool:
     return weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT and 1 <= rows <= MAX_ROWS
 
 
+@functools.cache
+def last_level_cache_bytes() -> int:
+    """The size of the CPU's largest cache (Linux sysfs); 32 MiB where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        if text[:-1].isdigit() and text[-1] in "KM":
+            sizes.append(int(text[:-1]) << (10 if text[-1] == "K" else 20))
+    return max(sizes, default=32 << 20)
+
+
 class TunedLinears:
     """`with tuned.applied(model):` around a decode step: the model's CPU nn.Linear layers (of
     at least MIN_WEIGHT elements), called without autograd on 1..MAX_ROWS rows, take the layout
@@ -52,12 +64,15 @@ class TunedLinears:
     instance per engine; the choices persist across steps. `force`: always the transposed
     (True) or nn.Linear's (False) layout, without timing.
 
-    The timings read the weight from cache, while a step of a model larger than the cache reads
-    it from memory: for SmolLM2-135M's one-row products, in-cache timing keeps nn.Linear's
-    layout for 3 of 5 shapes that run 2-3x faster transposed from memory (a batch-1 step: 38.6
-    ms as tuned, 31 ms with them transposed too). Timing after reading a 64 MiB scratch buffer
-    picked those, but the buffer showed in every engine's peak memory, 64 MiB beyond what the
-    planner estimates: an eviction that allocates nothing is still to do."""
+    A step of a model larger than the last-level cache reads every weight from memory, while a
+    timing loop reads it from cache. For one-row products that misleads most: timed in cache,
+    SmolLM2-135M's keep nn.Linear's layout for 3 of 5 shapes that run 2-3x faster transposed
+    from memory (a batch-1 step: 38.6 ms as tuned in cache, 31 ms from memory). So a one-row
+    shape of such a model is timed after reading the model's other weights, twice the cache's
+    size, as the step before it would have: the weight is evicted and nothing is allocated.
+    Products of several rows are still timed in cache: evicting there picked faster layouts too
+    (batch-8 steps 65 instead of 83 ms), but each new row count's tuning then costs ~0.1 s
+    more, paid inside early steps (docs/BENCHMARKS.md, CPU decode kernels)."""
 
     def __init__(self, reps: int = 3, force: bool | None = None):
         self.reps, self.force = reps, force
@@ -101,11 +116,34 @@ class TunedLinears:
             self.tunings += self.force is None
         return transposed_linear(x, weight, bias) if transposed else F.linear(x, weight, bias)
 
+    def _evictor(self, weight: Tensor) -> Callable[[], None] | None:
+        """Reads the model's other tuned weights, twice the last-level cache's size of them, so
+        that `weight` is read from memory next, as in a step; None if the model fits in cache."""
+        others = [m.weight for m, _ in self._layers if m.weight is not weight]
+        cache = last_level_cache_bytes()
+        if sum(w.nbytes for w in others) + weight.nbytes <= cache:
+            return None
+        picked, total = [], 0
+        for w in others:
+            if total >= 2 * cache:
+                break
+            picked.append(w)
+            total += w.nbytes
+
+        def evict() -> None:
+            for w in picked:
+                w.sum()
+        return evict
+
     def _faster_transposed(self, x: Tensor, weight: Tensor) -> bool:
+        evict = self._evictor(weight) if x.shape[0] == 1 else None
+
         def best(fn) -> float:
             fn()  # warm-up
             times = []
             for _ in range(self.reps):
+                if evict is not None:
+                    evict()
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
