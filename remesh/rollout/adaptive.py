@@ -23,8 +23,8 @@ compared with the time predicted for it, and the median of the last few ratios, 
 drafter ("off" included) and per live-batch size class, scales that drafter's predicted times:
 a systematic error is corrected after a few steps, for every depth and width at once, and one
 stalled step does not condemn a drafter. Only the time is corrected: the acceptance rates are
-observed directly, so an optimistic prior's miss does not linger in the correction of a drafter
-that is then never chosen again to revise it.
+observed directly, so a misjudged acceptance does not linger in the correction of a drafter that
+is then never chosen again to revise it.
 """
 
 from __future__ import annotations
@@ -129,9 +129,15 @@ class StepTimeModel:
 @dataclass
 class AcceptanceStats:
     """alpha[i]: P(draft token at depth i + 1 accepted | its parent was), per (drafter, width),
-    as a running mean that forgets slowly (the policy and the history change during RL)."""
+    as a running mean that forgets slowly (the policy and the history change during RL).
 
-    prior: float = 0.5
+    The prior is pessimistic (0): free trials and probes do the exploring, so a drafter is
+    chosen on evidence, and a level that no draft has reached yet promises nothing. With an
+    optimistic prior (0.5 at every level, from before the trials) a drafter whose first level had
+    missed a few times still looked worth a deep draft where a deep draft costs about a plain step
+    (at batch 1): E = a1 (1 + 0.5 + 0.25 + ...) ~ 2 a1 extra tokens on no evidence."""
+
+    prior: float = 0.0
     prior_weight: float = 2.0
     min_rate: float = 0.02  # learning rate floor: about the last 50 observations count
     _rate: dict[tuple[str, int], list[list[float]]] = field(default_factory=dict)
