@@ -7,7 +7,9 @@ One `generate` call:
 3. decodes: before every step the strategy (off, or a drafter with depth and width) is chosen,
    by the adaptive policy (spec "auto") or fixed; the drafts of all live sequences are scored
    in one forward with tree attention masks, verified (speculative.py), and the KV cache is
-   compacted so that the accepted path sits where plain decoding would have written it.
+   compacted so that the accepted path sits where plain decoding would have written it. Under
+   "auto", a few sequences per step also get a draft that is not verified, scored by the tokens
+   they emit next (trials.py): the policy's acceptance rates without verification's cost.
 
 Every sequence draws its randomness from its own stream (seeded by seed, prompt and sample
 index), one uniform per emitted position, so that with point-mass drafters (n-gram, history)
