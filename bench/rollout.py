@@ -18,15 +18,23 @@ over the rounds (all their tail tokens over all their tail seconds).
 
 At batch 1, plain decoding's achieved memory bandwidth (gpt-fast's measure: the weights one
 step reads over the median step time) against the device's copy bandwidth measured in the same
-run and, on a known GPU, its datasheet figure.
+run and, on a known GPU, its datasheet figure; and the same for the step's forward alone (the
+graph's replay on a GPU), without sampling and the engine's own work.
+
+The engines keep their KV cache between calls (`keep_cache`), so a CUDA graph captured in one
+round is replayed in the next, as a generation service would; an RL iteration drops the cache for
+its training and captures again.
 
 Headline (JSON): adaptive_vs_best_fixed_min, adaptive_vs_plain_min (min over batch sizes),
 longtail_speedup (adaptive / plain over the long-tail phase, median over the batch sizes >= 4
 where both reached it), and batch1_bandwidth_fraction (of the datasheet on a known GPU, else of
 the copy bandwidth; with batch 1 among the sizes).
 
+On a GPU the steps replay CUDA graphs (cuda_graphs.py) unless --no-cuda-graphs; results go to
+bench/results/rollout[_cuda][_eager][_bf16]...json.
+
     python bench/rollout.py [--quick] [--device cuda] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
-                            [--temperature 1.0] [--length-mix]
+                            [--temperature 1.0] [--length-mix] [--dtype fp32|bf16] [--no-cuda-graphs]
 """
 
 from __future__ import annotations
@@ -79,13 +87,16 @@ def main() -> None:
         p.add_argument("--length-mix", action="store_true",
                        help="ask for answers of one word, one sentence or a paragraph in turn: a wide spread of "
                             "response lengths, so that the batch drains into a long tail"),
-        p.add_argument("--reps", type=int, default=0, help="timed rounds (default 2, quick 1)")))
+        p.add_argument("--reps", type=int, default=0, help="timed rounds (default 2, quick 1)"),
+        p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32"),
+        p.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run the steps eagerly")))
     device = torch.device(args.device)
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 8, 32] if args.quick else [1, 4, 16, 64])
     reps = args.reps or (1 if args.quick else 2)
     folder = resolve_model_path("default")
     tok = load_tokenizer(folder)
-    model = load_hf(folder, head="lm", device=device).requires_grad_(False).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = load_hf(folder, head="lm", dtype=dtype, device=device).requires_grad_(False).eval()
     prompts = demo_prompts(tok, length_mix=args.length_mix)
     eos = model.args.extra.get("eos_token_id")
     stop = tuple(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}))
@@ -96,7 +107,8 @@ def main() -> None:
         batch = prompts[:b]
         params = lambda seed: SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=seed,  # noqa: E731
                                              stop_token_ids=stop)
-        engines = {n: RolloutEngine(model, spec=n, max_batch=b) for n in names}
+        engines = {n: RolloutEngine(model, spec=n, max_batch=b, cuda_graphs=not args.no_cuda_graphs, keep_cache=True)
+                   for n in names}
         gemms = TunedLinears()
         for e in engines.values():
             # one kernel tuner: a shape runs in the same layout under every strategy, so that
@@ -144,11 +156,15 @@ def main() -> None:
         print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.1f}" for n in names) + " tokens/s", flush=True)
         if plain_steps:
             per_size[b]["bandwidth"] = bw = bandwidth(model, plain_steps, device)
+            bw["forward_s_median"] = fwd = forward_seconds(engines["off"], device)
+            bw["forward_fraction_of_datasheet"] = (bw["weight_bytes"] / fwd / bw["datasheet_bytes_per_s"]
+                                                   if bw["datasheet_bytes_per_s"] else None)
             print(f"batch 1, plain decoding: {bw['step_s_median'] * 1e3:.1f} ms a step (median of {len(plain_steps)}), "
                   f"{bw['achieved_bytes_per_s'] / 1e9:.1f} GB/s of weights read: {bw['fraction_of_copy']:.2f} of this "
                   f"device's copy bandwidth ({bw['copy_bytes_per_s'] / 1e9:.1f} GB/s)"
                   + (f", {bw['fraction_of_datasheet']:.2f} of its datasheet's" if bw["fraction_of_datasheet"] else ""),
                   flush=True)
+            print(f"batch 1, the forward alone: {fwd * 1e3:.2f} ms, {bw['weight_bytes'] / fwd / 1e9:.1f} GB/s", flush=True)
 
     print_table(["batch", *names, "auto/best", "auto/off", "tail auto/off"],
                 [[b, *[d["tokens_per_s"][n] for n in names], d["adaptive_vs_best_fixed"], d["adaptive_vs_plain"],
@@ -161,11 +177,36 @@ def main() -> None:
     if 1 in per_size:
         bw = per_size[1]["bandwidth"]
         headline["batch1_bandwidth_fraction"] = round(bw["fraction_of_datasheet"] or bw["fraction_of_copy"], 3)
-    name = ("rollout" + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
+    graphs = device.type == "cuda" and not args.no_cuda_graphs
+    name = ("rollout" + ("" if device.type == "cpu" else f"_{device.type}") + ("_eager" if device.type == "cuda" and not graphs else "")
+            + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
             + ("_lengthmix" if args.length_mix else "") + ("_quick" if args.quick else ""))
     finish(name, headline, {str(b): d for b, d in per_size.items()},
            device=device, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
-           temperature=args.temperature, length_mix=args.length_mix, dtype="fp32", wall_s=round(time.perf_counter() - t_start, 1))
+           temperature=args.temperature, length_mix=args.length_mix, dtype=args.dtype, cuda_graphs=graphs, wall_s=round(time.perf_counter() - t_start, 1))
+
+
+def forward_seconds(engine: RolloutEngine, device: torch.device, reps: int = 50) -> float:
+    """Median time of a batch-1 decode step's forward alone, as the engine runs it (its CUDA
+    graph's replay, or eagerly with its tuned CPU kernels), over the engine's kept cache."""
+    from remesh.model import AttnContext
+    from remesh.rollout.engine import _sync
+
+    model, cache = engine.model, engine.cache
+    if engine.graphs is not None:
+        run = lambda: engine.graphs.logits([0], [0], [0], [0])  # noqa: E731
+    else:
+        run = lambda: model.logits(model(torch.zeros(1, dtype=torch.long, device=device),  # noqa: E731
+                                         torch.zeros(1, dtype=torch.long, device=device),
+                                         AttnContext.with_cache(cache, [0], [0], [1])))
+    times = []
+    with torch.inference_mode(), engine._kernels(device):
+        for _ in range(reps):
+            t = time.perf_counter()
+            run()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    return median(times[reps // 5:])
 
 
 def bandwidth(model: torch.nn.Module, step_seconds: list[float], device: torch.device) -> dict:

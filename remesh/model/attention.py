@@ -3,7 +3,7 @@
 A batch is the concatenation of B sequences ("packed"): tokens have shape [T] and an
 `AttnContext` says where each sequence starts (`cu_seqlens`). No compute is spent on padding.
 
-Four paths, chosen per call:
+Five paths, chosen per call:
 - fresh sequences, no cache: causal attention within each sequence (flash varlen on CUDA,
   one batched SDPA call when all lengths are equal, else one SDPA call per sequence);
 - fresh sequences of which some continue another sequence of the batch (`prefix_of`: the
@@ -12,7 +12,10 @@ Four paths, chosen per call:
 - with a KV cache: each sequence appends its new tokens' keys/values to its cache slot, then
   attends to its cached prefix plus its new tokens (prefill, decode and draft verification);
 - a custom mask among the new tokens (tree drafts): every sequence then has the same number
-  of new tokens and `mask[b, i, j]` says whether new token i may attend to new token j.
+  of new tokens and `mask[b, i, j]` says whether new token i may attend to new token j;
+- graph-safe decoding (`AttnContext.graph_safe`): the cache path with every per-step quantity
+  (slots, cached lengths, tree mask) in tensors and the whole cache length attended under a
+  mask, so that one CUDA graph replays any step of its shape (rollout/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ class AttnContext:
     _run_start: int | None = None
     _run_order: Tensor | None = None
     _decode_mask: tuple[int, Tensor] | None = None  # (rep, mask) of `decode_mask`
+    # graph-safe decoding: [B] cached tokens per sequence as a tensor (`cache_lens` is None), and
+    # every sequence attends to the whole cache length, masked
+    cache_lens_t: Tensor | None = None
 
     @classmethod
     def packed(cls, seqlens: list[int], device: torch.device | str = "cpu",
@@ -121,14 +127,32 @@ class AttnContext:
         ctx._write_pos = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(cache_lens, seqlens)])
         return ctx
 
+    @classmethod
+    def graph_safe(cls, cache: KVCache, slots: Tensor, cache_lens: Tensor, n: int,
+                   mask: Tensor | None = None) -> AttnContext:
+        """A decode or verification step (`n` new tokens per sequence, `mask` [B, n, n] among them
+        or causal) whose forward reads nothing from the host: no shape or index depends on the
+        lengths, which live in `cache_lens` [B] on the device, so a CUDA graph captured with
+        these tensors replays any step of the same B and n after they are refilled in place."""
+        b, device = slots.shape[0], cache.k.device
+        ctx = cls(seqlens=[n] * b, cu_seqlens=torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device),
+                  cache=cache, slots=slots, mask=mask, cache_lens_t=cache_lens)
+        offsets = torch.arange(n, device=device)
+        ctx._write_slot = slots[:, None].expand(b, n).reshape(-1)
+        ctx._write_pos = (cache_lens[:, None] + offsets).reshape(-1)
+        return ctx
+
     def decode_mask(self, rep: int) -> Tensor:
         """The KV-cache attention mask, [B, 1, rep * n, context] for `rep` query heads per kv head
         (rows head-major, as the grouped queries are laid out); built once per forward, shared by
         every layer."""
         if self._decode_mask is None or self._decode_mask[0] != rep:
             n = self.seqlens[0]
-            ends = max(s + m for s, m in zip(self.cache_lens, self.seqlens))
-            mask = _cache_mask(self, n, ends, self.cache.k.device)
+            if self.cache_lens_t is not None:  # graph-safe: the whole cache, lengths on the device
+                mask = _cache_mask(self, n, self.cache.max_len, self.cache.k.device)
+            else:
+                ends = max(s + m for s, m in zip(self.cache_lens, self.seqlens))
+                mask = _cache_mask(self, n, ends, self.cache.k.device)
             self._decode_mask = (rep, mask.repeat(1, 1, rep, 1) if rep > 1 and n > 1 else mask)
         return self._decode_mask[1]
 
@@ -219,6 +243,8 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
     # one scatter per layer writes every new token's key/value into its slot
     kc[ctx._write_slot, :, ctx._write_pos] = k.to(kc.dtype)
     vc[ctx._write_slot, :, ctx._write_pos] = v.to(vc.dtype)
+    if ctx.cache_lens_t is not None:
+        return _attend_graph_safe(q, ctx, kc, vc, scale)
     ends = [s + n for s, n in zip(ctx.cache_lens, ctx.seqlens)]
     if len(set(ctx.seqlens)) == 1:
         # decode / draft verification: every sequence has n new tokens, contexts differ in length
@@ -254,9 +280,24 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
     return torch.cat(outs)
 
 
+def _attend_graph_safe(q: Tensor, ctx: AttnContext, kc: Tensor, vc: Tensor, scale: float) -> Tensor:
+    """The cache path of `graph_safe` contexts: each sequence's rows gathered over the whole
+    cache length (the mask hides what lies beyond its own), grouped-query heads as rows of
+    their kv head, as `_attend_with_cache` lays them out."""
+    b, n = len(ctx.seqlens), ctx.seqlens[0]
+    hq, hkv, d = q.shape[1], kc.shape[1], q.shape[2]
+    rep = hq // hkv
+    queries = q.view(b, n, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * n, d)
+    keys, vals = kc.index_select(0, ctx.slots), vc.index_select(0, ctx.slots)
+    out = F.scaled_dot_product_attention(queries, keys.to(q.dtype), vals.to(q.dtype), attn_mask=ctx.decode_mask(rep),
+                                         scale=scale)
+    return out.unflatten(2, (rep, n)).permute(0, 3, 1, 2, 4).reshape(q.shape)
+
+
 def _cache_mask(ctx: AttnContext, n: int, ctx_len: int, device: torch.device) -> Tensor:
     """[B, 1, n, ctx_len] bool: the cached prefix, then causal (or `ctx.mask`) among new tokens."""
-    starts = torch.tensor(ctx.cache_lens, device=device)[:, None, None]  # [B, 1, 1]
+    starts = (ctx.cache_lens_t if ctx.cache_lens_t is not None
+              else torch.tensor(ctx.cache_lens, device=device))[:, None, None]  # [B, 1, 1]
     kpos = torch.arange(ctx_len, device=device)[None, None, :]  # [1, 1, C]
     qidx = torch.arange(n, device=device)[None, :, None]  # [1, n, 1]
     rel = kpos - starts  # key index relative to the first new token

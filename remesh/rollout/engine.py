@@ -10,6 +10,7 @@ One `generate` call:
    compacted so that the accepted path sits where plain decoding would have written it. Under
    "auto", a few sequences per step also get a draft that is not verified, scored by the tokens
    they emit next (trials.py): the policy's acceptance rates without verification's cost.
+   On a GPU, decode and verification steps replay CUDA graphs (cuda_graphs.py).
 
 Every sequence draws its randomness from its own stream (seeded by seed, prompt and sample
 index), one uniform per emitted position, so that with point-mass drafters (n-gram, history)
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from remesh.model.attention import AttnContext
 from remesh.rollout.adaptive import OFF, AdaptivePolicy, Strategy, parse_strategy
+from remesh.rollout.cuda_graphs import StepGraphs
 from remesh.rollout.drafters import Drafter, HistoryDrafter, ModelDrafter, NGramDrafter, SeqView
 from remesh.rollout.kernels import TunedLinears
 from remesh.rollout.sampling import SamplingParams, sample, target_logprobs
@@ -185,17 +187,23 @@ def _stream_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 class RolloutEngine:
     """Generates with `model`. `spec`: "off", "auto" (adaptive) or a fixed strategy such as
-    "ngram:4", "history:4x2" or "model:3" (the last needs `draft_model`). The engine keeps its KV
-    cache, the drafters' history and the policy's statistics across calls, as RL needs."""
+    "ngram:4", "history:4x2" or "model:3" (the last needs `draft_model`). The engine keeps the
+    drafters' history and the policy's statistics across calls, as RL needs. `cuda_graphs`: on a
+    GPU, replay decode and verification steps as CUDA graphs. `keep_cache`: keep the KV cache
+    (and its graphs) from one call to the next; by default it goes with the call, as an RL
+    iteration's training needs the memory."""
 
     def __init__(self, model: nn.Module, spec: str = "off", draft_model: nn.Module | None = None,
                  max_batch: int = 64, calibrate: bool = True,
-                 agree: Callable[[Strategy], Strategy] | None = None):
+                 agree: Callable[[Strategy], Strategy] | None = None, cuda_graphs: bool = True,
+                 keep_cache: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         # agree: makes the ranks that run one model together (tensor parallel) take the same
         # strategy each step, e.g. the first rank's, broadcast: timings differ between ranks
         self.model, self.max_batch, self.calibrate, self.agree = model, max_batch, calibrate, agree
+        self.cuda_graphs, self.keep_cache = cuda_graphs, keep_cache
+        self.graphs: StepGraphs | None = None  # the running call's, over its cache
         self.gemms = TunedLinears()  # CPU only: each decode projection in its faster layout
         self.drafters: dict[str, Drafter] = {"ngram": NGramDrafter(), "history": HistoryDrafter()}
         if draft_model is not None:
@@ -255,7 +263,13 @@ class RolloutEngine:
             n_seqs, longest = max(n_seqs, reserve[0]), max(longest, reserve[1])
         n_slots = max(1, min(self.max_batch, n_seqs))
         max_nodes = self._max_nodes()
-        self._ensure_cache(n_slots, longest + params.max_new_tokens + max_nodes + 1, device)
+        graphs = self._use_graphs(device)
+        # with graphs, one more slot than sequences: the padding rows' scratch space
+        self._ensure_cache(n_slots + graphs, longest + params.max_new_tokens + max_nodes + 1, device)
+        if not graphs:
+            self.graphs = None
+        elif self.graphs is None or self.graphs.cache is not self.cache:
+            self.graphs = StepGraphs(self.model, self.cache, self.cache.n_slots - 1, self.cache.n_slots - 1)
         for d in self.drafters.values():
             d.start(n_slots, self.cache.max_len)
             if isinstance(d, ModelDrafter):
@@ -307,9 +321,10 @@ class RolloutEngine:
         """End the call: the rollouts of the sequences that finished here, in (prompt, sample) order."""
         run = self._run
         self.model.train(run.was_training)
-        # the KV caches go with the call: in an RL iteration the training that follows needs the
-        # memory more than the next call needs to skip one allocation
-        self.cache = None
+        if not self.keep_cache:
+            # the KV caches go with the call: in an RL iteration the training that follows needs
+            # the memory more than the next call needs to skip an allocation and the captures
+            self.cache = self.graphs = None
         for d in self.drafters.values():
             d.stop()
         if run.bar is not None:
@@ -390,7 +405,7 @@ class RolloutEngine:
             self.cache.v[:, s.slot, :, :s.cache_len] = v.to(self.cache.v.device)
             s.kv = None
         if recompute:
-            t0, tunings = time.perf_counter(), self.gemms.tunings
+            t0, tunings = time.perf_counter(), self._setups()
             device = self._run.device
             contexts = [s.prompt + s.response[:-1] for s in recompute]
             lens = [len(c) for c in contexts]
@@ -403,12 +418,20 @@ class RolloutEngine:
             self._observe_time(sum(lens), time.perf_counter() - t0, tunings)
             self.stats.prefill_seconds += time.perf_counter() - t0
 
+    def _setups(self) -> int:
+        """One-time work done so far: projection layouts timed (kernels.py), CUDA graphs captured
+        or steps run eagerly while their shape waits for its capture."""
+        return self.gemms.tunings + (self.graphs.captures + self.graphs.eager_runs if self.graphs is not None else 0)
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        return self.cuda_graphs and device.type == "cuda"
+
     def _observe_time(self, tokens: int, seconds: float, tunings: int) -> bool:
-        """Feed a forward's time to the step-time model, unless that work also timed projection
-        layouts (`gemms.tunings` moved past `tunings`: the first step at a batch size does, see
-        kernels.py); its time would teach the models that this size is slow, and speculation fast
-        by contrast. Returns whether it was typical (fed)."""
-        typical = self.gemms.tunings == tunings
+        """Feed a forward's time to the step-time model, unless that work also did one-time setup
+        (`_setups()` moved past `tunings`: the first step at a batch size tunes kernel layouts on a
+        CPU, captures a graph on a GPU); its time would teach the models that this size is slow,
+        and speculation fast by contrast. Returns whether it was typical (fed)."""
+        typical = self._setups() == tunings
         if typical:
             self.policy.step_time.observe(tokens, seconds)
         return typical
@@ -441,20 +464,33 @@ class RolloutEngine:
         for tokens in sizes:
             b = min(n_slots, tokens)
             per = max(1, tokens // b)
-            ctx = AttnContext.with_cache(self.cache, list(range(b)), [0] * b, [per] * b)
-            ids = torch.zeros(b * per, dtype=torch.long, device=device)
-            pos = torch.arange(per, device=device).repeat(b)
             best = float("inf")
-            for _ in range(2 if tokens <= 256 else 1):
+            # as the steps will run: eagerly, or by a graph (captured by the first run, not timed)
+            for _ in range(2 if tokens <= 256 or self.graphs is not None else 1):
                 t = time.perf_counter()
-                self.model.logits(self.model(ids, pos, ctx))
+                self._forward([0] * (b * per), list(range(per)) * b, list(range(b)), [0] * b, None, capture=True)
                 _sync(device)
                 best = min(best, time.perf_counter() - t)
             self.policy.step_time.observe(b * per, best)
         self.stats.calibration_seconds = time.perf_counter() - t0
 
+    def _forward(self, ids: list[int], positions: list[int], slots: list[int], cache_lens: list[int],
+                 mask: Tensor | None, capture: bool = False) -> Tensor:
+        """Logits [b * n, vocab] of a cache step (n tokens per sequence, `mask` [b, n, n] among
+        them or causal), by a CUDA graph when its shape has one (or is due one; `capture`: now),
+        else eagerly."""
+        b, device = len(slots), self.cache.k.device
+        n = len(ids) // b
+        if self.graphs is not None and self.graphs.ready(b, n, now=capture):
+            if mask is None and n > 1:
+                mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, n, n)
+            return self.graphs.logits(ids, positions, slots, cache_lens, mask)
+        ctx = AttnContext.with_cache(self.cache, slots, cache_lens, [n] * b, mask=mask)
+        return self.model.logits(self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                                            ctx))
+
     def _prefill(self, seqs: list[_Seq], params: SamplingParams, device: torch.device) -> None:
-        t0, tunings = time.perf_counter(), self.gemms.tunings
+        t0, tunings = time.perf_counter(), self._setups()
         first: dict[int, _Seq] = {}
         for s in seqs:
             first.setdefault(s.prompt_index, s)
@@ -524,7 +560,7 @@ class RolloutEngine:
 
     def _step(self, live: list[_Seq], strategy: Strategy, params: SamplingParams, device: torch.device) -> None:
         t0 = time.perf_counter()
-        tunings = self.gemms.tunings
+        tunings = self._setups()
         drafts: list[Draft] | None = None
         draft_s = 0.0
         if strategy.drafter is not None:
@@ -544,10 +580,9 @@ class RolloutEngine:
         n = 1 + n_nodes
         b = len(live)
         cache_lens = [s.cache_len for s in live]
+        slots = [s.slot for s in live]
         if drafts is None:
-            ids = torch.tensor([s.response[-1] for s in live], device=device)
-            ctx = AttnContext.with_cache(self.cache, [s.slot for s in live], cache_lens, [1] * b)
-            logits = self.model.logits(self.model(ids, torch.tensor(cache_lens, device=device), ctx))
+            logits = self._forward([s.response[-1] for s in live], cache_lens, slots, cache_lens, None)
             tok, lp = sample(logits, params, torch.stack([s.uniforms[len(s.response)] for s in live]))
             emitted = 0
             for s, t, l in zip(live, tok.tolist(), lp.tolist()):
@@ -559,10 +594,8 @@ class RolloutEngine:
                 pad = n_nodes - len(d)
                 ids += [s.response[-1]] + d.tokens + [0] * pad
                 pos += [s.cache_len + x for x in d.depths()] + [s.cache_len] * pad
-            ctx = AttnContext.with_cache(self.cache, [s.slot for s in live], cache_lens, [n] * b,
-                                         mask=tree_mask(drafts, n_nodes, device))
-            hidden = self.model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), ctx)
-            logp = target_logprobs(self.model.logits(hidden), params).view(b, n, -1).cpu()
+            logits = self._forward(ids, pos, slots, cache_lens, tree_mask(drafts, n_nodes, device))
+            logp = target_logprobs(logits, params).view(b, n, -1).cpu()
             moves: list[tuple[int, int, int]] = []  # (slot, from, to) cache positions of accepted nodes
             emitted = 0
             for s, d, lp_rows in zip(live, drafts, logp):

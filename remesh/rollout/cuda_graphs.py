@@ -1,0 +1,126 @@
+"""Decode and verification steps replayed as CUDA graphs.
+
+A decode step of a small model is hundreds of small kernels (SmolLM2-135M: 30 layers of norms,
+projections, rotary embeddings, attention), each a few microseconds of GPU work behind a launch
+that costs more than that from Python. Captured once into a CUDA graph, the step is one launch
+(gpt-fast gets there with torch.compile). A graph replays fixed shapes on fixed buffers, so:
+- a step of b sequences with n tokens each runs the graph of (B, n), B the smallest bucket >= b;
+  rows b..B-1 are padding that writes into the cache's scratch slot, which no sequence owns;
+- the forward is `AttnContext.graph_safe`'s: lengths, slots and the tree mask are device tensors
+  refilled in place before each replay, and attention covers the whole cache length, masked;
+- a shape runs eagerly until its `capture_after`-th use, then is captured (a few forwards' time):
+  the rare shapes of probes and short-lived strategies never pay a capture;
+- graphs belong to one KV cache and die with it (the engine drops its cache after a generate
+  call unless asked to keep it: `RolloutEngine(keep_cache=True)`).
+
+`capture=False` runs the same padded, graph-safe forward eagerly: the CPU tests prove with it
+everything but the capture itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from remesh.model.attention import AttnContext, KVCache
+
+
+def bucket(b: int, limit: int) -> int:
+    """The smallest power of two >= b, at most `limit` (a step never holds more than `limit`)."""
+    return min(1 << max(b - 1, 0).bit_length(), limit)
+
+
+@dataclass
+class _Graph:
+    inputs: Tensor  # ids [B * n], positions [B * n], slots [B], cache_lens [B], back to back: one copy fills them
+    mask: Tensor | None  # [B, n, n] among the new tokens (n > 1)
+    logits: Tensor  # [B * n, vocab], the output
+    graph: torch.cuda.CUDAGraph | None
+    filled: int = 0  # real rows of the last step: rows beyond the next step's must be reset to padding
+
+    def split(self, big_b: int, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.inputs.split([big_b * n, big_b * n, big_b, big_b])
+
+
+class StepGraphs:
+    """Replays `model`'s cache steps of shape (batch bucket, tokens per sequence) as CUDA graphs
+    over `cache`, whose slot `scratch_slot` padding rows may overwrite."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, scratch_slot: int, max_batch: int, capture: bool = True,
+                 capture_after: int = 2):
+        if not 0 <= scratch_slot < cache.n_slots:
+            raise ValueError(f"scratch slot {scratch_slot} is not a slot of a {cache.n_slots}-slot cache")
+        self.model, self.cache, self.scratch, self.max_batch = model, cache, scratch_slot, max_batch
+        self.capture, self.capture_after = capture and cache.k.is_cuda, capture_after
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for every graph
+        self._uses: dict[tuple[int, int], int] = {}
+        self.captures = 0
+        self.eager_runs = 0  # steps left to the eager forward because their shape was not captured yet
+
+    def ready(self, b: int, n: int, now: bool = False) -> bool:
+        """Whether a step of `b` sequences and `n` tokens each should go through `logits` (its
+        graph exists, or this use captures it; `now`: capture at once), else run eagerly: each
+        call counts as a use."""
+        key = (bucket(b, self.max_batch), n)
+        if key in self.graphs:
+            return True
+        uses = self._uses[key] = self._uses.get(key, 0) + 1
+        if now or uses > self.capture_after:
+            return True
+        self.eager_runs += 1
+        return False
+
+    def logits(self, ids: list[int], positions: list[int], slots: list[int], cache_lens: list[int],
+               mask: Tensor | None = None) -> Tensor:
+        """The step's logits [b * n, vocab]: `ids` and `positions` (b * n, n tokens per sequence,
+        sequence-major), each sequence's cache `slots` and `cache_lens`, `mask` [b, n, n] on the
+        device or None (causal; plain decoding has n == 1). Same contract as the eager forward
+        with `AttnContext.with_cache`."""
+        b = len(slots)
+        n = len(ids) // b
+        big_b = bucket(b, self.max_batch)
+        g = self.graphs.get((big_b, n)) or self._build(big_b, n)
+        pad_tokens, pad_rows = [0] * (big_b - b) * n, big_b - b
+        # padding rows: the scratch slot from position 0
+        g.inputs.copy_(torch.tensor(ids + pad_tokens + positions + pad_tokens + slots + [self.scratch] * pad_rows
+                                    + cache_lens + [0] * pad_rows))
+        if g.mask is not None:
+            g.mask[:b].copy_(mask)
+            if g.filled > b:  # earlier real rows become padding: each token attends to itself
+                g.mask[b:g.filled] = torch.eye(n, dtype=torch.bool, device=g.mask.device)
+        g.filled = b
+        if g.graph is not None:
+            g.graph.replay()
+        else:
+            g.logits = self._forward(g, big_b, n)
+        return g.logits[:b * n]
+
+    def _build(self, big_b: int, n: int) -> _Graph:
+        device = self.cache.k.device
+        inputs = torch.zeros(2 * big_b * n + 2 * big_b, dtype=torch.long, device=device)
+        g = _Graph(inputs=inputs, logits=None, graph=None,  # type: ignore[arg-type]
+                   mask=torch.eye(n, dtype=torch.bool, device=device).repeat(big_b, 1, 1) if n > 1 else None)
+        g.split(big_b, n)[2].fill_(self.scratch)
+        if self.capture:
+            # warm up on a side stream (allocator, cuBLAS workspaces), as capture requires; the
+            # buffers hold padding only, so these runs write nothing but the scratch slot
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(g, big_b, n)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph, pool=self.pool):
+                g.logits = self._forward(g, big_b, n)
+            self.captures += 1
+        self.graphs[big_b, n] = g
+        return g
+
+    def _forward(self, g: _Graph, big_b: int, n: int) -> Tensor:
+        ids, positions, slots, cache_lens = g.split(big_b, n)
+        ctx = AttnContext.graph_safe(self.cache, slots, cache_lens, n, g.mask)
+        return self.model.logits(self.model(ids, positions, ctx))

@@ -1,0 +1,140 @@
+"""Decode and verification steps as CUDA graphs: the graph-safe forward (padded buckets, lengths
+on the device, the whole cache attended under a mask) equals the eager one, logits and cache;
+the engine's outputs do not change with it. On a CPU the graphs run eagerly (capture=False),
+which proves everything but the capture; the CUDA test captures them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from remesh.model import AttnContext
+from remesh.rollout import RolloutEngine, SamplingParams, greedy
+from remesh.rollout.cuda_graphs import StepGraphs, bucket
+from remesh.rollout.drafters import first_layers
+from remesh.rollout.speculative import Draft, tree_mask
+from tests.models import tiny_model
+from tests.test_sampler import PROMPTS, peaky_model
+
+
+def test_bucket_is_the_next_power_of_two_up_to_the_limit():
+    assert [bucket(b, 6) for b in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 4, 6, 6]
+    assert bucket(33, 64) == 64
+
+
+def _filled_cache(model, n_slots: int, lens: list[int]):
+    """A cache whose slots 0..len(lens)-1 hold random prompts of `lens` tokens."""
+    cache = model.new_kv_cache(n_slots, 32)
+    g = torch.Generator().manual_seed(1)
+    for slot, n in enumerate(lens):
+        ids = torch.randint(0, model.args.vocab_size, (n,), generator=g)
+        model(ids, torch.arange(n), AttnContext.with_cache(cache, [slot], [0], [n]))
+    return cache
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_graph_safe_steps_equal_eager_steps(family):
+    model = tiny_model(family).eval()
+    lens = [5, 9, 3, 7]
+    eager = _filled_cache(model, 5, lens)
+    graphed = _filled_cache(model, 5, lens)
+    steps = StepGraphs(model, graphed, scratch_slot=4, max_batch=4, capture=False)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        # plain decode of 3 sequences in slots out of order (bucket 4: one padding row), then 2
+        # (the third row turns to padding), then a tree step of 2 nodes over two sequences
+        for slots in ([2, 0, 3], [1, 3]):
+            ids = torch.randint(0, model.args.vocab_size, (len(slots),)).tolist()
+            cl = [lens[s] for s in slots]
+            want = model.logits(model(torch.tensor(ids), torch.tensor(cl), AttnContext.with_cache(eager, slots, cl, [1] * len(slots))))
+            got = steps.logits(ids, cl, slots, cl)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            for s in slots:
+                lens[s] += 1
+        drafts = [Draft([7, 8], [0, 0]), Draft([9, 10], [0, 1])]  # a 2-wide tree and a chain
+        slots, n = [0, 2], 3
+        cl = [lens[s] for s in slots]
+        ids = [1, 7, 8, 2, 9, 10]
+        pos = [cl[0], cl[0] + 1, cl[0] + 1, cl[1], cl[1] + 1, cl[1] + 2]
+        mask = tree_mask(drafts, 2)
+        want = model.logits(model(torch.tensor(ids), torch.tensor(pos), AttnContext.with_cache(eager, slots, cl, [n] * 2, mask=mask)))
+        got = steps.logits(ids, pos, slots, cl, mask)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert set(steps.graphs) == {(4, 1), (2, 1), (2, 3)}
+    # every sequence's cache rows are the eager ones; only the scratch slot differs
+    torch.testing.assert_close(graphed.k[:, :4], eager.k[:, :4], atol=1e-6, rtol=0)
+    torch.testing.assert_close(graphed.v[:, :4], eager.v[:, :4], atol=1e-6, rtol=0)
+
+
+def test_a_scratch_slot_outside_the_cache_is_refused():
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match="scratch slot 4"):
+        StepGraphs(model, model.new_kv_cache(4, 16), scratch_slot=4, max_batch=4)
+
+
+def test_a_shape_runs_eagerly_until_its_capture_is_due():
+    model = tiny_model().eval()
+    steps = StepGraphs(model, model.new_kv_cache(5, 16), scratch_slot=4, max_batch=4, capture_after=2)
+    assert [steps.ready(3, 1) for _ in range(3)] == [False, False, True]
+    assert steps.ready(4, 1)  # the same bucket: its third use
+    assert steps.ready(2, 5, now=True) and not steps.ready(2, 3)
+    assert steps.eager_runs == 3
+
+
+def _graphed(monkeypatch):
+    """Make engines run their steps through StepGraphs on this device (eagerly on a CPU)."""
+    monkeypatch.setattr(RolloutEngine, "_use_graphs", lambda self, device: self.cuda_graphs)
+
+
+@pytest.mark.parametrize("spec", ["off", "history:2x2", "model:2", "auto"])
+def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec):
+    model = peaky_model("llama").eval()
+    # auto with point-mass drafters only: its choices follow timings, and a stochastic draft
+    # model's acceptance would then change the samples
+    draft = first_layers(model, 1) if spec.startswith("model") else None
+    params = SamplingParams(max_new_tokens=10, n=3, seed=3, temperature=0.8, top_p=0.9)
+    plain = RolloutEngine(model, spec=spec, draft_model=draft, max_batch=5, cuda_graphs=False)
+    want = [plain.generate(PROMPTS, params) for _ in range(2)]  # the second with history
+    _graphed(monkeypatch)
+    engine = RolloutEngine(model, spec=spec, draft_model=draft, max_batch=5)
+    got = [engine.generate(PROMPTS, params) for _ in range(2)]
+    for g, w in zip(got, want):
+        assert [r.response_ids for r in g] == [r.response_ids for r in w]
+        torch.testing.assert_close(torch.tensor([x for r in g for x in r.logprobs]),
+                                   torch.tensor([x for r in w for x in r.logprobs]), atol=1e-5, rtol=0)
+    assert engine.graphs is None  # they go with the call's cache
+    g = greedy(params)
+    assert [r.response_ids for r in engine.generate(PROMPTS, g)] == [r.response_ids for r in plain.generate(PROMPTS, g)]
+    kept = RolloutEngine(model, spec=spec, draft_model=draft, max_batch=5, keep_cache=True)
+    first = kept.generate(PROMPTS, params)
+    graphs = kept.graphs
+    assert graphs is not None and graphs.graphs  # plain decoding's shapes were due their graphs
+    assert [r.response_ids for r in first] == [r.response_ids for r in want[0]]
+    kept.generate(PROMPTS, params)
+    assert kept.graphs is graphs  # the next call replays them
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", ["off", "history:2x2"])
+def test_captured_cuda_graphs_replay_the_eager_steps(spec):
+    model = tiny_model("llama", n_layers=3).cuda().eval()
+    params = SamplingParams(max_new_tokens=16, n=2, seed=5, temperature=1.0)
+    prompts = [[3, 4, 5, 6, 3, 4, 5], [9, 8, 7], [1, 2, 1, 2, 1, 2, 1, 2], [11, 12, 13, 14]]
+    eager = RolloutEngine(model, spec=spec, max_batch=6, cuda_graphs=False, calibrate=False)
+    graphed = RolloutEngine(model, spec=spec, max_batch=6, calibrate=False)
+    kept = RolloutEngine(model, spec=spec, max_batch=6, calibrate=False, keep_cache=True)
+    for _ in range(2):
+        assert [r.response_ids for r in kept.generate(prompts, params)] == [r.response_ids for r in eager.generate(prompts, params)]
+    assert kept.graphs.captures >= 1
+    for _ in range(2):
+        want, got = eager.generate(prompts, params), graphed.generate(prompts, params)
+        assert [r.response_ids for r in got] == [r.response_ids for r in want]
+        torch.testing.assert_close(torch.tensor([x for r in got for x in r.logprobs]),
+                                   torch.tensor([x for r in want for x in r.logprobs]), atol=1e-4, rtol=0)
+    assert graphed.graphs is None
+    engine = RolloutEngine(model, spec=spec, max_batch=6, calibrate=False)
+    engine.begin(prompts, params)
+    while engine.advance():
+        pass
+    assert engine.graphs.captures >= 1 and all(g.graph is not None for g in engine.graphs.graphs.values())
+    engine.collect()
