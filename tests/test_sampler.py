@@ -295,3 +295,27 @@ def test_engine_with_transposed_projections_gives_the_same_greedy_tokens():
     a, b = plain.generate(PROMPTS, params), flipped.generate(PROMPTS, params)
     assert [r.response_ids for r in a] == [r.response_ids for r in b]
     assert any(flipped.gemms.choices.values())  # the head did run transposed
+
+
+def test_no_full_garbage_collection_runs_during_a_call():
+    """A full collection walks everything torch imported and stalls a step by ~100 ms: during a
+    call only the young generations are collected; the collector's thresholds come back after,
+    also when two engines' calls overlap."""
+    import gc
+
+    from remesh.rollout import RolloutEngine
+    from remesh.rollout.engine import NO_FULL_COLLECTIONS
+
+    before = gc.get_threshold()
+    a, b = RolloutEngine(tiny_model().eval()), RolloutEngine(tiny_model().eval())
+    params = SamplingParams(max_new_tokens=4)
+    a.begin(PROMPTS, params)
+    assert gc.get_threshold() == (*before[:2], NO_FULL_COLLECTIONS)
+    b.begin(PROMPTS, params)  # overlapping calls: a's collect brings the thresholds back, b's leaves them
+    for engine in (a, b):
+        while engine.advance():
+            pass
+        engine.collect()
+        assert gc.get_threshold() == before
+    a.generate(PROMPTS, params)
+    assert gc.get_threshold() == before

@@ -21,6 +21,7 @@ the drafting strategy: speculation changes the speed, never the samples.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -179,6 +180,7 @@ class _Run:
 
 
 CALIBRATION_MAX_TOKENS = 1024
+NO_FULL_COLLECTIONS = 2 ** 30  # gc threshold2 during a call: young-generation collections only
 
 
 def _stream_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -203,6 +205,7 @@ class RolloutEngine:
         # strategy each step, e.g. the first rank's, broadcast: timings differ between ranks
         self.model, self.max_batch, self.calibrate, self.agree = model, max_batch, calibrate, agree
         self.cuda_graphs, self.keep_cache = cuda_graphs, keep_cache
+        self._gc_threshold: tuple[int, ...] | None = None  # the collector's, until `collect` restores it
         self.graphs: StepGraphs | None = None  # the running call's, over its cache
         self.gemms = TunedLinears()  # CPU only: each decode projection in its faster layout
         self.drafters: dict[str, Drafter] = {"ngram": NGramDrafter(), "history": HistoryDrafter()}
@@ -287,6 +290,12 @@ class RolloutEngine:
         if prompts and self.fixed is None and self.calibrate and not self.policy.step_time.calibrated:
             with torch.inference_mode(), self._kernels(device):
                 self._calibrate(n_slots, max_nodes, device)
+        # A full garbage collection walks every tracked object: ~300k once torch and transformers
+        # are imported, 130 ms here, dozens of GPU decode steps, and the call's own allocations
+        # (the drafters' indexes) set one off every few calls. Until `collect`, only the young
+        # generations are collected. Last in `begin`, so that nothing fails before `collect`.
+        self._gc_threshold = gc.get_threshold()
+        gc.set_threshold(*self._gc_threshold[:2], NO_FULL_COLLECTIONS)
 
     def advance(self) -> bool:
         """One engine step (a prefill of newly admitted sequences, or a decode step); False when
@@ -320,6 +329,11 @@ class RolloutEngine:
     def collect(self) -> list[Rollout]:
         """End the call: the rollouts of the sequences that finished here, in (prompt, sample) order."""
         run = self._run
+        if self._gc_threshold is not None:
+            # unless another engine's call began meanwhile and is still running: its collect restores
+            if gc.get_threshold()[2] == NO_FULL_COLLECTIONS:
+                gc.set_threshold(*self._gc_threshold)
+            self._gc_threshold = None
         self.model.train(run.was_training)
         if not self.keep_cache:
             # the KV caches go with the call: in an RL iteration the training that follows needs
