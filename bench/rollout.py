@@ -151,6 +151,9 @@ def main() -> None:
                        "response_len": {"min": min(lengths), "median": median(lengths), "max": max(lengths)},
                        "auto_strategies": engines["auto"].stats.strategy_counts(),
                        "auto_timeline": engines["auto"].stats.timeline(),
+                       "cuda_graphs": {n: {"shapes": len(e.graphs.graphs), "captures": e.graphs.captures,
+                                           "eager_runs": e.graphs.eager_runs}
+                                       for n, e in engines.items() if e.graphs is not None},
                        "acceptance_by_position": engines["auto"].stats.acceptance_by_position(),
                        "trial_acceptance_by_position": engines["auto"].stats.acceptance_by_position(trials=True)}
         print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.1f}" for n in names) + " tokens/s", flush=True)

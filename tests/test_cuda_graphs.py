@@ -10,6 +10,7 @@ import torch
 
 from remesh.model import AttnContext
 from remesh.rollout import RolloutEngine, SamplingParams, greedy
+from remesh.rollout import engine as engine_module
 from remesh.rollout.cuda_graphs import StepGraphs, bucket
 from remesh.rollout.drafters import first_layers
 from remesh.rollout.speculative import Draft, tree_mask
@@ -87,7 +88,10 @@ def _graphed(monkeypatch):
 
 
 @pytest.mark.parametrize("spec", ["off", "history:2x2", "model:2", "auto"])
-def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec):
+@pytest.mark.parametrize("draw_every_node", [False, True])
+def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec, draw_every_node):
+    """Graph steps, and verification drawing every node's token at once (as on a GPU), leave
+    the samples and log-probs as the eager engine gives them."""
     model = peaky_model("llama").eval()
     # auto with point-mass drafters only: its choices follow timings, and a stochastic draft
     # model's acceptance would then change the samples
@@ -96,6 +100,7 @@ def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec):
     plain = RolloutEngine(model, spec=spec, draft_model=draft, max_batch=5, cuda_graphs=False)
     want = [plain.generate(PROMPTS, params) for _ in range(2)]  # the second with history
     _graphed(monkeypatch)
+    monkeypatch.setattr(engine_module, "_draws_every_node", lambda device: draw_every_node)
     engine = RolloutEngine(model, spec=spec, draft_model=draft, max_batch=5)
     got = [engine.generate(PROMPTS, params) for _ in range(2)]
     for g, w in zip(got, want):
@@ -112,6 +117,9 @@ def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec):
     assert [r.response_ids for r in first] == [r.response_ids for r in want[0]]
     kept.generate(PROMPTS, params)
     assert kept.graphs is graphs  # the next call replays them
+    if spec != "auto":  # (auto's calibration times other shapes too)
+        # draft nodes padded to a power of two: a few shapes, each captured once
+        assert {n for _, n in {*graphs.graphs, *graphs._uses}} <= {1, 2, 3, 5, 9, 17}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,7 +13,8 @@ from remesh.rollout import RolloutEngine, SamplingParams, greedy, target_logprob
 from remesh.rollout import speculative
 from remesh.rollout.adaptive import OFF, AcceptanceStats, AdaptivePolicy, StepTimeModel, Strategy, parse_strategy
 from remesh.rollout.drafters import Drafter, HistoryDrafter, NGramDrafter, SeqView, first_layers
-from remesh.rollout.speculative import Draft, matched_depth, tree_mask, verify
+from remesh.rollout.sampling import inverse_cdf
+from remesh.rollout.speculative import Draft, matched_depth, tree_mask, verify, verify_drawn
 from remesh.rollout.trials import Trial
 from tests.models import tiny_model
 from tests.test_sampler import PROMPTS, peaky_model
@@ -90,6 +91,29 @@ def test_matched_depth_of_the_emitted_tokens_is_what_verification_accepts():
         logp = torch.randn(n + 1, 3, generator=gen).log_softmax(-1)
         v = verify(logp, draft, torch.rand(n + 1, generator=gen))
         assert matched_depth(draft, v.tokens) == len(v.path)
+
+
+def test_verify_from_each_nodes_draw_by_hand_and_equal_to_verify():
+    # root -> {5 (node 1) -> 6 (node 2)}, {7 (node 3)}; draws at root, 1, 2, 3
+    d = Draft([5, 6, 7], [0, 1, 0])
+    v = verify_drawn([5, 9, 4, 8], [-0.1, -0.2, -0.3, -0.4], d)
+    assert (v.path, v.tokens, v.logprobs) == ([1], [5, 9], [-0.1, -0.2])
+    v = verify_drawn([7, 9, 4, 8], [-0.1, -0.2, -0.3, -0.4], d)
+    assert (v.path, v.tokens, v.logprobs) == ([3], [7, 8], [-0.1, -0.4])
+    with pytest.raises(ValueError, match="point-mass"):
+        verify_drawn([0], [0.0], Draft.chain([1], torch.ones(1, 4) / 4))
+    # what the engine does on the device: every node drawn with the uniform of its depth
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        n = int(torch.randint(1, 7, (), generator=gen))
+        parents = [int(torch.randint(0, i + 1, (), generator=gen)) for i in range(n)]
+        draft = Draft(torch.randint(0, 3, (n,), generator=gen).tolist(), parents)
+        logp = torch.randn(n + 1, 3, generator=gen).log_softmax(-1)
+        u = torch.rand(n + 1, generator=gen)
+        drawn = inverse_cdf(logp.exp(), u[torch.tensor(draft.depths())])
+        got = verify_drawn(drawn.tolist(), logp.gather(1, drawn[:, None]).squeeze(1).tolist(), draft)
+        want = verify(logp, draft, u)
+        assert (got.path, got.tokens, got.logprobs) == (want.path, want.tokens, want.logprobs)
 
 
 # 2. exactness: the first 3 tokens' joint distribution equals the target's ----------------------
@@ -324,6 +348,26 @@ def test_policy_speculates_in_the_long_tail_and_not_at_large_batch():
         policy.acceptance.observe("ngram", 1, 4, 2)  # alpha = 1, 1, 0, 0
     assert policy.choose(1) == Strategy("ngram", 2, 1)  # 3 tokens for the price of one
     assert policy.choose(64) == Strategy()  # compute-bound: drafts cost as much as they bring
+
+
+def test_policy_choice_is_the_candidate_of_largest_goodput():
+    """`choose` computes goodputs group by group; it must pick what the per-strategy formula
+    ranks first, whatever the rates, times, draft costs and corrections."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        policy = AdaptivePolicy(drafters={"ngram": 4, "history": 4, "model": 2}, node_count={},
+                                explore_every=10 ** 9)
+        for t in (1, 2, 4, 8, 16, 64, 256, 1024):
+            policy.step_time.observe(t, 0.01 * (1 + t * float(torch.rand((), generator=gen)) / 64))
+        for name, width in (("ngram", 1), ("ngram", 2), ("history", 1), ("history", 4), ("model", 1)):
+            for _ in range(int(torch.randint(0, 30, (), generator=gen))):
+                depth = int(torch.randint(1, 9, (), generator=gen))
+                policy.acceptance.observe(name, width, depth, int(torch.randint(0, depth + 1, (), generator=gen)))
+            policy.observe_draft(Strategy(name, 2, width), 1e-4 * float(torch.rand((), generator=gen)), 4)
+            policy.observe_step(Strategy(name, 2, width), 4, 0.02 * float(torch.rand((), generator=gen)) + 1e-3)
+        for batch in (1, 3, 16, 64):
+            want = max(policy.candidates(), key=lambda c: policy.goodput(c, batch))
+            assert policy.choose(batch) == want, (trial, batch)
 
 
 def test_parse_strategy_errors():

@@ -206,16 +206,26 @@ class AdaptivePolicy:
     _ratios: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     _correction: dict[tuple[str, int], float] = field(default_factory=dict)
     _predicted: tuple[Strategy, int, float] | None = None  # the last choice and its predicted seconds
+    _candidate_groups: dict[tuple[str, int], list[tuple[Strategy, int]]] | None = None
 
     max_nodes: int = 16  # draft tokens per sequence at most (bounds the verifier's work and the cache)
 
     def candidates(self) -> list[Strategy]:
-        out = [OFF]
-        for name, max_width in self.drafters.items():
-            for w in self.widths:
-                if w <= max_width:
-                    out.extend(s for d in self.depths if self.nodes(s := Strategy(name, d, w)) <= self.max_nodes)
-        return out
+        return [OFF] + [s for group in self._groups().values() for s, _ in group]
+
+    def _groups(self) -> dict[tuple[str, int], list[tuple[Strategy, int]]]:
+        """The speculative candidates by (drafter, width), depths ascending, with their node
+        counts: fixed by the configuration, built once (`choose` runs before every step)."""
+        if self._candidate_groups is None:
+            groups: dict[tuple[str, int], list[tuple[Strategy, int]]] = {}
+            for name, max_width in self.drafters.items():
+                for w in self.widths:
+                    if w <= max_width:
+                        group = [(s, self.nodes(s)) for d in self.depths if self.nodes(s := Strategy(name, d, w)) <= self.max_nodes]
+                        if group:
+                            groups[name, w] = group
+            self._candidate_groups = groups
+        return self._candidate_groups
 
     def nodes(self, s: Strategy) -> int:
         if s.drafter is None:
@@ -260,8 +270,29 @@ class AdaptivePolicy:
             stale = min(probed, key=lambda n: self._last_used.get(n, -1))
             best = Strategy(stale, 2, 1)
         else:
-            best = max(self.candidates(), key=lambda s: self.goodput(s, batch))
+            best = self._best(batch)
         self._predicted = (best, batch, self.predicted_seconds(best, batch))  # before this step updates the models
+        return best
+
+    def _best(self, batch: int) -> Strategy:
+        """The candidate of largest `goodput` (the first of equals, in `candidates` order),
+        computed group by group: one pass over a drafter's acceptance rates serves all its depths."""
+        best, best_goodput = OFF, self.goodput(OFF, batch)
+        size_class = _batch_class(batch)
+        for (name, width), group in self._groups().items():
+            correction = self._correction.get((name, size_class), 1.0)
+            draft_cost = self._draft_cost.get(name, 0.0) * batch
+            expected, reach, level = 0.0, 1.0, 0
+            alphas = self.acceptance.alphas(name, width, group[-1][0].depth)
+            for s, nodes in group:
+                while level < s.depth:
+                    reach *= alphas[level]
+                    expected += reach
+                    level += 1
+                seconds = self.step_time.predict(batch * (1 + nodes)) + draft_cost * s.depth
+                goodput = batch * (1.0 + expected) / max(seconds, 1e-9) * correction
+                if goodput > best_goodput:
+                    best, best_goodput = s, goodput
         return best
 
     def observe_draft(self, s: Strategy, seconds: float, batch: int) -> None:

@@ -35,8 +35,8 @@ from remesh.rollout.adaptive import OFF, AdaptivePolicy, Strategy, parse_strateg
 from remesh.rollout.cuda_graphs import StepGraphs
 from remesh.rollout.drafters import Drafter, HistoryDrafter, ModelDrafter, NGramDrafter, SeqView
 from remesh.rollout.kernels import TunedLinears
-from remesh.rollout.sampling import SamplingParams, sample, target_logprobs
-from remesh.rollout.speculative import Draft, tree_mask, verify
+from remesh.rollout.sampling import SamplingParams, inverse_cdf, sample, target_logprobs
+from remesh.rollout.speculative import Draft, tree_mask, verify, verify_drawn
 from remesh.rollout.trials import Trial, Trials
 
 
@@ -591,6 +591,10 @@ class RolloutEngine:
             self._open_trials(live, strategy, params)
         t1 = time.perf_counter()
         n_nodes = max(len(d) for d in drafts) if drafts else 0
+        if drafts and self.graphs is not None:
+            # graphs: padded to a power of two (within the cache's room), so that steps come in a
+            # few shapes, each captured once, rather than one per node count met
+            n_nodes = min(1 << (n_nodes - 1).bit_length(), self._run.max_nodes)
         n = 1 + n_nodes
         b = len(live)
         cache_lens = [s.cache_len for s in live]
@@ -609,11 +613,23 @@ class RolloutEngine:
                 ids += [s.response[-1]] + d.tokens + [0] * pad
                 pos += [s.cache_len + x for x in d.depths()] + [s.cache_len] * pad
             logits = self._forward(ids, pos, slots, cache_lens, tree_mask(drafts, n_nodes, device))
-            logp = target_logprobs(logits, params).view(b, n, -1).cpu()
+            logp = target_logprobs(logits, params)
+            if _draws_every_node(device) and all(d.q is None for d in drafts):
+                # point masses: every node's token drawn at once where the logits are, with the
+                # uniform of its depth; two numbers per node reach the host, not a vocabulary row
+                u = torch.stack([s.uniforms[len(s.response) + x] for s, d in zip(live, drafts)
+                                 for x in d.depths() + [0] * (n_nodes - len(d))])
+                drawn = inverse_cdf(logp.exp(), u)
+                drawn_lp = logp.gather(1, drawn[:, None]).squeeze(1)
+                rows = zip(drawn.view(b, n).tolist(), drawn_lp.view(b, n).tolist())
+                verified = [verify_drawn(t, lp, d) for (t, lp), d in zip(rows, drafts)]
+            else:
+                logp = logp.view(b, n, -1).cpu()
+                verified = [verify(lp_rows, d, s.uniforms[len(s.response):], self.generator)
+                            for s, d, lp_rows in zip(live, drafts, logp)]
             moves: list[tuple[int, int, int]] = []  # (slot, from, to) cache positions of accepted nodes
             emitted = 0
-            for s, d, lp_rows in zip(live, drafts, logp):
-                v = verify(lp_rows, d, s.uniforms[len(s.response):], self.generator)
+            for s, d, v in zip(live, drafts, verified):
                 for k, node in enumerate(v.path, start=1):
                     if node != k:
                         moves.append((s.slot, s.cache_len + node, s.cache_len + k))
@@ -654,6 +670,14 @@ def _prune(d: Draft, max_depth: int) -> Draft:
     new_index = {0: 0, **{old: new for new, old in enumerate(keep, start=1)}}
     q = d.q[[i - 1 for i in keep]] if d.q is not None and keep else None
     return Draft([d.tokens[i - 1] for i in keep], [new_index[d.parents[i - 1]] for i in keep], q)
+
+
+def _draws_every_node(device: torch.device) -> bool:
+    """Whether verification draws a token at every draft node in one batched call (a GPU: cheap
+    there, and the host then reads two numbers per node instead of a vocabulary row), or only
+    at the nodes its walk reaches (a CPU: a draw is a pass over the vocabulary, and a wide tree
+    has many nodes the walk never reaches)."""
+    return device.type != "cpu"
 
 
 def _sync(device: torch.device) -> None:

@@ -110,6 +110,26 @@ def residual(p: Tensor, q: Tensor) -> Tensor:
     return (p - q).clamp_min(0.0)
 
 
+def verify_drawn(drawn: list[int], drawn_logprobs: list[float], draft: Draft) -> Verified:
+    """`verify` of a point-mass draft from the token drawn at every node: `drawn[i]` is node i's
+    draw from p with the uniform of its depth, `drawn_logprobs[i]` its log p. The walk follows the
+    children that proposed the draws; the draws themselves can be made for all nodes of all
+    sequences at once, on the device, so only two numbers per node leave it."""
+    if draft.q is not None:
+        raise ValueError("verify_drawn is for point-mass drafts; a sampled draft needs verify's min(1, p/q) tests")
+    path: list[int] = []
+    node = 0
+    while True:
+        match = next((c for c, (t, p) in enumerate(zip(draft.tokens, draft.parents), start=1)
+                      if p == node and t == drawn[node]), None)
+        if match is None:
+            parents = [0] + path
+            return Verified(path, [draft.tokens[c - 1] for c in path] + [drawn[node]],
+                            [drawn_logprobs[x] for x in parents])
+        path.append(match)
+        node = match
+
+
 def verify(logp: Tensor, draft: Draft, uniforms: Tensor, generator: torch.Generator | None = None) -> Verified:
     """Verify one draft. `logp` [>= 1 + len(draft), V]: target log-probs at the root and at every
     draft node. `uniforms` [>= depth + 1]: the sequence's own uniform for each position it may
