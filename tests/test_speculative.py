@@ -79,17 +79,22 @@ def test_matched_depth_by_hand():
     assert [matched_depth(d, e) for e in ([7, 8, 9], [5, 9], [5, 6], [9, 5], [], [7])] == [2, 1, 2, 0, 0, 1]
 
 
-def test_matched_depth_of_the_emitted_tokens_is_what_verification_accepts():
-    """A free trial scores a draft by the tokens plain decoding emits: for point-mass drafts the
-    accepted depth is the depth of the path spelling them, whatever p and the uniforms."""
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        # a random tree over a 3-token vocabulary (small, so that drafts are often accepted)
+def random_point_mass_cases(seed: int, count: int = 300):
+    """(draft, target log-probs, uniforms): random trees of 1-6 nodes over a 3-token vocabulary
+    (small, so that drafts are often accepted)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(count):
         n = int(torch.randint(1, 7, (), generator=gen))
         parents = [int(torch.randint(0, i + 1, (), generator=gen)) for i in range(n)]
         draft = Draft(torch.randint(0, 3, (n,), generator=gen).tolist(), parents)
-        logp = torch.randn(n + 1, 3, generator=gen).log_softmax(-1)
-        v = verify(logp, draft, torch.rand(n + 1, generator=gen))
+        yield draft, torch.randn(n + 1, 3, generator=gen).log_softmax(-1), torch.rand(n + 1, generator=gen)
+
+
+def test_matched_depth_of_the_emitted_tokens_is_what_verification_accepts():
+    """A free trial scores a draft by the tokens plain decoding emits: for point-mass drafts the
+    accepted depth is the depth of the path spelling them, whatever p and the uniforms."""
+    for draft, logp, u in random_point_mass_cases(0):
+        v = verify(logp, draft, u)
         assert matched_depth(draft, v.tokens) == len(v.path)
 
 
@@ -103,13 +108,7 @@ def test_verify_from_each_nodes_draw_by_hand_and_equal_to_verify():
     with pytest.raises(ValueError, match="point-mass"):
         verify_drawn([0], [0.0], Draft.chain([1], torch.ones(1, 4) / 4))
     # what the engine does on the device: every node drawn with the uniform of its depth
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(300):
-        n = int(torch.randint(1, 7, (), generator=gen))
-        parents = [int(torch.randint(0, i + 1, (), generator=gen)) for i in range(n)]
-        draft = Draft(torch.randint(0, 3, (n,), generator=gen).tolist(), parents)
-        logp = torch.randn(n + 1, 3, generator=gen).log_softmax(-1)
-        u = torch.rand(n + 1, generator=gen)
+    for draft, logp, u in random_point_mass_cases(1):
         drawn = inverse_cdf(logp.exp(), u[torch.tensor(draft.depths())])
         got = verify_drawn(drawn.tolist(), logp.gather(1, drawn[:, None]).squeeze(1).tolist(), draft)
         want = verify(logp, draft, u)
