@@ -498,3 +498,30 @@ def test_probes_are_spaced_in_proportion_to_the_live_batch():
 
     assert probes(2, 40) == probes(4, 40) == [8, 16, 24, 32, 40]
     assert probes(16, 100) == [32, 64, 96]
+
+
+def test_one_time_setup_inside_a_step_is_taken_out_of_its_observed_time(monkeypatch):
+    """A step that also timed kernel layouts (or captured a graph) feeds the step-time model and
+    the policy's correction its time less that setup, not nothing: a strategy meeting a new row
+    count at every step as the batch drains is still corrected."""
+    import time as time_module
+
+    model = tiny_model().eval()
+    engine = RolloutEngine(model, spec="auto", calibrate=False)
+    forward, calls = model.forward, []
+
+    def forward_with_setup(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # one step pays a 0.3 s setup
+            time_module.sleep(0.3)
+            engine.gemms.tuning_seconds += 0.3
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward_with_setup)
+    observed, steps = [], []
+    monkeypatch.setattr(engine.policy.step_time, "observe", lambda tokens, s: observed.append(s))
+    monkeypatch.setattr(engine.policy, "observe_step", lambda s, b, seconds: steps.append(seconds))
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))
+    assert len(observed) == len(calls)  # every forward fed, the one with the setup too
+    assert max(observed) < 0.2 and max(steps) < 0.2
+    assert max(s.seconds for s in engine.stats.steps) >= 0.3 or engine.stats.prefill_seconds >= 0.3  # stats keep wall time

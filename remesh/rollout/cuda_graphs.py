@@ -19,6 +19,7 @@ everything but the capture itself.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,7 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for every graph
         self._uses: dict[tuple[int, int], int] = {}
         self.captures = 0
+        self.capture_seconds = 0.0  # warm-ups and captures: one-time work inside the steps that did it
         self.eager_runs = 0  # steps left to the eager forward because their shape was not captured yet
 
     def ready(self, b: int, n: int, now: bool = False) -> bool:
@@ -105,6 +107,7 @@ class StepGraphs:
                    mask=torch.eye(n, dtype=torch.bool, device=device).repeat(big_b, 1, 1) if n > 1 else None)
         g.split(big_b, n)[2].fill_(self.scratch)
         if self.capture:
+            t0 = time.perf_counter()
             # warm up on a side stream (allocator, cuBLAS workspaces), as capture requires; the
             # buffers hold padding only, so these runs write nothing but the scratch slot
             stream = torch.cuda.Stream(device)
@@ -117,6 +120,8 @@ class StepGraphs:
             with torch.cuda.graph(g.graph, pool=self.pool):
                 g.logits = self._forward(g, big_b, n)
             self.captures += 1
+            torch.cuda.synchronize(device)
+            self.capture_seconds += time.perf_counter() - t0
         self.graphs[big_b, n] = g
         return g
 

@@ -419,7 +419,7 @@ class RolloutEngine:
             self.cache.v[:, s.slot, :, :s.cache_len] = v.to(self.cache.v.device)
             s.kv = None
         if recompute:
-            t0, tunings = time.perf_counter(), self._setups()
+            t0, before = time.perf_counter(), self._setups()
             device = self._run.device
             contexts = [s.prompt + s.response[:-1] for s in recompute]
             lens = [len(c) for c in contexts]
@@ -429,26 +429,33 @@ class RolloutEngine:
             for s, n in zip(recompute, lens):
                 s.cache_len = n
             _sync(device)
-            self._observe_time(sum(lens), time.perf_counter() - t0, tunings)
+            self._observe_time(sum(lens), time.perf_counter() - t0, before)
             self.stats.prefill_seconds += time.perf_counter() - t0
 
-    def _setups(self) -> int:
-        """One-time work done so far: projection layouts timed (kernels.py), CUDA graphs captured
-        or steps run eagerly while their shape waits for its capture."""
-        return self.gemms.tunings + (self.graphs.captures + self.graphs.eager_runs if self.graphs is not None else 0)
+    def _setups(self) -> tuple[int, float]:
+        """One-time work so far: (steps run eagerly while their shape waits for its CUDA graph,
+        seconds spent timing projection layouts (kernels.py) and capturing graphs)."""
+        g = self.graphs
+        return (g.eager_runs if g is not None else 0,
+                self.gemms.tuning_seconds + (g.capture_seconds if g is not None else 0.0))
 
     def _use_graphs(self, device: torch.device) -> bool:
         return self.cuda_graphs and device.type == "cuda"
 
-    def _observe_time(self, tokens: int, seconds: float, tunings: int) -> bool:
-        """Feed a forward's time to the step-time model, unless that work also did one-time setup
-        (`_setups()` moved past `tunings`: the first step at a batch size tunes kernel layouts on a
-        CPU, captures a graph on a GPU); its time would teach the models that this size is slow,
-        and speculation fast by contrast. Returns whether it was typical (fed)."""
-        typical = self._setups() == tunings
-        if typical:
-            self.policy.step_time.observe(tokens, seconds)
-        return typical
+    def _observe_time(self, tokens: int, seconds: float, before: tuple[int, float]) -> float | None:
+        """Feed a forward's time to the step-time model, less the one-time setup done inside it
+        since `before` (`_setups()`: the first step at a new shape times kernel layouts on a
+        CPU, captures a graph on a GPU), which would teach the model that this size is slow and
+        speculation fast by contrast. Left out entirely if it ran eagerly while its shape waits
+        for a graph: the graph's steps will not take its time. Returns the setup seconds taken
+        out, or None if left out. (Once, such steps were left out whole; then a strategy met
+        a new row count at every step as the batch drained, and none of its steps was fed.)"""
+        eager, setup = self._setups()
+        extra = setup - before[1]
+        if eager != before[0] or seconds - extra <= 0:
+            return None
+        self.policy.step_time.observe(tokens, seconds - extra)
+        return extra
 
     def _max_nodes(self) -> int:
         if self.fixed is not None:
@@ -504,7 +511,7 @@ class RolloutEngine:
                                             ctx))
 
     def _prefill(self, seqs: list[_Seq], params: SamplingParams, device: torch.device) -> None:
-        t0, tunings = time.perf_counter(), self._setups()
+        t0, before = time.perf_counter(), self._setups()
         first: dict[int, _Seq] = {}
         for s in seqs:
             first.setdefault(s.prompt_index, s)
@@ -528,7 +535,7 @@ class RolloutEngine:
         for s, t, l in zip(seqs, tok.tolist(), lp.tolist()):
             s.cache_len = len(s.prompt)
             self._emit(s, [t], [l], params)
-        self._observe_time(sum(lens), time.perf_counter() - t0, tunings)  # also the cost of recomputing a context
+        self._observe_time(sum(lens), time.perf_counter() - t0, before)  # also the cost of recomputing a context
         self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float], params: SamplingParams) -> int:
@@ -574,7 +581,7 @@ class RolloutEngine:
 
     def _step(self, live: list[_Seq], strategy: Strategy, params: SamplingParams, device: torch.device) -> None:
         t0 = time.perf_counter()
-        tunings = self._setups()
+        before = self._setups()
         drafts: list[Draft] | None = None
         draft_s = 0.0
         if strategy.drafter is not None:
@@ -644,12 +651,12 @@ class RolloutEngine:
         _sync(device)
         verify_s = time.perf_counter() - t1
         used = strategy if drafts is not None else OFF
-        typical = self._observe_time(b * n, verify_s, tunings)
+        setup = self._observe_time(b * n, verify_s, before)
         if strategy.drafter is not None:  # its cost counts even when it proposed nothing
             self.policy.observe_draft(strategy, draft_s, b)
         seconds = time.perf_counter() - t0
-        if self.fixed is None and typical:
-            self.policy.observe_step(used, b, seconds)
+        if self.fixed is None and setup is not None:
+            self.policy.observe_step(used, b, seconds - setup)
         self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
 
     def _record_acceptance(self, drafter: str, width: int, offered: int, accepted: int, trial: bool = False) -> None:

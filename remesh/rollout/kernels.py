@@ -80,6 +80,7 @@ class TunedLinears:
         # shapes timed so far: a step that timed one took longer than its kind of step takes,
         # and the engine keeps such a step out of its step-time model
         self.tunings = 0
+        self.tuning_seconds = 0.0  # their time, which the engine takes out of those steps' times
         self._model: nn.Module | None = None  # the model `_layers` was found in
         self._layers: list[tuple[nn.Linear, functools.partial]] = []
 
@@ -112,8 +113,10 @@ class TunedLinears:
         key = (x.shape[0], *weight.shape, x.dtype, torch.get_num_threads())
         transposed = self.choices.get(key)
         if transposed is None:
+            t0 = time.perf_counter()
             transposed = self.choices[key] = self.force if self.force is not None else self._faster_transposed(x, weight)
             self.tunings += self.force is None
+            self.tuning_seconds += time.perf_counter() - t0
         return transposed_linear(x, weight, bias) if transposed else F.linear(x, weight, bias)
 
     def _evictor(self, weight: Tensor) -> Callable[[], None] | None:
