@@ -148,13 +148,17 @@ class AttnContext:
         every layer."""
         if self._decode_mask is None or self._decode_mask[0] != rep:
             n = self.seqlens[0]
-            if self.cache_lens_t is not None:  # graph-safe: the whole cache, lengths on the device
-                mask = _cache_mask(self, n, self.cache.max_len, self.cache.k.device)
-            else:
-                ends = max(s + m for s, m in zip(self.cache_lens, self.seqlens))
-                mask = _cache_mask(self, n, ends, self.cache.k.device)
+            mask = _cache_mask(self, n, self.context_len, self.cache.k.device)
             self._decode_mask = (rep, mask.repeat(1, 1, rep, 1) if rep > 1 and n > 1 else mask)
         return self._decode_mask[1]
+
+    @property
+    def context_len(self) -> int:
+        """Cache positions a cache step's attention covers: up to its longest sequence's end, or,
+        graph-safe, the whole cache (the lengths are on the device)."""
+        if self.cache_lens_t is not None:
+            return self.cache.max_len
+        return max(s + n for s, n in zip(self.cache_lens, self.seqlens))
 
     @property
     def max_seqlen(self) -> int:
@@ -243,12 +247,9 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
     # one scatter per layer writes every new token's key/value into its slot
     kc[ctx._write_slot, :, ctx._write_pos] = k.to(kc.dtype)
     vc[ctx._write_slot, :, ctx._write_pos] = v.to(vc.dtype)
-    if ctx.cache_lens_t is not None:
-        return _attend_graph_safe(q, ctx, kc, vc, scale)
-    ends = [s + n for s, n in zip(ctx.cache_lens, ctx.seqlens)]
     if len(set(ctx.seqlens)) == 1:
         # decode / draft verification: every sequence has n new tokens, contexts differ in length
-        b, n, ctx_len = len(ctx.seqlens), ctx.seqlens[0], max(ends)
+        b, n, ctx_len = len(ctx.seqlens), ctx.seqlens[0], ctx.context_len
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
         rep = hq // hkv
         # grouped-query heads as rows of their kv head: q [B, Hkv, rep * n, D] against the cache's
@@ -269,6 +270,7 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
         return out.unflatten(2, (rep, n)).permute(0, 3, 1, 2, 4).reshape(q.shape)
     # ragged prefill: one call per sequence over its own prefix
     outs, start = [], 0
+    ends = [s + n for s, n in zip(ctx.cache_lens, ctx.seqlens)]
     for i, (n, end) in enumerate(zip(ctx.seqlens, ends)):
         slot = int(ctx.slots[i])
         keys, vals = kc[slot, :, :end][None].to(q.dtype), vc[slot, :, :end][None].to(q.dtype)
@@ -278,20 +280,6 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
         outs.append(out.transpose(1, 2)[0])
         start += n
     return torch.cat(outs)
-
-
-def _attend_graph_safe(q: Tensor, ctx: AttnContext, kc: Tensor, vc: Tensor, scale: float) -> Tensor:
-    """The cache path of `graph_safe` contexts: each sequence's rows gathered over the whole
-    cache length (the mask hides what lies beyond its own), grouped-query heads as rows of
-    their kv head, as `_attend_with_cache` lays them out."""
-    b, n = len(ctx.seqlens), ctx.seqlens[0]
-    hq, hkv, d = q.shape[1], kc.shape[1], q.shape[2]
-    rep = hq // hkv
-    queries = q.view(b, n, hkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, rep * n, d)
-    keys, vals = kc.index_select(0, ctx.slots), vc.index_select(0, ctx.slots)
-    out = F.scaled_dot_product_attention(queries, keys.to(q.dtype), vals.to(q.dtype), attn_mask=ctx.decode_mask(rep),
-                                         scale=scale)
-    return out.unflatten(2, (rep, n)).permute(0, 3, 1, 2, 4).reshape(q.shape)
 
 
 def _cache_mask(ctx: AttnContext, n: int, ctx_len: int, device: torch.device) -> Tensor:

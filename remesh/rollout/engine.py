@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from remesh.model.attention import AttnContext
 from remesh.rollout.adaptive import OFF, AdaptivePolicy, Strategy, parse_strategy
-from remesh.rollout.cuda_graphs import StepGraphs
+from remesh.rollout.cuda_graphs import StepGraphs, bucket
 from remesh.rollout.drafters import Drafter, HistoryDrafter, ModelDrafter, NGramDrafter, SeqView
 from remesh.rollout.kernels import TunedLinears
 from remesh.rollout.sampling import SamplingParams, inverse_cdf, sample, target_logprobs
@@ -601,7 +601,7 @@ class RolloutEngine:
         if drafts and self.graphs is not None:
             # graphs: padded to a power of two (within the cache's room), so that steps come in a
             # few shapes, each captured once, rather than one per node count met
-            n_nodes = min(1 << (n_nodes - 1).bit_length(), self._run.max_nodes)
+            n_nodes = bucket(n_nodes, self._run.max_nodes)
         n = 1 + n_nodes
         b = len(live)
         cache_lens = [s.cache_len for s in live]
@@ -614,18 +614,18 @@ class RolloutEngine:
                 s.cache_len += 1
                 emitted += self._emit(s, [t], [l], params)
         else:
+            # each node's depth, root first; padding nodes sit at the root's position
+            depths = [d.depths() + [0] * (n_nodes - len(d)) for d in drafts]
             ids, pos = [], []
-            for s, d in zip(live, drafts):
-                pad = n_nodes - len(d)
-                ids += [s.response[-1]] + d.tokens + [0] * pad
-                pos += [s.cache_len + x for x in d.depths()] + [s.cache_len] * pad
+            for s, d, ds in zip(live, drafts, depths):
+                ids += [s.response[-1]] + d.tokens + [0] * (n_nodes - len(d))
+                pos += [s.cache_len + x for x in ds]
             logits = self._forward(ids, pos, slots, cache_lens, tree_mask(drafts, n_nodes, device))
             logp = target_logprobs(logits, params)
             if _draws_every_node(device) and all(d.q is None for d in drafts):
                 # point masses: every node's token drawn at once where the logits are, with the
                 # uniform of its depth; two numbers per node reach the host, not a vocabulary row
-                u = torch.stack([s.uniforms[len(s.response) + x] for s, d in zip(live, drafts)
-                                 for x in d.depths() + [0] * (n_nodes - len(d))])
+                u = torch.stack([s.uniforms[len(s.response) + x] for s, ds in zip(live, depths) for x in ds])
                 drawn = inverse_cdf(logp.exp(), u)
                 drawn_lp = logp.gather(1, drawn[:, None]).squeeze(1)
                 rows = zip(drawn.view(b, n).tolist(), drawn_lp.view(b, n).tolist())
@@ -636,12 +636,11 @@ class RolloutEngine:
                             for s, d, lp_rows in zip(live, drafts, logp)]
             moves: list[tuple[int, int, int]] = []  # (slot, from, to) cache positions of accepted nodes
             emitted = 0
-            for s, d, v in zip(live, drafts, verified):
+            for s, ds, v in zip(live, depths, verified):
                 for k, node in enumerate(v.path, start=1):
                     if node != k:
                         moves.append((s.slot, s.cache_len + node, s.cache_len + k))
-                offered = max(d.depths()) if len(d) else 0
-                self._record_acceptance(strategy.drafter, strategy.width, offered, len(v.path))
+                self._record_acceptance(strategy.drafter, strategy.width, max(ds), len(v.path))
                 s.cache_len += 1 + len(v.path)
                 emitted += self._emit(s, v.tokens, v.logprobs, params)
             if moves:

@@ -77,10 +77,9 @@ class TunedLinears:
     def __init__(self, reps: int = 3, force: bool | None = None):
         self.reps, self.force = reps, force
         self.choices: dict[tuple, bool] = {}
-        # shapes timed so far: a step that timed one took longer than its kind of step takes,
-        # and the engine keeps such a step out of its step-time model
-        self.tunings = 0
-        self.tuning_seconds = 0.0  # their time, which the engine takes out of those steps' times
+        # seconds spent timing shapes: a step that timed one took that much longer than its kind
+        # of step takes, and the engine takes it out of the step's time for its step-time model
+        self.tuning_seconds = 0.0
         self._model: nn.Module | None = None  # the model `_layers` was found in
         self._layers: list[tuple[nn.Linear, functools.partial]] = []
 
@@ -115,7 +114,6 @@ class TunedLinears:
         if transposed is None:
             t0 = time.perf_counter()
             transposed = self.choices[key] = self.force if self.force is not None else self._faster_transposed(x, weight)
-            self.tunings += self.force is None
             self.tuning_seconds += time.perf_counter() - t0
         return transposed_linear(x, weight, bias) if transposed else F.linear(x, weight, bias)
 
