@@ -64,6 +64,10 @@ def test_plan_gives_the_one_process_metrics(rl_workspace, algo, capfd):
     else:  # rank 0 keeps the Adam state of about half its parameters
         import re
 
+        for call in ("actor_gen", "actor_greedy"):  # speculation metrics, merged over the ranks
+            assert all(r[f"perf/{call}/tokens_per_seq_step"] >= 1 and 0 <= r[f"perf/{call}/spec_step_frac"] <= 1
+                       for r in a + b)
+
         mine, total = re.search(r"actor optimizer: ZeRO-1 over dp=2, Adam state of ([\d,]+) of this rank's ([\d,]+)",
                                 out).groups()
         assert 0.3 < int(mine.replace(",", "")) / int(total.replace(",", "")) < 0.7

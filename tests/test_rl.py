@@ -17,7 +17,8 @@ import yaml
 from remesh.checkpoint import save_hf
 from remesh.config import load_config
 from remesh.rl.config import RLConfig
-from remesh.rl.trainer import RLTrainer
+from remesh.rl.trainer import RLTrainer, speculation_metrics
+from remesh.rollout.engine import GenerationStats, StepRecord
 from remesh.train.metrics import read_metrics
 from tests.models import tiny_model
 from tests.tiny_tokenizer import tiny_tokenizer
@@ -96,8 +97,23 @@ def test_reward_rises(rl_workspace, algo):
     assert max(r["logprob_mismatch/max"] for r in rows) < 1e-4
     if algo == "remax":
         assert "reward/greedy_mean" in rows[0]
+        # both generate calls report how much the (adaptive) speculation gave
+        for call in ("actor_gen", "actor_greedy"):
+            assert all(r[f"perf/{call}/tokens_per_seq_step"] >= 1 for r in rows)
+            assert all(0 <= r[f"perf/{call}/spec_step_frac"] <= 1 for r in rows)
     if algo == "ppo":
         assert "critic/loss" in rows[0]
+
+
+def test_speculation_metrics_from_decode_counts():
+    """Two plain steps of 4 and 2 sequences and one of 4 that accepted 3 draft tokens in all:
+    10 sequence-steps emitted 13 tokens; one step in three verified a draft."""
+    stats = GenerationStats(steps=[StepRecord(4, "off", 4, 0.1), StepRecord(4, "history:2", 7, 0.1),
+                                   StepRecord(2, "off", 2, 0.1)])
+    counts = stats.decode_counts()
+    assert counts == {"seq_steps": 10, "emitted": 13, "steps": 3, "spec_steps": 1}
+    metrics = speculation_metrics({"actor_gen": counts, "actor_greedy": GenerationStats().decode_counts()})
+    assert metrics == {"perf/actor_gen/tokens_per_seq_step": 1.3, "perf/actor_gen/spec_step_frac": 1 / 3}
 
 
 def _metrics_without_times(path: Path) -> dict[int, dict]:

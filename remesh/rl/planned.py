@@ -48,7 +48,7 @@ from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
 from remesh.reward import build_reward_fn
 from remesh.rl.batch import PackedMicroBatch, Responses, packed_tokens, prompt_groups
 from remesh.rl.config import RLConfig
-from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics
+from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics, speculation_metrics
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.runtime.data import balance_by_tokens, balance_units, holder_rank, object_device, redistribute
 from remesh.runtime.grads import clip_grad_norm, sync_gradients
@@ -289,6 +289,7 @@ class PlannedRLTrainer(RLTrainer):
         holder = self.rank == holder_rank(layout, self._dp_rank)
         if not holder:  # a replica's tp peers and stages generate the same tokens: counted once
             self._gen_tokens = gen_tokens
+            self._spec_stats.pop(mfc.name, None)
         if holder or mfc.call == "train_step":
             self._store_outputs(mfc, out, inputs)
         if mfc.call == "train_step" and self.rank == layout.ranks[0]:
@@ -400,7 +401,7 @@ class PlannedRLTrainer(RLTrainer):
         for key in self._built:
             self.models.pop(key, None)
         self._built.clear()
-        mine = {"times": times, "gen_tokens": self._gen_tokens, "realloc": self.realloc_log,
+        mine = {"times": times, "gen_tokens": self._gen_tokens, "spec": self._spec_stats, "realloc": self.realloc_log,
                 "stats": {k: v[0] for k, v in self.store.items() if k.endswith("_stats")},
                 "reward_metrics": self.reward_fn.metrics() if getattr(self, "reward_fn", None) else {},
                 "batch": self._train_batch_summary()}
@@ -429,6 +430,13 @@ class PlannedRLTrainer(RLTrainer):
         metrics = rollout_metrics(batch["scores"], batch["greedy_scores"], batch["lengths"], batch["finish"], times,
                                   sum(e["gen_tokens"] for e in everyone))
         metrics.update({"kl/coef": self.kl_ctl.value, "_n_samples": len(batch["lengths"])})
+        spec: dict[str, dict[str, int]] = {}  # a generate call's decode counts, summed over its replicas
+        for e in everyone:
+            for name, counts in e["spec"].items():
+                total = spec.setdefault(name, dict.fromkeys(counts, 0))
+                for k, v in counts.items():
+                    total[k] += v
+        metrics.update(speculation_metrics(spec))
         for e in everyone:
             for stats in e["stats"].values():
                 metrics.update(stats)

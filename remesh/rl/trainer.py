@@ -83,7 +83,7 @@ class RLTrainer:
         self.start = 0
         self.iteration = 0
         self._gen_tokens = 0
-        self._spec_stats: dict[str, dict[str, float]] = {}
+        self._spec_stats: dict[str, dict[str, int]] = {}  # generate call -> its decode counts
 
     def _setup_models(self) -> None:
         """Every role's whole model on this process, optimizers, and the resumed state."""
@@ -147,9 +147,7 @@ class RLTrainer:
         with self.amp():  # prompt_keys: a data-parallel instance's prompts are part of the batch
             rollouts = self._rollouts(mfc, [p.prompt_ids for p in prompts], self._sampling(greedy),
                                       inputs.get("prompt_keys"))
-        st = self.engine.stats
-        self._spec_stats[mfc.name] = {"tokens_per_step": st.tokens / max(len(st.steps), 1),
-                                      "spec_step_frac": sum(r.strategy != "off" for r in st.steps) / max(len(st.steps), 1)}
+        self._spec_stats[mfc.name] = self.engine.stats.decode_counts()
         responses = Responses([r.prompt_index for r in rollouts], [r.prompt_ids for r in rollouts],
                               [r.response_ids for r in rollouts], [r.finish_reason for r in rollouts])
         self._gen_tokens += sum(len(r.response_ids) for r in rollouts)
@@ -384,8 +382,7 @@ class RLTrainer:
         metrics.update(data["actor_stats"])
         metrics.update(data.get("critic_stats", {}))
         metrics.update({f"reward/{k}": v for k, v in self.reward_fn.metrics().items()})
-        for name, st in self._spec_stats.items():  # how much the speculative decoding helped
-            metrics.update({f"perf/{name}/{k}": v for k, v in st.items()})
+        metrics.update(speculation_metrics(self._spec_stats))
         return metrics
 
     def save_checkpoint(self) -> Path:
@@ -455,6 +452,19 @@ def rollout_metrics(scores: Tensor, greedy_scores: Tensor | None, lengths: list[
     metrics["perf/gen_tokens"] = gen_tokens
     metrics["perf/gen_tokens_per_s"] = gen_tokens / max(gen_time, 1e-9)
     return metrics
+
+
+def speculation_metrics(counts: dict[str, dict[str, int]]) -> dict[str, float]:
+    """How much speculative decoding gave each generate call, from its decode counts
+    (`GenerationStats.decode_counts`, summed over the call's engines): perf/<call>/tokens_per_seq_step,
+    the tokens a sequence emitted per decode step (1 without speculation, more as drafts are
+    accepted), and perf/<call>/spec_step_frac, the share of steps that verified a draft."""
+    out = {}
+    for name, c in counts.items():
+        if c["steps"]:
+            out[f"perf/{name}/tokens_per_seq_step"] = c["emitted"] / c["seq_steps"]
+            out[f"perf/{name}/spec_step_frac"] = c["spec_steps"] / c["steps"]
+    return out
 
 
 def plot_reward_curve(metrics_file: Path, path: Path) -> Path:

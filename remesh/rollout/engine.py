@@ -96,6 +96,13 @@ class GenerationStats:
             table[i][1] += 1
             table[i][0] += int(accepted > i)
 
+    def decode_counts(self) -> dict[str, int]:
+        """This call's decode steps as totals that add up over calls and engines: sequence-steps
+        (one sequence in one step), the tokens they emitted, steps, and the steps that verified a
+        draft."""
+        return {"seq_steps": sum(s.live for s in self.steps), "emitted": sum(s.emitted for s in self.steps),
+                "steps": len(self.steps), "spec_steps": sum(s.strategy != "off" for s in self.steps)}
+
     def strategy_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for s in self.steps:
