@@ -9,6 +9,7 @@ import torch
 
 from remesh.model import AttnContext
 from remesh.rollout import Rollout, SamplingParams, generate, greedy, sample, target_logprobs
+from remesh.rollout.sampling import CDF_BLOCK, _inverse_cdf_rows, inverse_cdf
 from tests.models import tiny_model
 
 VOCAB = 97
@@ -95,6 +96,30 @@ def test_sample_frequencies_match_target(params):
     # the same seed draws the same tokens
     again, _ = sample(logits.expand(draws, -1), params, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tokens, again)
+
+
+def test_inverse_cdf_across_blocks():
+    """Mass 1, 2, 1 (unnormalised) at tokens 5, B + 7 and 2B + 1 of a vocabulary of 2B + 3 (B =
+    CDF_BLOCK, the last block partial): u * total = 4u picks the first token whose running mass
+    exceeds it; zero-mass tokens are never drawn, not even at u = 1 (outside [0, 1): rounding's
+    worst case, which the one-level rule settles)."""
+    b = CDF_BLOCK
+    probs = torch.zeros(1, 2 * b + 3)
+    probs[0, [5, b + 7, 2 * b + 1]] = torch.tensor([1.0, 2.0, 1.0])
+    for u, token in [(0.0, 5), (0.1, 5), (0.25, b + 7), (0.74, b + 7), (0.75, 2 * b + 1), (0.99999994, 2 * b + 1),
+                     (1.0, 2 * b + 1)]:
+        assert int(inverse_cdf(probs, torch.tensor([u]))) == token, u
+
+
+def test_inverse_cdf_equals_the_one_level_rule():
+    """Random rows, a third of their tokens removed (as top-k / top-p do), a vocabulary that is
+    not a multiple of the block: the same tokens as one fp64 cumulative sum over each row."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.randn(300, 1000, generator=gen).mul(3).softmax(-1)
+    probs = probs.masked_fill(torch.rand(300, 1000, generator=gen) < 0.33, 0.0)
+    u = torch.rand(300, generator=gen)
+    u[:3] = torch.tensor([0.0, 0.5, 0.99999994])
+    assert torch.equal(inverse_cdf(probs, u), _inverse_cdf_rows(probs, u))
 
 
 def test_sample_greedy():

@@ -65,11 +65,42 @@ def target_logprobs(logits: Tensor, params: SamplingParams) -> Tensor:
     return x.log_softmax(dim=-1)
 
 
+CDF_BLOCK = 128  # tokens per block of inverse_cdf's two-level cumulative sum
+
+
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     """One token per row of (unnormalised) probs [B, V] from uniforms u [B] in [0, 1): the first
-    token whose cumulative mass exceeds u * total. Tokens with zero mass are never drawn."""
-    cdf = probs.double().cumsum(dim=-1)  # fp64: the sum over a large vocabulary drifts in fp32
-    idx = torch.searchsorted(cdf, (u.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
+    token whose cumulative mass exceeds u * total. Tokens with zero mass are never drawn.
+
+    The cumulative mass is fp64 (over a large vocabulary an fp32 sum drifts) and taken in two
+    levels: block totals, then the running sum inside the one block that holds u * total. The
+    token is the same as one cumsum over the row gives, up to fp64 rounding, for far less work:
+    64 rows of 49,152 on the 2-core CPU took 16-26 ms that way, 0.5-1.6 ms this way, and a
+    SmolLM2-135M decode step at batch 64 went from 210 to 187 ms."""
+    rows, vocab = probs.shape
+    full = vocab - vocab % CDF_BLOCK
+    totals = probs[:, :full].reshape(rows, -1, CDF_BLOCK).sum(-1, dtype=torch.float64)
+    if full < vocab:
+        totals = torch.cat([totals, probs[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], dim=1)
+    ends = totals.cumsum(dim=-1)  # the cumulative mass at each block's end
+    target = (u.to(ends.device, ends.dtype) * ends[:, -1])[:, None]
+    block = torch.searchsorted(ends, target, right=True).clamp_max(ends.shape[1] - 1)
+    first = block * CDF_BLOCK
+    ids = first + torch.arange(CDF_BLOCK, device=probs.device)
+    inner = probs.gather(1, ids.clamp_max(vocab - 1)).double().masked_fill_(ids >= vocab, 0.0)
+    before = torch.where(block > 0, ends.gather(1, (block - 1).clamp_min(0)), 0.0)
+    k = torch.searchsorted(before + inner.cumsum(dim=-1), target, right=True).clamp_max(CDF_BLOCK - 1)
+    idx = (first + k).squeeze(1).clamp_max(vocab - 1)
+    bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0
+    if bool(bad.any()):  # u * total within rounding of a block's end (or of 1): the one-level rule decides
+        idx[bad] = _inverse_cdf_rows(probs[bad], u.to(probs.device)[bad])
+    return idx
+
+
+def _inverse_cdf_rows(probs: Tensor, u: Tensor) -> Tensor:
+    """`inverse_cdf` over whole rows at once (the fallback where two levels round differently)."""
+    cdf = probs.double().cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
     idx = idx.clamp_max(probs.shape[-1] - 1)
     bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0  # rounding at u ~ 1: take the last live token
     if bool(bad.any()):
