@@ -2,9 +2,9 @@
 default model, for several batch sizes, on a long-tailed workload with a previous epoch's
 rollouts in the history drafter.
 
-Workload: the first B demo prompts (chat-templated), one sample each, temperature 1.0 (as RL
-samples), natural EOS up to --max-new-tokens, so response lengths spread widely and the batch
-drains into a long tail. Before timing, every engine generates one epoch (seed 0), untimed: its
+Workload: the first B demo prompts (chat-templated), one sample each (--n: B / n prompts, n
+samples each, as GRPO draws them), temperature 1.0 (as RL samples), natural EOS up to
+--max-new-tokens, so response lengths spread widely and the batch drains into a long tail. Before timing, every engine generates one epoch (seed 0), untimed: its
 rollouts fill the engine's history drafter, and the engine does its one-time work (step-time
 calibration, a kernel tuning at each batch shape it meets; the engines share one tuner), as in
 an RL run's first iteration. Round r then samples with seed 1 + r, and its rollouts join the
@@ -33,8 +33,8 @@ the copy bandwidth; with batch 1 among the sizes).
 On a GPU the steps replay CUDA graphs (cuda_graphs.py) unless --no-cuda-graphs; results go to
 bench/results/rollout[_cuda][_eager][_bf16]...json.
 
-    python bench/rollout.py [--quick] [--device cuda] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
-                            [--temperature 1.0] [--length-mix] [--dtype fp32|bf16] [--no-cuda-graphs]
+    python bench/rollout.py [--quick] [--device cuda] [--model default|PATH] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
+                            [--temperature 1.0] [--length-mix] [--n 1] [--dtype fp32|bf16] [--no-cuda-graphs]
 """
 
 from __future__ import annotations
@@ -82,18 +82,27 @@ def tail_rate(engine: RolloutEngine, batch: int) -> tuple[int, float]:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--sizes", default=""),
+        p.add_argument("--model", default="default",
+                       help="an HF folder (e.g. an RL run's final actor) or .gguf; default: the embedded SmolLM2"),
         p.add_argument("--max-new-tokens", type=int, default=48),
         p.add_argument("--temperature", type=float, default=1.0),
         p.add_argument("--length-mix", action="store_true",
                        help="ask for answers of one word, one sentence or a paragraph in turn: a wide spread of "
                             "response lengths, so that the batch drains into a long tail"),
+        p.add_argument("--n", type=int, default=1,
+                       help="samples per prompt (a GRPO group): a batch of B sequences is B / n prompts, and the "
+                            "history drafter also drafts from each sequence's running siblings"),
         p.add_argument("--reps", type=int, default=0, help="timed rounds (default 2, quick 1)"),
         p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32"),
         p.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run the steps eagerly")))
     device = torch.device(args.device)
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 8, 32] if args.quick else [1, 4, 16, 64])
+    if args.n > 1 and not args.sizes:
+        sizes = [b for b in sizes if b >= args.n]
+    if args.n < 1 or any(b % args.n for b in sizes):
+        raise SystemExit(f"--n {args.n}: every batch size (--sizes {','.join(map(str, sizes))}) must be a multiple of it")
     reps = args.reps or (1 if args.quick else 2)
-    folder = resolve_model_path("default")
+    folder = resolve_model_path(args.model)
     tok = load_tokenizer(folder)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = load_hf(folder, head="lm", dtype=dtype, device=device).requires_grad_(False).eval()
@@ -104,8 +113,9 @@ def main() -> None:
     t_start = time.perf_counter()
     per_size = {}
     for b in sizes:
-        batch = prompts[:b]
+        batch = prompts[:b // args.n]
         params = lambda seed: SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=seed,  # noqa: E731
+                                             n=args.n,
                                              stop_token_ids=stop)
         engines = {n: RolloutEngine(model, spec=n, max_batch=b, cuda_graphs=not args.no_cuda_graphs, keep_cache=True)
                    for n in names}
@@ -183,9 +193,10 @@ def main() -> None:
     graphs = device.type == "cuda" and not args.no_cuda_graphs
     name = ("rollout" + ("" if device.type == "cpu" else f"_{device.type}") + ("_eager" if device.type == "cuda" and not graphs else "")
             + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
-            + ("_lengthmix" if args.length_mix else "") + ("_quick" if args.quick else ""))
+            + ("_lengthmix" if args.length_mix else "") + (f"_n{args.n}" if args.n > 1 else "") + ("" if args.model == "default" else f"_{Path(args.model).name}")
+            + ("_quick" if args.quick else ""))
     finish(name, headline, {str(b): d for b, d in per_size.items()},
-           device=device, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
+           device=device, model=args.model, samples_per_prompt=args.n, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
            temperature=args.temperature, length_mix=args.length_mix, dtype=args.dtype, cuda_graphs=graphs, wall_s=round(time.perf_counter() - t_start, 1))
 
 
