@@ -330,6 +330,18 @@ def test_step_time_model_ignores_a_stalled_step():
     assert m.predict(16) == pytest.approx(2.0)  # the last five: 0.9, 4.0, 2.0, 2.0, 2.0
 
 
+def test_step_time_model_never_predicts_more_tokens_faster():
+    """Medians 0.10, 0.13, 0.12, 0.11 s at 16, 17, 32, 34 tokens (noise): 17-34 pooled to their
+    mean, 0.12 s, so 34 tokens cost no less than 17; a new point inside the run joins the pool."""
+    m = StepTimeModel()
+    for t, s in [(16, 0.10), (17, 0.13), (32, 0.12), (34, 0.11), (64, 0.2)]:
+        m.observe(t, s)
+    assert [m.predict(t) for t in (16, 17, 32, 34, 64)] == pytest.approx([0.10, 0.12, 0.12, 0.12, 0.2])
+    assert m.predict(48) == pytest.approx(0.12 + (0.2 - 0.12) * 14 / 30)  # interpolated on the fit
+    m.observe(20, 0.125)
+    assert m.predict(20) == pytest.approx((0.13 + 0.125 + 0.12 + 0.11) / 4)
+
+
 def test_expected_accepted_tokens():
     s = AcceptanceStats(prior=0.5, prior_weight=0.0, min_rate=0.0)
     for accepted in (2, 2, 1, 0):  # depth-3 drafts
@@ -351,8 +363,10 @@ def test_policy_speculates_in_the_long_tail_and_not_at_large_batch():
 
 def test_policy_choice_is_the_candidate_of_largest_goodput():
     """`choose` computes goodputs group by group; it must pick what the per-strategy formula
-    ranks first, whatever the rates, times, draft costs and corrections."""
+    ranks first, if that beats plain decoding by `min_gain`, whatever the rates, times, draft
+    costs and corrections."""
     gen = torch.Generator().manual_seed(0)
+    chosen = {True: 0, False: 0}  # off, a draft
     for trial in range(40):
         policy = AdaptivePolicy(drafters={"ngram": 4, "history": 4, "model": 2}, node_count={},
                                 explore_every=10 ** 9)
@@ -361,12 +375,49 @@ def test_policy_choice_is_the_candidate_of_largest_goodput():
         for name, width in (("ngram", 1), ("ngram", 2), ("history", 1), ("history", 4), ("model", 1)):
             for _ in range(int(torch.randint(0, 30, (), generator=gen))):
                 depth = int(torch.randint(1, 9, (), generator=gen))
-                policy.acceptance.observe(name, width, depth, int(torch.randint(0, depth + 1, (), generator=gen)))
+                hit = float(torch.rand((), generator=gen)) < trial / 40  # from all misses to mostly hits
+                policy.acceptance.observe(name, width, depth, int(torch.randint(0, depth + 1, (), generator=gen)) * hit)
             policy.observe_draft(Strategy(name, 2, width), 1e-4 * float(torch.rand((), generator=gen)), 4)
             policy.observe_step(Strategy(name, 2, width), 4, 0.02 * float(torch.rand((), generator=gen)) + 1e-3)
+        policy.observe_step(OFF, 3, 0.02 * float(torch.rand((), generator=gen)) + 1e-3)
         for batch in (1, 3, 16, 64):
-            want = max(policy.candidates(), key=lambda c: policy.goodput(c, batch))
+            want = max(policy.candidates()[1:], key=lambda c: policy.goodput(c, batch))
+            if not policy.goodput(want, batch) > policy.min_gain * policy.goodput(OFF, batch):
+                want = OFF
             assert policy.choose(batch) == want, (trial, batch)
+            chosen[want == OFF] += 1
+    assert min(chosen.values()) >= 20, chosen  # both outcomes, many times
+
+
+def test_policy_drafts_only_for_a_gain_beyond_its_margin():
+    """Steps of 1 and 2 tokens cost the same (predicted): a chain of one draft token is worth
+    1 + alpha tokens a step. At alpha 0.04 that is under the 5% margin: plain decoding."""
+    def choice(alpha: float) -> Strategy:
+        policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(1,), widths=(1,), explore_every=10 ** 9,
+                                acceptance=AcceptanceStats(prior=alpha, prior_weight=0.0))
+        for t in (1, 2):
+            policy.step_time.observe(t, 0.1)
+        return policy.choose(1)
+
+    assert choice(0.04) == OFF
+    assert choice(0.06) == Strategy("ngram", 1, 1)
+
+
+def test_untried_drafter_takes_plain_decodings_correction():
+    """At a batch size class where plain steps took twice their predicted time and the drafter
+    never ran, its predicted time is scaled as plain decoding's, not taken at face value; a
+    drafter run there keeps its own."""
+    policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(2,), widths=(1,))
+    for t, sec in [(1, 0.1), (64, 0.8)]:
+        policy.step_time.observe(t, sec)
+    spec = Strategy("ngram", 2, 1)
+    policy.observe_step(OFF, 4, 2 * policy.predicted_seconds(OFF, 4))
+    size_class = 2  # 3-4 live sequences
+    assert policy.correction("ngram", size_class) == policy.correction("off", size_class) == pytest.approx(0.5)
+    assert policy.goodput(spec, 4) == pytest.approx(policy.predicted_goodput(spec, 4) * 0.5)
+    assert policy.correction("ngram", 0) == 1.0  # nothing measured at batch 1
+    policy.observe_step(spec, 4, policy.predicted_seconds(spec, 4))
+    assert policy.correction("ngram", size_class) == pytest.approx(1.0)
 
 
 def test_parse_strategy_errors():
