@@ -35,6 +35,7 @@ bench/results/rollout[_cuda][_eager][_bf16]...json.
 
     python bench/rollout.py [--quick] [--device cuda] [--model default|PATH] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
                             [--temperature 1.0] [--length-mix] [--n 1] [--dtype fp32|bf16] [--no-cuda-graphs]
+                            [--profile]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import demo_prompts, finish, median, parse_args, print_table  # noqa: E402
+from bench.common import RESULTS_DIR, demo_prompts, finish, median, parse_args, print_table  # noqa: E402
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path  # noqa: E402
 from remesh.rollout import RolloutEngine, SamplingParams  # noqa: E402
 from remesh.rollout.kernels import TunedLinears  # noqa: E402
@@ -94,7 +95,10 @@ def main() -> None:
                             "history drafter also drafts from each sequence's running siblings"),
         p.add_argument("--reps", type=int, default=0, help="timed rounds (default 2, quick 1)"),
         p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32"),
-        p.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run the steps eagerly")))
+        p.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run the steps eagerly"),
+        p.add_argument("--profile", action="store_true",
+                       help="after the timed rounds, one more call of off and of auto under torch.profiler: their "
+                            "top ops to bench/results/profiles/, and on a GPU how much of the call kept it busy")))
     device = torch.device(args.device)
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 8, 32] if args.quick else [1, 4, 16, 64])
     if args.n > 1 and not args.sizes:
@@ -110,6 +114,7 @@ def main() -> None:
     eos = model.args.extra.get("eos_token_id")
     stop = tuple(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}))
     names = ["off", *FIXED, "auto"]
+    name = result_name(args, device)
     t_start = time.perf_counter()
     per_size = {}
     for b in sizes:
@@ -178,6 +183,14 @@ def main() -> None:
                   + (f", {bw['fraction_of_datasheet']:.2f} of its datasheet's" if bw["fraction_of_datasheet"] else ""),
                   flush=True)
             print(f"batch 1, the forward alone: {fwd * 1e3:.2f} ms, {bw['weight_bytes'] / fwd / 1e9:.1f} GB/s", flush=True)
+        if args.profile:
+            prof = per_size[b]["profile"] = {
+                n: profile_call(engines[n], batch, params(1 + reps), device, RESULTS_DIR / "profiles" / f"{name}_b{b}_{n}.txt")
+                for n in ("off", "auto")}
+            print(f"batch {b}, profiled: " + ", ".join(
+                f"{n} {p['wall_s']:.2f} s for {p['steps']} steps" + (f", device busy {p['device_busy_frac']:.0%}"
+                                                                     if p["device_busy_frac"] is not None else "")
+                + f" ({p['table']})" for n, p in prof.items()), flush=True)
 
     print_table(["batch", *names, "auto/best", "auto/off", "tail auto/off"],
                 [[b, *[d["tokens_per_s"][n] for n in names], d["adaptive_vs_best_fixed"], d["adaptive_vs_plain"],
@@ -191,13 +204,37 @@ def main() -> None:
         bw = per_size[1]["bandwidth"]
         headline["batch1_bandwidth_fraction"] = round(bw["fraction_of_datasheet"] or bw["fraction_of_copy"], 3)
     graphs = device.type == "cuda" and not args.no_cuda_graphs
-    name = ("rollout" + ("" if device.type == "cpu" else f"_{device.type}") + ("_eager" if device.type == "cuda" and not graphs else "")
-            + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
-            + ("_lengthmix" if args.length_mix else "") + (f"_n{args.n}" if args.n > 1 else "") + ("" if args.model == "default" else f"_{Path(args.model).name}")
-            + ("_quick" if args.quick else ""))
     finish(name, headline, {str(b): d for b, d in per_size.items()},
            device=device, model=args.model, samples_per_prompt=args.n, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
            temperature=args.temperature, length_mix=args.length_mix, dtype=args.dtype, cuda_graphs=graphs, wall_s=round(time.perf_counter() - t_start, 1))
+
+
+def result_name(args, device: torch.device) -> str:
+    """bench/results/<name>.json: rollout[_cuda][_eager][_bf16][_T..][_lengthmix][_nN][_model][_quick]."""
+    graphs = device.type == "cuda" and not args.no_cuda_graphs
+    return ("rollout" + ("" if device.type == "cpu" else f"_{device.type}") + ("_eager" if device.type == "cuda" and not graphs else "")
+            + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
+            + ("_lengthmix" if args.length_mix else "") + (f"_n{args.n}" if args.n > 1 else "")
+            + ("" if args.model == "default" else f"_{Path(args.model).name}") + ("_quick" if args.quick else ""))
+
+
+def profile_call(engine: RolloutEngine, prompts: list[list[int]], params: SamplingParams, device: torch.device,
+                 path: Path) -> dict:
+    """One generate call under torch.profiler: its top ops (by self device time on a GPU, else
+    self CPU time) written to `path`; its wall time and, on a GPU, the kernels' total time (the
+    rest of the wall is the device waiting for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        engine.generate(prompts, params)
+    events = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total", row_limit=30))
+    wall = engine.stats.seconds
+    busy = sum(e.self_device_time_total for e in events) / 1e6 if gpu else None
+    return {"wall_s": wall, "steps": len(engine.stats.steps), "device_busy_s": busy,
+            "device_busy_frac": busy / wall if gpu else None, "table": str(path.relative_to(RESULTS_DIR.parent.parent))}
 
 
 def forward_seconds(engine: RolloutEngine, device: torch.device, reps: int = 50) -> float:
