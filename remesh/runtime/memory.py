@@ -36,7 +36,7 @@ class PeakTensorMemory(TorchDispatchMode):
         for obj in gc.get_objects():
             if issubclass(type(obj), torch.Tensor):  # type(): no attribute lookups on odd objects
                 self._track(obj)
-                if obj.grad is not None:
+                if obj.is_leaf and obj.grad is not None:  # only leaves hold gradients (and reading a non-leaf's warns)
                     self._track(obj.grad)
         super().__enter__()
         return self
