@@ -309,9 +309,12 @@ class AdaptivePolicy:
     def _best(self, batch: int) -> Strategy:
         """The candidate of largest `goodput` (the first of equals, in `candidates` order), if
         it beats plain decoding's by `min_gain`; computed group by group: one pass over a
-        drafter's acceptance rates serves all its depths."""
+        drafter's acceptance rates serves all its depths, and a group stops at the depth its
+        drafts are no longer accepted (deeper ones only cost more: predicted step times never
+        fall with the tokens)."""
         best, best_goodput = OFF, self.goodput(OFF, batch) * self.min_gain
         size_class = _batch_class(batch)
+        verify_seconds: dict[int, float] = {}  # by draft nodes: the groups share them
         for (name, width), group in self._groups().items():
             correction = self.correction(name, size_class)
             draft_cost = self._draft_cost.get(name, 0.0) * batch
@@ -322,10 +325,14 @@ class AdaptivePolicy:
                     reach *= alphas[level]
                     expected += reach
                     level += 1
-                seconds = self.step_time.predict(batch * (1 + nodes)) + draft_cost * s.depth
-                goodput = batch * (1.0 + expected) / max(seconds, 1e-9) * correction
+                forward = verify_seconds.get(nodes)
+                if forward is None:
+                    forward = verify_seconds[nodes] = self.step_time.predict(batch * (1 + nodes))
+                goodput = batch * (1.0 + expected) / max(forward + draft_cost * s.depth, 1e-9) * correction
                 if goodput > best_goodput:
                     best, best_goodput = s, goodput
+                if reach == 0.0:
+                    break
         return best
 
     def observe_draft(self, s: Strategy, seconds: float, batch: int) -> None:
