@@ -61,7 +61,8 @@ def run_generate(a: GenerateArgs) -> dict:
     st = engine.stats
     summary = st.summary()
     print(f"remesh: {st.sequences} sequences, {st.tokens} tokens in {st.seconds:.2f} s "
-          f"({st.tokens_per_s:.1f} tokens/s, {summary['tokens_per_step']} tokens per decode step) -> {out}")
+          f"({st.tokens_per_s:.1f} tokens/s, {summary['tokens_per_step']} tokens per decode step, "
+          f"{summary['tokens_per_seq_step']:.2f} per sequence: 1 without speculation) -> {out}")
     for name, rates in summary["acceptance_by_position"].items():
         print(f"remesh: acceptance by position, {name}: " + " ".join(f"{x:.2f}" for x in rates))
     for name, rates in summary["trial_acceptance_by_position"].items():  # auto's unverified drafts

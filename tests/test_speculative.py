@@ -493,6 +493,8 @@ def test_generate_command_writes_jsonl_and_summary(tmp_path, capsys):
     assert all(len(r["response_ids"]) == len(r["logprobs"]) <= 6 and isinstance(r["response"], str) for r in rows)
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "strategies over time" in printed
+    per_seq = float(printed.split(" per sequence: 1 without speculation")[0].rsplit(", ", 1)[1])
+    assert 1.0 <= per_seq <= 3.0  # history:2x2 emits 1 to 3 tokens a sequence-step
     assert main(["generate", str(tmp_path / "model"), str(tmp_path / "p.jsonl"), "--spec", "model:3"]) == 2
     assert "unknown drafter 'model'" in capsys.readouterr().err
 

@@ -103,6 +103,12 @@ class GenerationStats:
         return {"seq_steps": sum(s.live for s in self.steps), "emitted": sum(s.emitted for s in self.steps),
                 "steps": len(self.steps), "spec_steps": sum(s.strategy != "off" for s in self.steps)}
 
+    @property
+    def tokens_per_seq_step(self) -> float:
+        """Tokens a sequence emitted per decode step: 1.0 without speculation (0 before any step)."""
+        c = self.decode_counts()
+        return c["emitted"] / c["seq_steps"] if c["seq_steps"] else 0.0
+
     def strategy_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for s in self.steps:
@@ -113,6 +119,7 @@ class GenerationStats:
         return {"sequences": self.sequences, "tokens": self.tokens, "seconds": round(self.seconds, 3),
                 "tokens_per_s": round(self.tokens_per_s, 2), "steps": len(self.steps),
                 "tokens_per_step": round(self.tokens / max(len(self.steps), 1), 2),
+                "tokens_per_seq_step": round(self.tokens_per_seq_step, 3),
                 "prefill_seconds": round(self.prefill_seconds, 3),
                 "calibration_seconds": round(self.calibration_seconds, 3),
                 "acceptance_by_position": self.acceptance_by_position(),
