@@ -403,6 +403,23 @@ def test_policy_drafts_only_for_a_gain_beyond_its_margin():
     assert choice(0.06) == Strategy("ngram", 1, 1)
 
 
+def test_a_correction_not_refreshed_is_forgotten():
+    """Plain steps at 3-4 live sequences took twice their predicted time, then the policy drafted
+    there for `correction_ttl` steps: plain decoding's 0.5 is forgotten (1.0), so plain decoding
+    gets tried again, and its next step starts a new median instead of joining the old ones."""
+    policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(2,), widths=(1,), correction_ttl=8)
+    for t, sec in [(1, 0.1), (64, 0.8)]:
+        policy.step_time.observe(t, sec)
+    for _ in range(3):
+        policy.observe_step(OFF, 4, 2 * policy.predicted_seconds(OFF, 4))
+    assert policy.correction("off", 2) == pytest.approx(0.5)
+    for _ in range(8):
+        policy.choose(4)
+    assert policy.correction("off", 2) == 1.0
+    policy.observe_step(OFF, 4, policy.predicted_seconds(OFF, 4) / 0.8)
+    assert policy.correction("off", 2) == pytest.approx(0.8)
+
+
 def test_untried_drafter_takes_plain_decodings_correction():
     """At a batch size class where plain steps took twice their predicted time and the drafter
     never ran, its predicted time is scaled as plain decoding's, not taken at face value; a

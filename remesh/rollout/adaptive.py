@@ -221,9 +221,13 @@ class AdaptivePolicy:
     _last_used: dict[str, int] = field(default_factory=dict)
     _steps: int = 0
     correction_window: int = 5
-    # (drafter, batch class) -> the last predicted / realised step times, and their median
+    # a correction not refreshed for this many steps is forgotten: else plain decoding's, once
+    # low by chance, would keep the policy drafting, and no plain step would ever correct it
+    correction_ttl: int = 64
+    # (drafter, batch class) -> the last predicted / realised step times, their median, and the
+    # step of the last one
     _ratios: dict[tuple[str, int], list[float]] = field(default_factory=dict)
-    _correction: dict[tuple[str, int], float] = field(default_factory=dict)
+    _correction: dict[tuple[str, int], tuple[float, int]] = field(default_factory=dict)
     _predicted: tuple[Strategy, int, float] | None = None  # the last choice and its predicted seconds
     _candidate_groups: dict[tuple[str, int], list[tuple[Strategy, int]]] | None = None
 
@@ -274,13 +278,16 @@ class AdaptivePolicy:
 
     def correction(self, drafter: str, size_class: int) -> float:
         """Predicted / realised time of the drafter's last steps at this batch size class
-        (median). A drafter not run at this class yet takes plain decoding's: the costs that no
-        model of the forward sees (sampling, emitting, the engine's bookkeeping) are every
-        strategy's, so at 1.0 an untried drafter looked faster than plain decoding's measured
-        steps by all of them (on the CPU at 16 live sequences: 0.64, and auto drafted at 3%
-        acceptance)."""
-        c = self._correction.get((drafter, size_class))
-        return c if c is not None else self._correction.get(("off", size_class), 1.0)
+        (median), if one ran there in the last `correction_ttl` steps. A drafter without one
+        takes plain decoding's: the costs that no model of the forward sees (sampling, emitting,
+        the engine's bookkeeping) are every strategy's, so at 1.0 an untried drafter looked
+        faster than plain decoding's measured steps by all of them (on the CPU at 16 live
+        sequences: 0.64, and auto drafted at 3% acceptance). Plain decoding without one: 1.0."""
+        for key in ((drafter, size_class), ("off", size_class)):
+            c = self._correction.get(key)
+            if c is not None and self._steps - c[1] < self.correction_ttl:
+                return c[0]
+        return 1.0
 
     def observe_step(self, s: Strategy, batch: int, seconds: float) -> None:
         """A finished step's wall time, against the time predicted for it."""
@@ -289,10 +296,13 @@ class AdaptivePolicy:
         last = self._predicted
         predicted = last[2] if last is not None and last[:2] == (s, batch) else self.predicted_seconds(s, batch)
         key = (s.drafter or "off", _batch_class(batch))
+        last_seen = self._correction.get(key, (0.0, self._steps))[1]
         ratios = self._ratios.setdefault(key, [])
+        if self._steps - last_seen >= self.correction_ttl:  # forgotten: start afresh
+            ratios.clear()
         ratios.append(predicted / seconds)
         del ratios[:-self.correction_window]
-        self._correction[key] = statistics.median(ratios)
+        self._correction[key] = (statistics.median(ratios), self._steps)
 
     def choose(self, batch: int) -> Strategy:
         self._steps += 1
