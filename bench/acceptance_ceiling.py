@@ -30,7 +30,7 @@ from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path  # noq
 from remesh.model import AttnContext  # noqa: E402
 from remesh.rollout import RolloutEngine, SamplingParams  # noqa: E402
 from remesh.rollout.drafters import first_layers  # noqa: E402
-from remesh.rollout.sampling import target_logprobs  # noqa: E402
+from remesh.rollout.sampling import stop_token_ids, target_logprobs  # noqa: E402
 
 CHAIN_DEPTH = 8
 
@@ -66,8 +66,7 @@ def main() -> None:
     folder = resolve_model_path(args.model)
     tok = load_tokenizer(folder)
     model = load_hf(folder, head="lm").requires_grad_(False).eval()
-    eos = model.args.extra.get("eos_token_id")
-    stop = tuple(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}))
+    stop = stop_token_ids(tok.eos_token_id, model.args.extra.get("eos_token_id"))
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=1,
                             stop_token_ids=stop)
     rollouts = RolloutEngine(model, max_batch=args.batch, spec="off").generate(

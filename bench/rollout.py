@@ -51,6 +51,7 @@ from bench.common import RESULTS_DIR, demo_prompts, finish, median, parse_args, 
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path  # noqa: E402
 from remesh.rollout import RolloutEngine, SamplingParams  # noqa: E402
 from remesh.rollout.kernels import TunedLinears  # noqa: E402
+from remesh.rollout.sampling import stop_token_ids  # noqa: E402
 
 FIXED = ("ngram:2", "ngram:4", "history:2", "history:4", "history:4x2")
 # datasheet memory bandwidth (bytes/s) by the GPU's name: the limit a batch-1 decode step is held to
@@ -111,8 +112,7 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = load_hf(folder, head="lm", dtype=dtype, device=device).requires_grad_(False).eval()
     prompts = demo_prompts(tok, length_mix=args.length_mix)
-    eos = model.args.extra.get("eos_token_id")
-    stop = tuple(sorted({tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}))
+    stop = stop_token_ids(tok.eos_token_id, model.args.extra.get("eos_token_id"))
     names = ["off", *FIXED, "auto"]
     name = result_name(args, device)
     t_start = time.perf_counter()

@@ -35,6 +35,7 @@ def run_generate(a: GenerateArgs) -> dict:
     from remesh.data.datasets import load_prompt_dataset
     from remesh.rollout import RolloutEngine, SamplingParams
     from remesh.rollout.drafters import load_draft_model
+    from remesh.rollout.sampling import stop_token_ids
     from remesh.train.trainer import pick_device
 
     device = pick_device(a.device)
@@ -43,10 +44,9 @@ def run_generate(a: GenerateArgs) -> dict:
     model = load_hf(folder, head="lm", dtype=getattr(torch, a.dtype), device=device).requires_grad_(False)
     draft = load_draft_model(a.draft_model, model, getattr(torch, a.dtype))
     prompts, _ = load_prompt_dataset(a.prompts, tokenizer, max_prompt_len=a.max_prompt_len)
-    eos = model.args.extra.get("eos_token_id")
-    stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    stop = stop_token_ids(tokenizer.eos_token_id, model.args.extra.get("eos_token_id"))
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
-                            max_new_tokens=a.max_new_tokens, n=a.n, seed=a.seed, stop_token_ids=tuple(sorted(stop)))
+                            max_new_tokens=a.max_new_tokens, n=a.n, seed=a.seed, stop_token_ids=stop)
     engine = RolloutEngine(model, spec=a.spec, draft_model=draft, max_batch=a.max_batch)
     rollouts = engine.generate([p.prompt_ids for p in prompts], params, progress=True)
     out = Path(a.out)

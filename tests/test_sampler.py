@@ -9,7 +9,7 @@ import torch
 
 from remesh.model import AttnContext
 from remesh.rollout import Rollout, SamplingParams, generate, greedy, sample, target_logprobs
-from remesh.rollout.sampling import CDF_BLOCK, _inverse_cdf_rows, inverse_cdf
+from remesh.rollout.sampling import CDF_BLOCK, _inverse_cdf_rows, inverse_cdf, stop_token_ids
 from tests.models import tiny_model
 
 VOCAB = 97
@@ -186,6 +186,12 @@ def test_behaviour_logprobs_match_teacher_forcing(temperature):
 
 
 # 5. stopping, n samples, reproducibility -------------------------------------------------------
+
+def test_stop_token_ids_join_tokenizer_and_config_eos():
+    assert stop_token_ids(2, [7, 2]) == (2, 7)  # a chat model's config lists its turn end too
+    assert stop_token_ids(None, 5) == (5,)
+    assert stop_token_ids(3, None) == (3,)
+
 
 def test_stop_token_and_length():
     model = peaky_model("llama")

@@ -32,6 +32,7 @@ from remesh.rl.batch import (PackedMicroBatch, Responses, forward_packed, logpro
 from remesh.rl.config import RLConfig
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.rollout.drafters import load_draft_model
+from remesh.rollout.sampling import stop_token_ids
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
 from remesh.train.state import (STATE_DIR, checkpoint_plan, load_trainer_state, prune_checkpoints, resolve_resume,
@@ -133,13 +134,10 @@ class RLTrainer:
         seed = self.cfg.trainer.seed * 1_000_003 + self.iteration * 2 + int(greedy)  # fixed per iteration
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, greedy=greedy,
                               max_new_tokens=r.max_new_tokens, n=1 if greedy else r.n_samples, seed=seed,
-                              stop_token_ids=tuple(self._stop_ids()))
+                              stop_token_ids=self._stop_ids())
 
-    def _stop_ids(self) -> list[int]:
-        """The tokenizer's eos plus the model config's eos id(s) (chat models often have both)."""
-        config_eos = self._config_eos
-        ids = {self.tokenizer.eos_token_id, *(config_eos if isinstance(config_eos, list) else [config_eos])}
-        return sorted(i for i in ids if i is not None)
+    def _stop_ids(self) -> tuple[int, ...]:
+        return stop_token_ids(self.tokenizer.eos_token_id, self._config_eos)
 
     def _generate(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
         prompts: list[PromptExample] = inputs["prompts"]
@@ -400,7 +398,7 @@ class RLTrainer:
     def sample_texts(self, prompts: list[PromptExample], engine: RolloutEngine | None = None) -> list[str]:
         """Greedy responses to `prompts`, by the run's engine unless another is given."""
         params = SamplingParams(greedy=True, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                stop_token_ids=tuple(self._stop_ids()))
+                                stop_token_ids=self._stop_ids())
         with self.amp():
             rollouts = (engine or self.engine).generate([p.prompt_ids for p in prompts], params)
         return self.tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)

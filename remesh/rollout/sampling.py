@@ -39,6 +39,13 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def stop_token_ids(tokenizer_eos: int | None, config_eos: int | list[int] | None) -> tuple[int, ...]:
+    """The tokens that end a response: the tokenizer's eos and the model config's eos id(s)
+    (chat models often have both), sorted."""
+    ids = {tokenizer_eos, *(config_eos if isinstance(config_eos, list) else [config_eos])}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
 def target_logprobs(logits: Tensor, params: SamplingParams) -> Tensor:
     """logits [B, V] -> fp32 [B, V] log-probabilities of the sampling distribution; tokens that
     cannot be drawn get -inf. Greedy is a point mass on the argmax."""
