@@ -61,6 +61,11 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def child(self, node: int, token: int) -> int | None:
+        """The first child of `node` that proposes `token` (its node index), or None."""
+        return next((c for c, (t, p) in enumerate(zip(self.tokens, self.parents), start=1) if p == node and t == token),
+                    None)
+
     def depths(self) -> list[int]:
         """Depth of every node, root included (root 0)."""
         d = [0]
@@ -77,9 +82,8 @@ def matched_depth(draft: Draft, emitted: list[int]) -> int:
     draft that was never verified."""
     node, depth = 0, 0
     for tok in emitted:
-        node = next((i for i, (t, p) in enumerate(zip(draft.tokens, draft.parents), start=1)
-                     if p == node and t == tok), 0)
-        if not node:
+        node = draft.child(node, tok)
+        if node is None:
             break
         depth += 1
     return depth
@@ -120,8 +124,7 @@ def verify_drawn(drawn: list[int], drawn_logprobs: list[float], draft: Draft) ->
     path: list[int] = []
     node = 0
     while True:
-        match = next((c for c, (t, p) in enumerate(zip(draft.tokens, draft.parents), start=1)
-                      if p == node and t == drawn[node]), None)
+        match = draft.child(node, drawn[node])
         if match is None:
             parents = [0] + path
             return Verified(path, [draft.tokens[c - 1] for c in path] + [drawn[node]],
