@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -430,12 +431,10 @@ class PlannedRLTrainer(RLTrainer):
         metrics = rollout_metrics(batch["scores"], batch["greedy_scores"], batch["lengths"], batch["finish"], times,
                                   sum(e["gen_tokens"] for e in everyone))
         metrics.update({"kl/coef": self.kl_ctl.value, "_n_samples": len(batch["lengths"])})
-        spec: dict[str, dict[str, int]] = {}  # a generate call's decode counts, summed over its replicas
+        spec: dict[str, Counter] = {}  # a generate call's decode counts, summed over its replicas
         for e in everyone:
             for name, counts in e["spec"].items():
-                total = spec.setdefault(name, dict.fromkeys(counts, 0))
-                for k, v in counts.items():
-                    total[k] += v
+                spec.setdefault(name, Counter()).update(counts)
         metrics.update(speculation_metrics(spec))
         for e in everyone:
             for stats in e["stats"].values():

@@ -32,6 +32,7 @@ from remesh.rl.batch import (PackedMicroBatch, Responses, forward_packed, logpro
 from remesh.rl.config import RLConfig
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.rollout.drafters import load_draft_model
+from remesh.rollout.engine import tokens_per_seq_step
 from remesh.rollout.sampling import stop_token_ids
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
@@ -460,7 +461,7 @@ def speculation_metrics(counts: dict[str, dict[str, int]]) -> dict[str, float]:
     out = {}
     for name, c in counts.items():
         if c["steps"]:
-            out[f"perf/{name}/tokens_per_seq_step"] = c["emitted"] / c["seq_steps"]
+            out[f"perf/{name}/tokens_per_seq_step"] = tokens_per_seq_step(c)
             out[f"perf/{name}/spec_step_frac"] = c["spec_steps"] / c["steps"]
     return out
 

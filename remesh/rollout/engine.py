@@ -105,9 +105,7 @@ class GenerationStats:
 
     @property
     def tokens_per_seq_step(self) -> float:
-        """Tokens a sequence emitted per decode step: 1.0 without speculation (0 before any step)."""
-        c = self.decode_counts()
-        return c["emitted"] / c["seq_steps"] if c["seq_steps"] else 0.0
+        return tokens_per_seq_step(self.decode_counts())
 
     def strategy_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -677,6 +675,12 @@ class RolloutEngine:
         this call's counts."""
         self.policy.acceptance.observe(drafter, width, offered, accepted)
         self.stats.count_acceptance(drafter, width, offered, accepted, trial)
+
+
+def tokens_per_seq_step(counts: dict[str, int]) -> float:
+    """Tokens a sequence emitted per decode step, from `GenerationStats.decode_counts` (of one
+    call, or summed over several): 1.0 without speculation, 0 before any step."""
+    return counts["emitted"] / counts["seq_steps"] if counts["seq_steps"] else 0.0
 
 
 def _prune(d: Draft, max_depth: int) -> Draft:
