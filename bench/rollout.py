@@ -114,7 +114,8 @@ def main() -> None:
     prompts = demo_prompts(tok, length_mix=args.length_mix)
     stop = stop_token_ids(tok.eos_token_id, model.args.extra.get("eos_token_id"))
     names = ["off", *FIXED, "auto"]
-    name = result_name(args, device)
+    graphs = device.type == "cuda" and not args.no_cuda_graphs
+    name = result_name(args, device, graphs)
     t_start = time.perf_counter()
     per_size = {}
     for b in sizes:
@@ -203,15 +204,13 @@ def main() -> None:
     if 1 in per_size:
         bw = per_size[1]["bandwidth"]
         headline["batch1_bandwidth_fraction"] = round(bw["fraction_of_datasheet"] or bw["fraction_of_copy"], 3)
-    graphs = device.type == "cuda" and not args.no_cuda_graphs
     finish(name, headline, {str(b): d for b, d in per_size.items()},
            device=device, model=args.model, samples_per_prompt=args.n, quick=args.quick, reps=reps, sizes=sizes, max_new_tokens=args.max_new_tokens,
            temperature=args.temperature, length_mix=args.length_mix, dtype=args.dtype, cuda_graphs=graphs, wall_s=round(time.perf_counter() - t_start, 1))
 
 
-def result_name(args, device: torch.device) -> str:
+def result_name(args, device: torch.device, graphs: bool) -> str:
     """bench/results/<name>.json: rollout[_cuda][_eager][_bf16][_T..][_lengthmix][_nN][_model][_quick]."""
-    graphs = device.type == "cuda" and not args.no_cuda_graphs
     return ("rollout" + ("" if device.type == "cpu" else f"_{device.type}") + ("_eager" if device.type == "cuda" and not graphs else "")
             + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
             + ("_lengthmix" if args.length_mix else "") + (f"_n{args.n}" if args.n > 1 else "")
