@@ -11,7 +11,7 @@ import torch
 from remesh.model import AttnContext
 from remesh.rollout import RolloutEngine, SamplingParams, greedy
 from remesh.rollout import engine as engine_module
-from remesh.rollout.cuda_graphs import StepGraphs, bucket
+from remesh.rollout.cuda_graphs import StepGraphs, bucket, context_bucket
 from remesh.rollout.drafters import first_layers
 from remesh.rollout.speculative import Draft, tree_mask
 from tests.models import tiny_model
@@ -21,6 +21,10 @@ from tests.test_sampler import PROMPTS, peaky_model
 def test_bucket_is_the_next_power_of_two_up_to_the_limit():
     assert [bucket(b, 6) for b in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 4, 6, 6]
     assert bucket(33, 64) == 64
+
+
+def test_context_bucket_is_the_next_power_of_two_within_smallest_and_the_cache_length():
+    assert [context_bucket(c, 8, 40) for c in (1, 8, 9, 16, 17, 33, 40)] == [8, 8, 16, 16, 32, 40, 40]
 
 
 def _filled_cache(model, n_slots: int, lens: list[int]):
@@ -39,12 +43,14 @@ def test_graph_safe_steps_equal_eager_steps(family):
     lens = [5, 9, 3, 7]
     eager = _filled_cache(model, 5, lens)
     graphed = _filled_cache(model, 5, lens)
-    steps = StepGraphs(model, graphed, scratch_slot=4, max_batch=4, capture=False)
+    # contexts of 8 positions and more: the steps below attend to 8, 16 and 32 of the cache's 32
+    steps = StepGraphs(model, graphed, scratch_slot=4, max_batch=4, capture=False, min_context=8)
     torch.manual_seed(0)
     with torch.inference_mode():
         # plain decode of 3 sequences in slots out of order (bucket 4: one padding row), then 2
-        # (the third row turns to padding), then a tree step of 2 nodes over two sequences
-        for slots in ([2, 0, 3], [1, 3]):
+        # (the third row turns to padding), then one of a sequence whose context is at most 8,
+        # then a tree step of 2 nodes over two sequences
+        for slots in ([2, 0, 3], [1, 3], [2]):
             ids = torch.randint(0, model.args.vocab_size, (len(slots),)).tolist()
             cl = [lens[s] for s in slots]
             want = model.logits(model(torch.tensor(ids), torch.tensor(cl), AttnContext.with_cache(eager, slots, cl, [1] * len(slots))))
@@ -61,7 +67,16 @@ def test_graph_safe_steps_equal_eager_steps(family):
         want = model.logits(model(torch.tensor(ids), torch.tensor(pos), AttnContext.with_cache(eager, slots, cl, [n] * 2, mask=mask)))
         got = steps.logits(ids, pos, slots, cl, mask)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert set(steps.graphs) == {(4, 1), (2, 1), (2, 3)}
+    assert set(steps.graphs) == {(4, 1, 8), (2, 1, 16), (1, 1, 8), (2, 3, 16)}
+    assert steps.graphs[2, 1, 16].logits is not steps.graphs[2, 3, 16].logits
+    # a context beyond the cache's half: attention over all of it
+    slots, cl = [1], [lens[1] + 20]
+    graphed.k[:, 1, :, lens[1]:cl[0]] = eager.k[:, 1, :, lens[1]:cl[0]] = torch.randn_like(eager.k[:, 1, :, :20])
+    graphed.v[:, 1, :, lens[1]:cl[0]] = eager.v[:, 1, :, lens[1]:cl[0]] = torch.randn_like(eager.v[:, 1, :, :20])
+    with torch.inference_mode():
+        want = model.logits(model(torch.tensor([5]), torch.tensor(cl), AttnContext.with_cache(eager, slots, cl, [1])))
+        torch.testing.assert_close(steps.logits([5], cl, slots, cl), want, atol=1e-5, rtol=1e-5)
+    assert (1, 1, 32) in steps.graphs
     # every sequence's cache rows are the eager ones; only the scratch slot differs
     torch.testing.assert_close(graphed.k[:, :4], eager.k[:, :4], atol=1e-6, rtol=0)
     torch.testing.assert_close(graphed.v[:, :4], eager.v[:, :4], atol=1e-6, rtol=0)
@@ -75,11 +90,12 @@ def test_a_scratch_slot_outside_the_cache_is_refused():
 
 def test_a_shape_runs_eagerly_until_its_capture_is_due():
     model = tiny_model().eval()
-    steps = StepGraphs(model, model.new_kv_cache(5, 16), scratch_slot=4, max_batch=4, capture_after=2)
-    assert [steps.ready(3, 1) for _ in range(3)] == [False, False, True]
-    assert steps.ready(4, 1)  # the same bucket: its third use
-    assert steps.ready(2, 5, now=True) and not steps.ready(2, 3)
-    assert steps.eager_runs == 3
+    steps = StepGraphs(model, model.new_kv_cache(5, 16), scratch_slot=4, max_batch=4, capture_after=2, min_context=4)
+    assert [steps.ready(3, 1, 9) for _ in range(3)] == [False, False, True]
+    assert steps.ready(4, 1, 12)  # the same buckets: its fourth use
+    assert not steps.ready(4, 1, 2)  # the same batch bucket, a shorter context: its own graph
+    assert steps.ready(2, 5, 9, now=True) and not steps.ready(2, 3, 9)
+    assert steps.eager_runs == 4
 
 
 def _graphed(monkeypatch):
@@ -119,7 +135,7 @@ def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec, draw_e
     assert kept.graphs is graphs  # the next call replays them
     if spec != "auto":  # (auto's calibration times other shapes too)
         # draft nodes padded to a power of two: a few shapes, each captured once
-        assert {n for _, n in {*graphs.graphs, *graphs._uses}} <= {1, 2, 3, 5, 9, 17}
+        assert {n for _, n, _ in {*graphs.graphs, *graphs._uses}} <= {1, 2, 3, 5, 9, 17}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -14,8 +14,8 @@ Five paths, chosen per call:
 - a custom mask among the new tokens (tree drafts): every sequence then has the same number
   of new tokens and `mask[b, i, j]` says whether new token i may attend to new token j;
 - graph-safe decoding (`AttnContext.graph_safe`): the cache path with every per-step quantity
-  (slots, cached lengths, tree mask) in tensors and the whole cache length attended under a
-  mask, so that one CUDA graph replays any step of its shape (rollout/cuda_graphs.py).
+  (slots, cached lengths, tree mask) in tensors and a fixed number of cache positions attended
+  under a mask, so that one CUDA graph replays any step of its shape (rollout/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ class AttnContext:
     _run_order: Tensor | None = None
     _decode_mask: tuple[int, Tensor] | None = None  # (rep, mask) of `decode_mask`
     # graph-safe decoding: [B] cached tokens per sequence as a tensor (`cache_lens` is None), and
-    # every sequence attends to the whole cache length, masked
+    # every sequence attends to the first `graph_context` cache positions, masked
     cache_lens_t: Tensor | None = None
+    graph_context: int | None = None
 
     @classmethod
     def packed(cls, seqlens: list[int], device: torch.device | str = "cpu",
@@ -129,14 +130,19 @@ class AttnContext:
 
     @classmethod
     def graph_safe(cls, cache: KVCache, slots: Tensor, cache_lens: Tensor, n: int,
-                   mask: Tensor | None = None) -> AttnContext:
+                   mask: Tensor | None = None, context_len: int | None = None) -> AttnContext:
         """A decode or verification step (`n` new tokens per sequence, `mask` [B, n, n] among them
         or causal) whose forward reads nothing from the host: no shape or index depends on the
         lengths, which live in `cache_lens` [B] on the device, so a CUDA graph captured with
-        these tensors replays any step of the same B and n after they are refilled in place."""
+        these tensors replays any step of the same B and n after they are refilled in place.
+        Attention covers the first `context_len` cache positions (default: all), which must hold
+        every sequence's cached and new tokens."""
         b, device = slots.shape[0], cache.k.device
+        context_len = cache.max_len if context_len is None else context_len
+        if not n <= context_len <= cache.max_len:
+            raise ValueError(f"context_len {context_len}: must be within {n}..{cache.max_len} (the cache's length)")
         ctx = cls(seqlens=[n] * b, cu_seqlens=torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device),
-                  cache=cache, slots=slots, mask=mask, cache_lens_t=cache_lens)
+                  cache=cache, slots=slots, mask=mask, cache_lens_t=cache_lens, graph_context=context_len)
         offsets = torch.arange(n, device=device)
         ctx._write_slot = slots[:, None].expand(b, n).reshape(-1)
         ctx._write_pos = (cache_lens[:, None] + offsets).reshape(-1)
@@ -155,9 +161,9 @@ class AttnContext:
     @property
     def context_len(self) -> int:
         """Cache positions a cache step's attention covers: up to its longest sequence's end, or,
-        graph-safe, the whole cache (the lengths are on the device)."""
-        if self.cache_lens_t is not None:
-            return self.cache.max_len
+        graph-safe, the fixed count it was built with (the lengths are on the device)."""
+        if self.graph_context is not None:
+            return self.graph_context
         return max(s + n for s, n in zip(self.cache_lens, self.seqlens))
 
     @property

@@ -7,7 +7,12 @@ that costs more than that from Python. Captured once into a CUDA graph, the step
 - a step of b sequences with n tokens each runs the graph of (B, n), B the smallest bucket >= b;
   rows b..B-1 are padding that writes into the cache's scratch slot, which no sequence owns;
 - the forward is `AttnContext.graph_safe`'s: lengths, slots and the tree mask are device tensors
-  refilled in place before each replay, and attention covers the whole cache length, masked;
+  refilled in place before each replay, and attention covers a fixed number C of cache
+  positions, masked. C is a power of two (at least `min_context`, at most the cache's length)
+  that holds the step's longest context, so a graph is keyed (B, n, C): attention and the
+  gather of the slots' rows cost what the contexts need, not the whole cache's length (on
+  SmolLM2 at batch 1, a quarter of the step's kernel time was attention over the whole cache);
+  the graphs of one (B, n) share their logits buffer, so more of them cost little memory;
 - a shape runs eagerly until its `capture_after`-th use, then is captured (a few forwards' time):
   the rare shapes of probes and short-lived strategies never pay a capture;
 - graphs belong to one KV cache and die with it (the engine drops its cache after a generate
@@ -33,11 +38,17 @@ def bucket(b: int, limit: int) -> int:
     return min(1 << max(b - 1, 0).bit_length(), limit)
 
 
+def context_bucket(context: int, smallest: int, limit: int) -> int:
+    """Cache positions a graph of a step whose longest context (cached plus new tokens) is
+    `context` attends to: the smallest power of two >= it, at least `smallest`, at most `limit`."""
+    return min(max(bucket(context, limit), smallest), limit)
+
+
 @dataclass
 class _Graph:
     inputs: Tensor  # ids [B * n], positions [B * n], slots [B], cache_lens [B], back to back: one copy fills them
     mask: Tensor | None  # [B, n, n] among the new tokens (n > 1)
-    logits: Tensor  # [B * n, vocab], the output
+    logits: Tensor  # [B * n, vocab], the output (shared by the graphs of one (B, n))
     graph: torch.cuda.CUDAGraph | None
     filled: int = 0  # real rows of the last step: rows beyond the next step's must be reset to padding
 
@@ -46,27 +57,33 @@ class _Graph:
 
 
 class StepGraphs:
-    """Replays `model`'s cache steps of shape (batch bucket, tokens per sequence) as CUDA graphs
-    over `cache`, whose slot `scratch_slot` padding rows may overwrite."""
+    """Replays `model`'s cache steps of shape (batch bucket, tokens per sequence, context bucket)
+    as CUDA graphs over `cache`, whose slot `scratch_slot` padding rows may overwrite."""
 
     def __init__(self, model: nn.Module, cache: KVCache, scratch_slot: int, max_batch: int, capture: bool = True,
-                 capture_after: int = 2):
+                 capture_after: int = 2, min_context: int = 64):
         if not 0 <= scratch_slot < cache.n_slots:
             raise ValueError(f"scratch slot {scratch_slot} is not a slot of a {cache.n_slots}-slot cache")
         self.model, self.cache, self.scratch, self.max_batch = model, cache, scratch_slot, max_batch
-        self.capture, self.capture_after = capture and cache.k.is_cuda, capture_after
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.capture, self.capture_after, self.min_context = capture and cache.k.is_cuda, capture_after, min_context
+        self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for every graph
-        self._uses: dict[tuple[int, int], int] = {}
+        self._outputs: dict[tuple[int, int], Tensor] = {}  # (B, n) -> the logits buffer its graphs fill
+        self._uses: dict[tuple[int, int, int], int] = {}
         self.captures = 0
         self.capture_seconds = 0.0  # warm-ups and captures: one-time work inside the steps that did it
         self.eager_runs = 0  # steps left to the eager forward because their shape was not captured yet
 
-    def ready(self, b: int, n: int, now: bool = False) -> bool:
-        """Whether a step of `b` sequences and `n` tokens each should go through `logits` (its
-        graph exists, or this use captures it; `now`: capture at once), else run eagerly: each
-        call counts as a use."""
-        key = (bucket(b, self.max_batch), n)
+    def key(self, b: int, n: int, context: int) -> tuple[int, int, int]:
+        """The graph of a step of `b` sequences, `n` new tokens each, the longest context (cached
+        plus new tokens) `context`."""
+        return bucket(b, self.max_batch), n, context_bucket(context, self.min_context, self.cache.max_len)
+
+    def ready(self, b: int, n: int, context: int, now: bool = False) -> bool:
+        """Whether a step of `b` sequences, `n` tokens each and longest context `context` should
+        go through `logits` (its graph exists, or this use captures it; `now`: capture at once),
+        else run eagerly: each call counts as a use."""
+        key = self.key(b, n, context)
         if key in self.graphs:
             return True
         uses = self._uses[key] = self._uses.get(key, 0) + 1
@@ -83,8 +100,9 @@ class StepGraphs:
         with `AttnContext.with_cache`."""
         b = len(slots)
         n = len(ids) // b
-        big_b = bucket(b, self.max_batch)
-        g = self.graphs.get((big_b, n)) or self._build(big_b, n)
+        key = self.key(b, n, max(cache_lens) + n)
+        g = self.graphs.get(key) or self._build(*key)
+        big_b = key[0]
         pad_tokens, pad_rows = [0] * (big_b - b) * n, big_b - b
         # padding rows: the scratch slot from position 0
         g.inputs.copy_(torch.tensor(ids + pad_tokens + positions + pad_tokens + slots + [self.scratch] * pad_rows
@@ -97,10 +115,10 @@ class StepGraphs:
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.logits = self._forward(g, big_b, n)
+            g.logits = self._forward(g, big_b, n, key[2])
         return g.logits[:b * n]
 
-    def _build(self, big_b: int, n: int) -> _Graph:
+    def _build(self, big_b: int, n: int, context: int) -> _Graph:
         device = self.cache.k.device
         inputs = torch.zeros(2 * big_b * n + 2 * big_b, dtype=torch.long, device=device)
         g = _Graph(inputs=inputs, logits=None, graph=None,  # type: ignore[arg-type]
@@ -114,18 +132,22 @@ class StepGraphs:
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._forward(g, big_b, n)
+                    out = self._forward(g, big_b, n, context)
             torch.cuda.current_stream(device).wait_stream(stream)
+            g.logits = self._outputs.get((big_b, n))
+            if g.logits is None:  # allocated outside the graphs, whose own logits are then transient
+                g.logits = self._outputs[big_b, n] = torch.empty_like(out)
+            del out
             g.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.graph, pool=self.pool):
-                g.logits = self._forward(g, big_b, n)
+                g.logits.copy_(self._forward(g, big_b, n, context))
             self.captures += 1
             torch.cuda.synchronize(device)
             self.capture_seconds += time.perf_counter() - t0
-        self.graphs[big_b, n] = g
+        self.graphs[big_b, n, context] = g
         return g
 
-    def _forward(self, g: _Graph, big_b: int, n: int) -> Tensor:
+    def _forward(self, g: _Graph, big_b: int, n: int, context: int) -> Tensor:
         ids, positions, slots, cache_lens = g.split(big_b, n)
-        ctx = AttnContext.graph_safe(self.cache, slots, cache_lens, n, g.mask)
+        ctx = AttnContext.graph_safe(self.cache, slots, cache_lens, n, g.mask, context_len=context)
         return self.model.logits(self.model(ids, positions, ctx))

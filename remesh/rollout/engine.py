@@ -514,7 +514,7 @@ class RolloutEngine:
         else eagerly."""
         b, device = len(slots), self.cache.k.device
         n = len(ids) // b
-        if self.graphs is not None and self.graphs.ready(b, n, now=capture):
+        if self.graphs is not None and self.graphs.ready(b, n, max(cache_lens) + n, now=capture):
             if mask is None and n > 1:
                 mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, n, n)
             return self.graphs.logits(ids, positions, slots, cache_lens, mask)
