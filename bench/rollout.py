@@ -167,6 +167,8 @@ def main() -> None:
                        "response_len": {"min": min(lengths), "median": median(lengths), "max": max(lengths)},
                        "auto_strategies": engines["auto"].stats.strategy_counts(),
                        "auto_timeline": engines["auto"].stats.timeline(),
+                       # the last call's share of auto's time spent choosing strategies and on free trials
+                       "auto_policy_frac": engines["auto"].stats.policy_seconds / engines["auto"].stats.seconds,
                        "cuda_graphs": {n: {"shapes": len(e.graphs.graphs), "captures": e.graphs.captures,
                                            "eager_runs": e.graphs.eager_runs}
                                        for n, e in engines.items() if e.graphs is not None},

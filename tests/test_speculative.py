@@ -11,7 +11,8 @@ import torch
 from remesh.model import AttnContext
 from remesh.rollout import RolloutEngine, SamplingParams, greedy, target_logprobs
 from remesh.rollout import speculative
-from remesh.rollout.adaptive import OFF, AcceptanceStats, AdaptivePolicy, StepTimeModel, Strategy, parse_strategy
+from remesh.rollout.adaptive import (OFF, AcceptanceStats, AdaptivePolicy, OverheadBudget, StepTimeModel, Strategy,
+                                    parse_strategy)
 from remesh.rollout.drafters import Drafter, HistoryDrafter, NGramDrafter, SeqView, first_layers
 from remesh.rollout.sampling import inverse_cdf
 from remesh.rollout.speculative import Draft, matched_depth, tree_mask, verify, verify_drawn
@@ -474,7 +475,7 @@ def test_free_trials_measure_acceptance_while_decoding_plainly():
     the same drafter gives on the same samples."""
     model = peaky_model("llama").eval()  # sampled tokens repeat: prompt lookup is often right
     params = SamplingParams(max_new_tokens=48, n=2, seed=5, temperature=1.0)
-    engine = RolloutEngine(model, spec="auto", max_batch=6, calibrate=False)
+    engine = RolloutEngine(model, spec="auto", max_batch=6, calibrate=False, overhead_budget=None)
     engine.policy.choose = lambda batch: OFF
     engine.trials.per_step = 6  # every sequence without an open trial gets one, every step
     plain = engine.generate(PROMPTS, params)
@@ -568,6 +569,62 @@ def test_probes_are_spaced_in_proportion_to_the_live_batch():
 
     assert probes(2, 40) == probes(4, 40) == [8, 16, 24, 32, 40]
     assert probes(16, 100) == [32, 64, 96]
+
+
+def test_overhead_budget_by_hand():
+    """A token bucket: each step earns fraction x its seconds (at most `window` steps' worth),
+    the machinery spends what it took, and may run while the bucket is not in debt."""
+    budget = OverheadBudget(fraction=0.1, window=2)
+    assert budget.allows()  # the first step chooses
+    budget.spend(150e-6)
+    assert not budget.allows()
+    budget.earn(1e-3)  # +100 us: -50 us
+    assert not budget.allows()
+    budget.earn(1e-3)  # +100 us: 50 us
+    assert budget.allows()
+    for _ in range(10):
+        budget.earn(1e-3)
+    assert budget._credit == pytest.approx(200e-6)  # two steps' worth at most
+    assert budget.spent == pytest.approx(150e-6)
+    unlimited = OverheadBudget(fraction=None)
+    unlimited.spend(1.0)
+    unlimited.earn(1e-3)
+    assert unlimited.allows()
+
+
+def test_repeat_gives_the_last_choice_on_merit_not_a_probe():
+    policy = AdaptivePolicy(drafters={"ngram": 1, "model": 1}, depths=(2,), widths=(1,), explore_every=2,
+                            trialed=frozenset({"ngram"}))
+    policy.step_time.observe(1, 0.01)
+    policy.step_time.observe(64, 0.011)  # flat: a draft that is accepted pays
+    for _ in range(20):
+        policy.acceptance.observe("ngram", 1, 2, 2)
+    assert policy.choose(4) == Strategy("ngram", 2, 1)
+    assert policy.choose(4) == Strategy("model", 2, 1)  # a probe of the draft model
+    assert policy.repeat(4) == Strategy("ngram", 2, 1)
+    assert policy._steps == 3 and policy._predicted[:2] == (Strategy("ngram", 2, 1), 4)
+
+
+@pytest.mark.parametrize("budget", [None, 0.0])
+def test_the_engine_weighs_strategies_and_opens_trials_within_its_overhead_budget(monkeypatch, budget):
+    """Unlimited, the policy chooses before every decode step and trials open in every step; with
+    no budget at all, the first step's choice spends it and stands for the rest of the call."""
+    model = peaky_model("llama").eval()
+    engine = RolloutEngine(model, spec="auto", max_batch=6, calibrate=False, overhead_budget=budget)
+    choose, trials = engine.policy.choose, engine._open_trials
+    calls = {"choose": 0, "trials": 0}
+    monkeypatch.setattr(engine.policy, "choose", lambda b: calls.__setitem__("choose", calls["choose"] + 1) or choose(b))
+    monkeypatch.setattr(engine, "_open_trials",
+                        lambda *a: calls.__setitem__("trials", calls["trials"] + 1) or trials(*a))
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, n=2, seed=1))
+    steps = len(engine.stats.steps)
+    assert steps > 5
+    if budget is None:
+        assert calls == {"choose": steps, "trials": steps}
+    else:
+        assert calls == {"choose": 1, "trials": 0}
+        assert set(engine.stats.strategy_counts()) == {"off"}  # nothing learnt: the first choice stands
+    assert engine.stats.policy_seconds > 0
 
 
 def test_one_time_setup_inside_a_step_is_taken_out_of_its_observed_time(monkeypatch):

@@ -199,6 +199,35 @@ class AcceptanceStats:
 
 
 @dataclass
+class OverheadBudget:
+    """The host time the adaptive machinery (weighing the candidates, opening free trials) may
+    take, as a fraction of the decoding time: a token bucket that every step fills with
+    `fraction` of its seconds (holding at most `window` steps' worth) and that the machinery's
+    measured time drains; the machinery runs while the bucket is not in debt. Where steps are long
+    it never binds (a CPU, SmolLM2: a choice and the trials take ~0.4% of a step); where they are
+    short it spaces them out (an H100 replaying graphs: ~4 ms a step, against which the same
+    ~0.2 ms of Python cost auto 5-10% at batch 16) and the last choice stands in between.
+    `fraction=None`: no limit."""
+
+    fraction: float | None = 0.02
+    window: int = 8
+    spent: float = 0.0  # seconds, in all
+    _credit: float = 0.0
+
+    def allows(self) -> bool:
+        return self.fraction is None or self._credit >= 0.0
+
+    def spend(self, seconds: float) -> None:
+        self.spent += seconds
+        self._credit -= seconds
+
+    def earn(self, step_seconds: float) -> None:
+        if self.fraction is not None:
+            gain = self.fraction * step_seconds
+            self._credit = min(self._credit + gain, self.window * gain)
+
+
+@dataclass
 class AdaptivePolicy:
     """Chooses the strategy of maximum predicted goodput among the candidates."""
 
@@ -229,6 +258,7 @@ class AdaptivePolicy:
     _ratios: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     _correction: dict[tuple[str, int], tuple[float, int]] = field(default_factory=dict)
     _predicted: tuple[Strategy, int, float] | None = None  # the last choice and its predicted seconds
+    _last_best: Strategy = OFF  # the last choice on the candidates' merits (not a probe): `repeat`
     _candidate_groups: dict[tuple[str, int], list[tuple[Strategy, int]]] | None = None
 
     max_nodes: int = 16  # draft tokens per sequence at most (bounds the verifier's work and the cache)
@@ -312,9 +342,16 @@ class AdaptivePolicy:
             stale = min(probed, key=lambda n: self._last_used.get(n, -1))
             best = Strategy(stale, 2, 1)
         else:
-            best = self._best(batch)
+            best = self._last_best = self._best(batch)
         self._predicted = (best, batch, self.predicted_seconds(best, batch))  # before this step updates the models
         return best
+
+    def repeat(self, batch: int) -> Strategy:
+        """A step without weighing the candidates (`OverheadBudget`): the last choice on their
+        merits again, now with `batch` live sequences."""
+        self._steps += 1
+        self._predicted = (self._last_best, batch, self.predicted_seconds(self._last_best, batch))
+        return self._last_best
 
     def _best(self, batch: int) -> Strategy:
         """The candidate of largest `goodput` (the first of equals, in `candidates` order), if

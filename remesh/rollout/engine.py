@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from remesh.model.attention import AttnContext
-from remesh.rollout.adaptive import OFF, AdaptivePolicy, Strategy, parse_strategy
+from remesh.rollout.adaptive import OFF, AdaptivePolicy, OverheadBudget, Strategy, parse_strategy
 from remesh.rollout.cuda_graphs import StepGraphs, bucket
 from remesh.rollout.drafters import Drafter, HistoryDrafter, ModelDrafter, NGramDrafter, SeqView
 from remesh.rollout.kernels import TunedLinears
@@ -72,6 +72,7 @@ class GenerationStats:
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     calibration_seconds: float = 0.0
+    policy_seconds: float = 0.0  # host time of the adaptive machinery: choices and free trials
     steps: list[StepRecord] = field(default_factory=list)
     # strategy family ("ngram", "historyx2", ...) -> [accepted, offered] per depth, of the
     # drafts verified and of the free trials' drafts (scored by the tokens emitted, trials.py)
@@ -120,6 +121,7 @@ class GenerationStats:
                 "tokens_per_seq_step": round(self.tokens_per_seq_step, 3),
                 "prefill_seconds": round(self.prefill_seconds, 3),
                 "calibration_seconds": round(self.calibration_seconds, 3),
+                "policy_seconds": round(self.policy_seconds, 3),
                 "acceptance_by_position": self.acceptance_by_position(),
                 "trial_acceptance_by_position": self.acceptance_by_position(trials=True),
                 "strategies": self.strategy_counts()}
@@ -205,12 +207,14 @@ class RolloutEngine:
     drafters' history and the policy's statistics across calls, as RL needs. `cuda_graphs`: on a
     GPU, replay decode and verification steps as CUDA graphs. `keep_cache`: keep the KV cache
     (and its graphs) from one call to the next; by default it goes with the call, as an RL
-    iteration's training needs the memory."""
+    iteration's training needs the memory. `overhead_budget`: under "auto", the fraction of the
+    decoding time that choosing strategies and free trials may take (`OverheadBudget`; None: no
+    limit)."""
 
     def __init__(self, model: nn.Module, spec: str = "off", draft_model: nn.Module | None = None,
                  max_batch: int = 64, calibrate: bool = True,
                  agree: Callable[[Strategy], Strategy] | None = None, cuda_graphs: bool = True,
-                 keep_cache: bool = False):
+                 keep_cache: bool = False, overhead_budget: float | None = 0.02):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         # agree: makes the ranks that run one model together (tensor parallel) take the same
@@ -240,6 +244,7 @@ class RolloutEngine:
             if c.drafter in self.policy.trialed:
                 deepest[c.drafter, c.width] = max(c.depth, deepest.get((c.drafter, c.width), 0))
         self.trials = Trials([(n, w, d) for (n, w), d in deepest.items()])
+        self.overhead = OverheadBudget(overhead_budget)
         self.cache = None
         self.stats = GenerationStats()
 
@@ -325,7 +330,7 @@ class RolloutEngine:
                 self._admit(admitted)
                 run.live.extend(admitted)
             else:
-                strategy = self.fixed if self.fixed is not None else self.policy.choose(len(run.live))
+                strategy = self.fixed if self.fixed is not None else self._choose(len(run.live))
                 if self.agree is not None and self.fixed is None:
                     strategy = self.agree(strategy)
                 self._step(run.live, strategy, run.params, run.device)
@@ -406,6 +411,19 @@ class RolloutEngine:
                  logprobs, kv)
         run.next_id += 1
         return s
+
+    def _choose(self, batch: int) -> Strategy:
+        """The policy's choice, or its last one again while the overhead budget is in debt."""
+        if not self.overhead.allows():
+            return self.policy.repeat(batch)
+        t0 = time.perf_counter()
+        strategy = self.policy.choose(batch)
+        self._spend(time.perf_counter() - t0)
+        return strategy
+
+    def _spend(self, seconds: float) -> None:
+        self.overhead.spend(seconds)
+        self.stats.policy_seconds += seconds
 
     def _retire(self, s: _Seq) -> None:
         """`s` leaves the batch (finished or released): free its slot and the drafters' state."""
@@ -606,8 +624,10 @@ class RolloutEngine:
                 for _ in drafts:
                     self._record_acceptance(strategy.drafter, strategy.width, 0, 0)
                 drafts = None
-        if self.fixed is None:
+        if self.fixed is None and self.overhead.allows():
+            t = time.perf_counter()
             self._open_trials(live, strategy, params)
+            self._spend(time.perf_counter() - t)
         t1 = time.perf_counter()
         n_nodes = max(len(d) for d in drafts) if drafts else 0
         if drafts and self.graphs is not None:
@@ -668,6 +688,7 @@ class RolloutEngine:
         seconds = time.perf_counter() - t0
         if self.fixed is None and setup is not None:
             self.policy.observe_step(used, b, seconds - setup)
+            self.overhead.earn(seconds - setup)
         self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
 
     def _record_acceptance(self, drafter: str, width: int, offered: int, accepted: int, trial: bool = False) -> None:
