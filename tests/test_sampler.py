@@ -9,7 +9,7 @@ import torch
 
 from remesh.model import AttnContext
 from remesh.rollout import Rollout, SamplingParams, generate, greedy, sample, target_logprobs
-from remesh.rollout.sampling import CDF_BLOCK, _inverse_cdf_rows, inverse_cdf, stop_token_ids
+from remesh.rollout.sampling import CDF_BLOCK, _inverse_cdf_blocks, _inverse_cdf_rows, inverse_cdf, stop_token_ids
 from tests.models import tiny_model
 
 VOCAB = 97
@@ -98,7 +98,8 @@ def test_sample_frequencies_match_target(params):
     assert torch.equal(tokens, again)
 
 
-def test_inverse_cdf_across_blocks():
+@pytest.mark.parametrize("draw", [_inverse_cdf_blocks, _inverse_cdf_rows])
+def test_inverse_cdf_across_blocks(draw):
     """Mass 1, 2, 1 (unnormalised) at tokens 5, B + 7 and 2B + 1 of a vocabulary of 2B + 3 (B =
     CDF_BLOCK, the last block partial): u * total = 4u picks the first token whose running mass
     exceeds it; zero-mass tokens are never drawn, not even at u = 1 (outside [0, 1): rounding's
@@ -108,7 +109,7 @@ def test_inverse_cdf_across_blocks():
     probs[0, [5, b + 7, 2 * b + 1]] = torch.tensor([1.0, 2.0, 1.0])
     for u, token in [(0.0, 5), (0.1, 5), (0.25, b + 7), (0.74, b + 7), (0.75, 2 * b + 1), (0.99999994, 2 * b + 1),
                      (1.0, 2 * b + 1)]:
-        assert int(inverse_cdf(probs, torch.tensor([u]))) == token, u
+        assert int(draw(probs, torch.tensor([u]))) == token, u
 
 
 def test_inverse_cdf_equals_the_one_level_rule():
@@ -119,7 +120,8 @@ def test_inverse_cdf_equals_the_one_level_rule():
     probs = probs.masked_fill(torch.rand(300, 1000, generator=gen) < 0.33, 0.0)
     u = torch.rand(300, generator=gen)
     u[:3] = torch.tensor([0.0, 0.5, 0.99999994])
-    assert torch.equal(inverse_cdf(probs, u), _inverse_cdf_rows(probs, u))
+    assert torch.equal(inverse_cdf(probs, u), _inverse_cdf_blocks(probs, u))  # on a CPU
+    assert torch.equal(_inverse_cdf_blocks(probs, u), _inverse_cdf_rows(probs, u))
 
 
 def test_sample_greedy():
