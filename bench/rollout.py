@@ -170,7 +170,7 @@ def main() -> None:
                        # the last call's share of auto's time spent choosing strategies and on free trials
                        "auto_policy_frac": engines["auto"].stats.policy_seconds / engines["auto"].stats.seconds,
                        "cuda_graphs": {n: {"shapes": len(e.graphs.graphs), "captures": e.graphs.captures,
-                                           "eager_runs": e.graphs.eager_runs}
+                                           "eager_runs": e.graphs.eager_runs, "stand_in_runs": e.graphs.stand_in_runs}
                                        for n, e in engines.items() if e.graphs is not None},
                        "acceptance_by_position": engines["auto"].stats.acceptance_by_position(),
                        "trial_acceptance_by_position": engines["auto"].stats.acceptance_by_position(trials=True)}

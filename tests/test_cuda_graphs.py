@@ -88,14 +88,25 @@ def test_a_scratch_slot_outside_the_cache_is_refused():
         StepGraphs(model, model.new_kv_cache(4, 16), scratch_slot=4, max_batch=4)
 
 
-def test_a_shape_runs_eagerly_until_its_capture_is_due():
+def test_a_shape_waits_for_its_capture_eagerly_or_on_a_larger_graph():
+    """Until its capture is due, a step runs eagerly, or replays the smallest existing graph of
+    its token count that covers its batch and context, with the same logits."""
     model = tiny_model().eval()
-    steps = StepGraphs(model, model.new_kv_cache(5, 16), scratch_slot=4, max_batch=4, capture_after=2, min_context=4)
-    assert [steps.ready(3, 1, 9) for _ in range(3)] == [False, False, True]
-    assert steps.ready(4, 1, 12)  # the same buckets: its fourth use
-    assert not steps.ready(4, 1, 2)  # the same batch bucket, a shorter context: its own graph
-    assert steps.ready(2, 5, 9, now=True) and not steps.ready(2, 3, 9)
-    assert steps.eager_runs == 4
+    cache = _filled_cache(model, 5, [5, 9, 3, 7])
+    eager = _filled_cache(model, 5, [5, 9, 3, 7])
+    steps = StepGraphs(model, cache, scratch_slot=4, max_batch=4, capture_after=2, min_context=4)
+    with torch.inference_mode():
+        assert [steps.route(3, 1, 9) for _ in range(3)] == [None, None, (4, 1, 16)]  # due at its third use
+        steps.logits([1, 2, 3], [5, 9, 3], [0, 1, 2], [5, 9, 3], graph=(4, 1, 16))
+        assert steps.route(4, 1, 12) == (4, 1, 16)  # the same buckets: built
+        assert steps.route(4, 1, 2) == (4, 1, 16)  # a shorter context, not due: a stand-in
+        assert steps.route(2, 3, 9) is None  # no graph of 3 tokens per sequence
+        assert steps.route(2, 5, 9, now=True) == (2, 5, 16)
+        graph = steps.route(1, 1, 4)  # a smaller batch and context: a stand-in
+        assert graph == (4, 1, 16) and (steps.eager_runs, steps.stand_in_runs) == (3, 2)
+        # slot 2's next token at position 3 (which the step above wrote too): as the eager forward
+        want = model.logits(model(torch.tensor([7]), torch.tensor([3]), AttnContext.with_cache(eager, [2], [3], [1])))
+        torch.testing.assert_close(steps.logits([7], [3], [2], [3], graph=graph), want, atol=1e-5, rtol=1e-5)
 
 
 def _graphed(monkeypatch):

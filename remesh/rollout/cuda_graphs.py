@@ -13,8 +13,10 @@ that costs more than that from Python. Captured once into a CUDA graph, the step
   gather of the slots' rows cost what the contexts need, not the whole cache's length (on
   SmolLM2 at batch 1, a quarter of the step's kernel time was attention over the whole cache);
   the graphs of one (B, n) share their logits buffer, so more of them cost little memory;
-- a shape runs eagerly until its `capture_after`-th use, then is captured (a few forwards' time):
-  the rare shapes of probes and short-lived strategies never pay a capture;
+- a shape waits for its `capture_after`-th use to be captured (a few forwards' time), so the
+  rare shapes of probes and short-lived strategies never pay a capture; meanwhile its steps
+  replay the smallest graph captured for more sequences or a longer context with the same n
+  (more padding, still a fraction of an eager step's launches), or run eagerly if none;
 - graphs belong to one KV cache and die with it (the engine drops its cache after a generate
   call unless asked to keep it: `RolloutEngine(keep_cache=True)`).
 
@@ -73,34 +75,41 @@ class StepGraphs:
         self.captures = 0
         self.capture_seconds = 0.0  # warm-ups and captures: one-time work inside the steps that did it
         self.eager_runs = 0  # steps left to the eager forward because their shape was not captured yet
+        self.stand_in_runs = 0  # steps that replayed a larger shape's graph while theirs was not captured yet
 
     def key(self, b: int, n: int, context: int) -> tuple[int, int, int]:
         """The graph of a step of `b` sequences, `n` new tokens each, the longest context (cached
         plus new tokens) `context`."""
         return bucket(b, self.max_batch), n, context_bucket(context, self.min_context, self.cache.max_len)
 
-    def ready(self, b: int, n: int, context: int, now: bool = False) -> bool:
-        """Whether a step of `b` sequences, `n` tokens each and longest context `context` should
-        go through `logits` (its graph exists, or this use captures it; `now`: capture at once),
-        else run eagerly: each call counts as a use."""
+    def route(self, b: int, n: int, context: int, now: bool = False) -> tuple[int, int, int] | None:
+        """The graph a step of `b` sequences, `n` tokens each and longest context `context` is to
+        replay through `logits`: its own (existing, or captured by this use if due; `now`: at
+        once), else a stand-in (the smallest existing graph of the same n covering the step), else
+        None: run eagerly. Each call counts as a use of its own shape."""
         key = self.key(b, n, context)
         if key in self.graphs:
-            return True
+            return key
         uses = self._uses[key] = self._uses.get(key, 0) + 1
         if now or uses > self.capture_after:
-            return True
+            return key
+        covering = [k for k in self.graphs if k[1] == n and k[0] >= key[0] and k[2] >= key[2]]
+        if covering:
+            self.stand_in_runs += 1
+            return min(covering, key=lambda k: k[0] * k[2])
         self.eager_runs += 1
-        return False
+        return None
 
     def logits(self, ids: list[int], positions: list[int], slots: list[int], cache_lens: list[int],
-               mask: Tensor | None = None) -> Tensor:
+               mask: Tensor | None = None, graph: tuple[int, int, int] | None = None) -> Tensor:
         """The step's logits [b * n, vocab]: `ids` and `positions` (b * n, n tokens per sequence,
         sequence-major), each sequence's cache `slots` and `cache_lens`, `mask` [b, n, n] on the
         device or None (causal; plain decoding has n == 1). Same contract as the eager forward
-        with `AttnContext.with_cache`."""
+        with `AttnContext.with_cache`. `graph`: the one to replay (`route`), else the step's own
+        (captured now if it has none)."""
         b = len(slots)
         n = len(ids) // b
-        key = self.key(b, n, max(cache_lens) + n)
+        key = graph or self.key(b, n, max(cache_lens) + n)
         g = self.graphs.get(key) or self._build(*key)
         big_b = key[0]
         pad_tokens, pad_rows = [0] * (big_b - b) * n, big_b - b

@@ -463,10 +463,11 @@ class RolloutEngine:
             self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _setups(self) -> tuple[int, float]:
-        """One-time work so far: (steps run eagerly while their shape waits for its CUDA graph,
-        seconds spent timing projection layouts (kernels.py) and capturing graphs)."""
+        """One-time work so far: (steps run while their shape waits for its CUDA graph, eagerly or
+        by a larger shape's, seconds spent timing projection layouts (kernels.py) and capturing
+        graphs)."""
         g = self.graphs
-        return (g.eager_runs if g is not None else 0,
+        return (g.eager_runs + g.stand_in_runs if g is not None else 0,
                 self.gemms.tuning_seconds + (g.capture_seconds if g is not None else 0.0))
 
     def _use_graphs(self, device: torch.device) -> bool:
@@ -476,8 +477,8 @@ class RolloutEngine:
         """Feed a forward's time to the step-time model, less the one-time setup done inside it
         since `before` (`_setups()`: the first step at a new shape times kernel layouts on a
         CPU, captures a graph on a GPU), which would teach the model that this size is slow and
-        speculation fast by contrast. Left out entirely if it ran eagerly while its shape waits
-        for a graph: the graph's steps will not take its time. Returns the setup seconds taken
+        speculation fast by contrast. Left out entirely if it ran while its shape waits for a
+        graph (eagerly, or by a larger shape's): the graph's steps will not take its time. Returns the setup seconds taken
         out, or None if left out. (Once, such steps were left out whole; then a strategy met
         a new row count at every step as the batch drained, and none of its steps was fed.)"""
         eager, setup = self._setups()
@@ -532,10 +533,11 @@ class RolloutEngine:
         else eagerly."""
         b, device = len(slots), self.cache.k.device
         n = len(ids) // b
-        if self.graphs is not None and self.graphs.ready(b, n, max(cache_lens) + n, now=capture):
+        graph = self.graphs.route(b, n, max(cache_lens) + n, now=capture) if self.graphs is not None else None
+        if graph is not None:
             if mask is None and n > 1:
                 mask = torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, n, n)
-            return self.graphs.logits(ids, positions, slots, cache_lens, mask)
+            return self.graphs.logits(ids, positions, slots, cache_lens, mask, graph)
         ctx = AttnContext.with_cache(self.cache, slots, cache_lens, [n] * b, mask=mask)
         return self.model.logits(self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
                                             ctx))
