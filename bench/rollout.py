@@ -98,8 +98,9 @@ def main() -> None:
         p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32"),
         p.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run the steps eagerly"),
         p.add_argument("--profile", action="store_true",
-                       help="after the timed rounds, one more call of off and of auto under torch.profiler: their "
-                            "top ops to bench/results/profiles/, and on a GPU how much of the call kept it busy")))
+                       help="after the timed rounds, one more call of off and of auto under torch.profiler (their "
+                            "top ops, and on a GPU how much of the call kept it busy) and one under cProfile (host "
+                            "time by Python function), tables in bench/results/profiles/")))
     device = torch.device(args.device)
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 8, 32] if args.quick else [1, 4, 16, 64])
     if args.n > 1 and not args.sizes:
@@ -190,6 +191,9 @@ def main() -> None:
             prof = per_size[b]["profile"] = {
                 n: profile_call(engines[n], batch, params(1 + reps), device, RESULTS_DIR / "profiles" / f"{name}_b{b}_{n}.txt")
                 for n in ("off", "auto")}
+            per_size[b]["host_profile"] = {
+                n: host_profile_call(engines[n], batch, params(1), RESULTS_DIR / "profiles" / f"{name}_b{b}_{n}_host.txt")
+                for n in ("off", "auto")}
             print(f"batch {b}, profiled: " + ", ".join(
                 f"{n} {p['wall_s']:.2f} s for {p['steps']} steps" + (f", device busy {p['device_busy_frac']:.0%}"
                                                                      if p["device_busy_frac"] is not None else "")
@@ -236,6 +240,24 @@ def profile_call(engine: RolloutEngine, prompts: list[list[int]], params: Sampli
     busy = sum(e.self_device_time_total for e in events) / 1e6 if gpu else None
     return {"wall_s": wall, "steps": len(engine.stats.steps), "device_busy_s": busy,
             "device_busy_frac": busy / wall if gpu else None, "table": str(path.relative_to(RESULTS_DIR.parent.parent))}
+
+
+def host_profile_call(engine: RolloutEngine, prompts: list[list[int]], params: SamplingParams, path: Path) -> dict:
+    """One generate call under cProfile: the host's time by Python function (most own time
+    first) to `path`, to find what one strategy's steps spend beyond another's."""
+    import cProfile
+    import io
+    import pstats
+
+    with cProfile.Profile() as prof:
+        engine.generate(prompts, params)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.getvalue())
+    st = engine.stats
+    return {"wall_s": st.seconds, "steps": len(st.steps), "policy_s": st.policy_seconds,
+            "table": str(path.relative_to(RESULTS_DIR.parent.parent))}
 
 
 def forward_seconds(engine: RolloutEngine, device: torch.device, reps: int = 50) -> float:
