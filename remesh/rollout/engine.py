@@ -516,11 +516,15 @@ class RolloutEngine:
         for tokens in sizes:
             b = min(n_slots, tokens)
             per = max(1, tokens // b)
+            # with graphs, at the cache's full length: the graphs captured here then cover steps at
+            # any context, standing in while those steps' own shapes wait for theirs
+            start = self.cache.max_len - per if self.graphs is not None else 0
             best = float("inf")
             # as the steps will run: eagerly, or by a graph (captured by the first run, not timed)
             for _ in range(2 if tokens <= 256 or self.graphs is not None else 1):
                 t = time.perf_counter()
-                self._forward([0] * (b * per), list(range(per)) * b, list(range(b)), [0] * b, None, capture=True)
+                self._forward([0] * (b * per), list(range(start, start + per)) * b, list(range(b)), [start] * b, None,
+                              capture=True)
                 _sync(device)
                 best = min(best, time.perf_counter() - t)
             self.policy.step_time.observe(b * per, best)
