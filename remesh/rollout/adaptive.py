@@ -203,11 +203,11 @@ class OverheadBudget:
     """The host time the adaptive machinery (weighing the candidates, opening free trials) may
     take, as a fraction of the decoding time: a token bucket that every step fills with
     `fraction` of its seconds (holding at most `window` steps' worth) and that the machinery's
-    measured time drains; the machinery runs while the bucket is not in debt. Where steps are long
-    it never binds (a CPU, SmolLM2: a choice and the trials take ~0.4% of a step); where they are
-    short it spaces them out (an H100 replaying graphs: ~4 ms a step, against which the same
-    ~0.2 ms of Python cost auto 5-10% at batch 16) and the last choice stands in between.
-    `fraction=None`: no limit."""
+    measured time drains; the machinery runs while the bucket is not in debt (the engine keeps
+    one bucket for choices, one for trials). Where steps are long it never binds (this CPU,
+    SmolLM2: a choice and the trials take 0.1-0.3% of a step); where they are short it spaces
+    them out (an H100 replaying graphs: ~4 ms a step, of which the same 0.1-0.3 ms of Python
+    would be 3-7%) and the last choice stands in between. `fraction=None`: no limit."""
 
     fraction: float | None = 0.02
     window: int = 8

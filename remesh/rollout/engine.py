@@ -208,8 +208,8 @@ class RolloutEngine:
     GPU, replay decode and verification steps as CUDA graphs. `keep_cache`: keep the KV cache
     (and its graphs) from one call to the next; by default it goes with the call, as an RL
     iteration's training needs the memory. `overhead_budget`: under "auto", the fraction of the
-    decoding time that choosing strategies and free trials may take (`OverheadBudget`; None: no
-    limit)."""
+    decoding time that choosing strategies and free trials may take, half each (`OverheadBudget`;
+    None: no limit)."""
 
     def __init__(self, model: nn.Module, spec: str = "off", draft_model: nn.Module | None = None,
                  max_batch: int = 64, calibrate: bool = True,
@@ -244,7 +244,10 @@ class RolloutEngine:
             if c.drafter in self.policy.trialed:
                 deepest[c.drafter, c.width] = max(c.depth, deepest.get((c.drafter, c.width), 0))
         self.trials = Trials([(n, w, d) for (n, w), d in deepest.items()])
-        self.overhead = OverheadBudget(overhead_budget)
+        # separate halves: in one account, choosing (first in a step) would leave the trials
+        # nothing whenever a step's credit covers about one choice, and auto would stop learning
+        half = None if overhead_budget is None else overhead_budget / 2
+        self.choice_budget, self.trial_budget = OverheadBudget(half), OverheadBudget(half)
         self.cache = None
         self.stats = GenerationStats()
 
@@ -413,16 +416,16 @@ class RolloutEngine:
         return s
 
     def _choose(self, batch: int) -> Strategy:
-        """The policy's choice, or its last one again while the overhead budget is in debt."""
-        if not self.overhead.allows():
+        """The policy's choice, or its last one again while the choices' budget is in debt."""
+        if not self.choice_budget.allows():
             return self.policy.repeat(batch)
         t0 = time.perf_counter()
         strategy = self.policy.choose(batch)
-        self._spend(time.perf_counter() - t0)
+        self._spend(self.choice_budget, time.perf_counter() - t0)
         return strategy
 
-    def _spend(self, seconds: float) -> None:
-        self.overhead.spend(seconds)
+    def _spend(self, budget: OverheadBudget, seconds: float) -> None:
+        budget.spend(seconds)
         self.stats.policy_seconds += seconds
 
     def _retire(self, s: _Seq) -> None:
@@ -630,10 +633,10 @@ class RolloutEngine:
                 for _ in drafts:
                     self._record_acceptance(strategy.drafter, strategy.width, 0, 0)
                 drafts = None
-        if self.fixed is None and self.overhead.allows():
+        if self.fixed is None and self.trial_budget.allows():
             t = time.perf_counter()
             self._open_trials(live, strategy, params)
-            self._spend(time.perf_counter() - t)
+            self._spend(self.trial_budget, time.perf_counter() - t)
         t1 = time.perf_counter()
         n_nodes = max(len(d) for d in drafts) if drafts else 0
         if drafts and self.graphs is not None:
@@ -694,7 +697,8 @@ class RolloutEngine:
         seconds = time.perf_counter() - t0
         if self.fixed is None and setup is not None:
             self.policy.observe_step(used, b, seconds - setup)
-            self.overhead.earn(seconds - setup)
+            self.choice_budget.earn(seconds - setup)
+            self.trial_budget.earn(seconds - setup)
         self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
 
     def _record_acceptance(self, drafter: str, width: int, offered: int, accepted: int, trial: bool = False) -> None:
