@@ -235,6 +235,9 @@ class RolloutEngine:
                 hint = " (give a draft model)" if self.fixed.drafter == "model" else ""
                 raise ValueError(f"speculation {spec!r}: unknown drafter {self.fixed.drafter!r}{hint}; "
                                  f"known: {', '.join(self.drafters)}")
+            # only the drafter in use sees the tokens: the others' indexes would cost every step
+            # (the history's ~2% of a step where steps are short) and serve nothing
+            self.drafters = {n: d for n, d in self.drafters.items() if n == self.fixed.drafter}
         self.policy = AdaptivePolicy(
             drafters={n: 2 if n == "model" else 4 for n in self.drafters},  # widest tree per drafter
             node_count={n: d.max_nodes for n, d in self.drafters.items()},
