@@ -35,7 +35,7 @@ class SeqView:
     seq_id: int  # unique within one generate call
     slot: int  # KV-cache slot (ModelDrafter mirrors the engine's slots)
     group: tuple[int, ...]  # the prompt's token ids: samples and epochs of one prompt share it
-    tokens: list[int]  # prompt + response so far (the last one not yet in the target's cache)
+    tokens: list[int]  # prompt + response so far (the last one not yet in the target's cache); read, never kept
     prompt_len: int
 
 
@@ -215,12 +215,13 @@ class _Group:
         return sid
 
     def extend(self, sid: int, tokens: list[int]) -> None:
-        seq = self.seqs[sid]
+        seq, index, max_n = self.seqs[sid], self.index, self.max_n
         for t in tokens:
             seq.append(t)
-            end = len(seq) - 1
-            for n in range(1, min(self.max_n, len(seq)) + 1):
-                self.index[tuple(seq[end - n + 1:])].append((sid, end))
+            end = len(seq)
+            hit = (sid, end - 1)  # one tuple for every n: this runs for every token of every sequence
+            for n in range(1, min(max_n, end) + 1):
+                index[tuple(seq[end - n:])].append(hit)
 
     def retire(self, sid: int, keep: int) -> None:
         self.finished.append(sid)

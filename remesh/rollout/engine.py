@@ -158,7 +158,7 @@ class MovedSeq:
 
 class _Seq:
     __slots__ = ("seq_id", "prompt_index", "sample_index", "prompt", "response", "logprobs", "reason", "slot",
-                 "cache_len", "uniforms", "kv")
+                 "cache_len", "uniforms", "kv", "tokens", "_view")
 
     def __init__(self, seq_id: int, prompt_index: int, sample_index: int, prompt: list[int], uniforms: Tensor,
                  response: list[int], logprobs: list[float], kv: tuple[Tensor, Tensor] | None):
@@ -171,9 +171,20 @@ class _Seq:
         self.cache_len = 0  # tokens in the cache; the last response token is not yet
         self.uniforms = uniforms  # one per response position
         self.kv = kv  # cache rows brought by a migrated sequence, until it is admitted
+        self.tokens = prompt + self.response  # kept in step with `response` (`append`)
+        self._view: SeqView | None = None
+
+    def append(self, token: int, logprob: float) -> None:
+        self.response.append(token)
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
 
     def view(self) -> SeqView:
-        return SeqView(self.seq_id, self.slot, tuple(self.prompt), self.prompt + self.response, len(self.prompt))
+        """What the drafters read: made once per slot, its token list shared with the sequence
+        (a fresh copy for every sequence, every step, was a few microseconds each)."""
+        if self._view is None or self._view.slot != self.slot:
+            self._view = SeqView(self.seq_id, self.slot, tuple(self.prompt), self.tokens, len(self.prompt))
+        return self._view
 
 
 @dataclass
@@ -584,8 +595,7 @@ class RolloutEngine:
         """Append emitted tokens up to a stop token or the length limit; returns how many were kept."""
         kept = 0
         for t, lp in zip(tokens, logprobs):
-            s.response.append(t)
-            s.logprobs.append(lp)
+            s.append(t, lp)
             kept += 1
             if t in params.stop_token_ids:
                 s.reason = "stop"
