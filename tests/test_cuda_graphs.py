@@ -117,8 +117,9 @@ def _graphed(monkeypatch):
 @pytest.mark.parametrize("spec", ["off", "history:2x2", "model:2", "auto"])
 @pytest.mark.parametrize("draw_every_node", [False, True])
 def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec, draw_every_node):
-    """Graph steps, and verification drawing every node's token at once (as on a GPU), leave
-    the samples and log-probs as the eager engine gives them."""
+    """Graph steps, verification drawing every node's token at once, and the host's bookkeeping
+    done between a step's launch and the read of its tokens (all three as on a GPU) leave the
+    samples and log-probs as the eager engine gives them."""
     model = peaky_model("llama").eval()
     # auto with point-mass drafters only: its choices follow timings, and a stochastic draft
     # model's acceptance would then change the samples
@@ -128,6 +129,7 @@ def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec, draw_e
     want = [plain.generate(PROMPTS, params) for _ in range(2)]  # the second with history
     _graphed(monkeypatch)
     monkeypatch.setattr(engine_module, "_draws_every_node", lambda device: draw_every_node)
+    monkeypatch.setattr(engine_module, "_hides_host_work", lambda device: draw_every_node)
     engine = RolloutEngine(model, spec=spec, draft_model=draft, max_batch=5)
     got = [engine.generate(PROMPTS, params) for _ in range(2)]
     for g, w in zip(got, want):

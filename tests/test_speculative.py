@@ -469,10 +469,15 @@ def test_policy_does_not_probe_drafters_that_free_trials_measure():
     assert probes(frozenset({"ngram"})) == 0
 
 
-def test_free_trials_measure_acceptance_while_decoding_plainly():
+@pytest.mark.parametrize("hides_host_work", [False, True])
+def test_free_trials_measure_acceptance_while_decoding_plainly(monkeypatch, hides_host_work):
     """Forced to decode plainly, auto still learns its point-mass drafters' acceptance, from
     drafts scored by the tokens emitted and never verified; the rates are those that verifying
-    the same drafter gives on the same samples."""
+    the same drafter gives on the same samples. Also with the trials opened and scored between a
+    step's launch and the read of its tokens (as on a GPU)."""
+    from remesh.rollout import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_hides_host_work", lambda device: hides_host_work)
     model = peaky_model("llama").eval()  # sampled tokens repeat: prompt lookup is often right
     params = SamplingParams(max_new_tokens=48, n=2, seed=5, temperature=1.0)
     engine = RolloutEngine(model, spec="auto", max_batch=6, calibrate=False, overhead_budget=None)

@@ -10,7 +10,9 @@ One `generate` call:
    compacted so that the accepted path sits where plain decoding would have written it. Under
    "auto", a few sequences per step also get a draft that is not verified, scored by the tokens
    they emit next (trials.py): the policy's acceptance rates without verification's cost.
-   On a GPU, decode and verification steps replay CUDA graphs (cuda_graphs.py).
+   On a GPU, decode and verification steps replay CUDA graphs (cuda_graphs.py), and the host's
+   bookkeeping that a step's tokens do not wait for (the drafters' indexes, the free trials)
+   runs between the step's launch and the read of its tokens, while the device computes.
 
 Every sequence draws its randomness from its own stream (seeded by seed, prompt and sample
 index), one uniform per emitted position, so that with point-mass drafters (n-gram, history)
@@ -264,6 +266,7 @@ class RolloutEngine:
         self.choice_budget, self.trial_budget = OverheadBudget(half), OverheadBudget(half)
         self.cache = None
         self.stats = GenerationStats()
+        self._pending: list[tuple[_Seq, list[int]]] = []  # emitted tokens the drafters have not seen (`_flush`)
 
     # ---------------------------------------------------------------- public
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False,
@@ -314,6 +317,7 @@ class RolloutEngine:
         self.generator = torch.Generator().manual_seed(params.seed + 104729)  # extra uniforms of p/q tests
         self.stats = GenerationStats(sequences=len(prompts) * params.n)
         self.trials.open.clear()  # sequence ids restart with every call
+        self._pending = []  # emitted tokens the drafters have not seen (`_flush`)
         run = self._run = _Run(params, device, max_nodes, free=list(range(n_slots - 1, -1, -1)),
                                bar=_progress(len(prompts) * params.n) if progress else None,
                                was_training=self.model.training)
@@ -369,6 +373,7 @@ class RolloutEngine:
                 gc.set_threshold(*self._gc_threshold)
             self._gc_threshold = None
         self.model.train(run.was_training)
+        self._flush()
         if not self.keep_cache:
             # the KV caches go with the call: in an RL iteration the training that follows needs
             # the memory more than the next call needs to skip an allocation and the captures
@@ -444,6 +449,7 @@ class RolloutEngine:
 
     def _retire(self, s: _Seq) -> None:
         """`s` leaves the batch (finished or released): free its slot and the drafters' state."""
+        self._flush()
         self._run.live.remove(s)
         self._run.free.append(s.slot)
         self.trials.open.pop(s.seq_id, None)
@@ -603,15 +609,32 @@ class RolloutEngine:
             if len(s.response) >= params.max_new_tokens:
                 s.reason = "length"
                 break
-        view = None
-        for d in self.drafters.values():
-            view = view or s.view()
-            d.observe(view, tokens[:kept])
-        trial = self.trials.open.get(s.seq_id)
-        if trial is not None and (depth := trial.outcome(s.response, s.reason is not None)) is not None:
-            del self.trials.open[s.seq_id]
-            self._record_acceptance(trial.drafter, trial.width, trial.depth, depth, trial=True)
+        self._pending.append((s, tokens[:kept]))  # for the drafters and the trials: `_flush`
         return kept
+
+    def _flush(self) -> None:
+        """Show the drafters and the open trials the tokens emitted since the last flush. Deferred
+        from `_emit` so that on a GPU it runs while the device computes the next step
+        (`_catch_up`); done before anything reads the drafters (a proposal, a sequence's retirement)."""
+        for s, tokens in self._pending:
+            for d in self.drafters.values():
+                d.observe(s.view(), tokens)
+            trial = self.trials.open.get(s.seq_id)
+            if trial is not None and (depth := trial.outcome(s.response, s.reason is not None)) is not None:
+                del self.trials.open[s.seq_id]
+                self._record_acceptance(trial.drafter, trial.width, trial.depth, depth, trial=True)
+        self._pending.clear()
+
+    def _catch_up(self, live: list[_Seq], strategy: Strategy, params: SamplingParams) -> None:
+        """The host's work that this step's tokens do not wait for: the drafters' and trials' view
+        of the last step's tokens, and new free trials (within their budget). On a GPU it runs
+        between launching the step and reading its tokens, hidden behind the device's work (the
+        next tokens cannot be known before, so nothing else can overlap)."""
+        self._flush()
+        if self.fixed is None and self.trial_budget.allows():
+            t = time.perf_counter()
+            self._open_trials(live, strategy, params)
+            self._spend(self.trial_budget, time.perf_counter() - t)
 
     def _open_trials(self, live: list[_Seq], strategy: Strategy, params: SamplingParams) -> None:
         """Drafts for a few sequences that this step does not verify: the tokens they emit next
@@ -637,6 +660,7 @@ class RolloutEngine:
         drafts: list[Draft] | None = None
         draft_s = 0.0
         if strategy.drafter is not None:
+            self._flush()  # the drafter reads every token emitted so far
             views = [s.view() for s in live]
             drafts = self.drafters[strategy.drafter].propose(views, strategy.depth, strategy.width)
             # a sequence can emit at most its remaining budget: deeper nodes are wasted work
@@ -646,10 +670,9 @@ class RolloutEngine:
                 for _ in drafts:
                     self._record_acceptance(strategy.drafter, strategy.width, 0, 0)
                 drafts = None
-        if self.fixed is None and self.trial_budget.allows():
-            t = time.perf_counter()
-            self._open_trials(live, strategy, params)
-            self._spend(self.trial_budget, time.perf_counter() - t)
+        overlap = _hides_host_work(device)
+        if not overlap:
+            self._catch_up(live, strategy, params)
         t1 = time.perf_counter()
         n_nodes = max(len(d) for d in drafts) if drafts else 0
         if drafts and self.graphs is not None:
@@ -661,8 +684,11 @@ class RolloutEngine:
         cache_lens = [s.cache_len for s in live]
         slots = [s.slot for s in live]
         if drafts is None:
+            u = torch.stack([s.uniforms[len(s.response)] for s in live]).to(device)  # before: a copy waits
             logits = self._forward([s.response[-1] for s in live], cache_lens, slots, cache_lens, None)
-            tok, lp = sample(logits, params, torch.stack([s.uniforms[len(s.response)] for s in live]))
+            tok, lp = sample(logits, params, u)
+            if overlap:
+                self._catch_up(live, strategy, params)
             emitted = 0
             for s, t, l in zip(live, tok.tolist(), lp.tolist()):
                 s.cache_len += 1
@@ -674,17 +700,23 @@ class RolloutEngine:
             for s, d, ds in zip(live, drafts, depths):
                 ids += [s.response[-1]] + d.tokens + [0] * (n_nodes - len(d))
                 pos += [s.cache_len + x for x in ds]
+            # point masses: every node's token drawn at once where the logits are, with the uniform
+            # of its depth; two numbers per node reach the host, not a vocabulary row
+            draw_all = _draws_every_node(device) and all(d.q is None for d in drafts)
+            if draw_all:
+                u = torch.stack([s.uniforms[len(s.response) + x] for s, ds in zip(live, depths) for x in ds]).to(device)
             logits = self._forward(ids, pos, slots, cache_lens, tree_mask(drafts, n_nodes, device))
             logp = target_logprobs(logits, params)
-            if _draws_every_node(device) and all(d.q is None for d in drafts):
-                # point masses: every node's token drawn at once where the logits are, with the
-                # uniform of its depth; two numbers per node reach the host, not a vocabulary row
-                u = torch.stack([s.uniforms[len(s.response) + x] for s, ds in zip(live, depths) for x in ds])
+            if draw_all:
                 drawn = inverse_cdf(logp.exp(), u)
                 drawn_lp = logp.gather(1, drawn[:, None]).squeeze(1)
+                if overlap:
+                    self._catch_up(live, strategy, params)
                 rows = zip(drawn.view(b, n).tolist(), drawn_lp.view(b, n).tolist())
                 verified = [verify_drawn(t, lp, d) for (t, lp), d in zip(rows, drafts)]
             else:
+                if overlap:
+                    self._catch_up(live, strategy, params)
                 logp = logp.view(b, n, -1).cpu()
                 verified = [verify(lp_rows, d, s.uniforms[len(s.response):], self.generator)
                             for s, d, lp_rows in zip(live, drafts, logp)]
@@ -745,6 +777,13 @@ def _draws_every_node(device: torch.device) -> bool:
     there, and the host then reads two numbers per node instead of a vocabulary row), or only
     at the nodes its walk reaches (a CPU: a draw is a pass over the vocabulary, and a wide tree
     has many nodes the walk never reaches)."""
+    return device.type != "cpu"
+
+
+def _hides_host_work(device: torch.device) -> bool:
+    """Whether the device computes a step while the host goes on (a GPU: kernels are queued), so
+    that host work the step's tokens do not wait for is best done between its launch and the
+    read of its tokens (`RolloutEngine._catch_up`); a CPU computes each op as it is called."""
     return device.type != "cpu"
 
 
