@@ -281,6 +281,24 @@ def test_tree_acceptance_off_the_first_branch_compacts_the_cache():
 
 # 4. drafters ---------------------------------------------------------------------------------
 
+def test_ngram_keys_are_unique_over_every_n_and_built_incrementally():
+    """A key per n-gram, distinct across lengths (a leading token 0 still counts); the index
+    built token by token holds every n-gram up to max_n at its end position."""
+    from remesh.rollout.drafters import _Group, ngram_key
+
+    assert ngram_key([5]) != ngram_key([0, 5]) != ngram_key([0, 0, 5])
+    assert ngram_key([1, 2]) == 2 * 2 ** 32 + 3
+    g = _Group(max_n=3)
+    sid = g.add([4, 0, 4])
+    g.extend(sid, [0, 7])
+    tokens = [4, 0, 4, 0, 7]
+    want: dict[int, list[tuple[int, int]]] = {}
+    for end in range(len(tokens)):
+        for n in range(1, min(3, end + 1) + 1):
+            want.setdefault(ngram_key(tokens[end - n + 1:end + 1]), []).append((sid, end))
+    assert dict(g.index) == want and g.index[ngram_key([4, 0])] == [(sid, 1), (sid, 3)]
+
+
 def view(tokens, prompt_len, seq_id=0, group=(1,)):
     return SeqView(seq_id, 0, tuple(group), list(tokens), prompt_len)
 

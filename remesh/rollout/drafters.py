@@ -66,14 +66,14 @@ class Drafter:
         """The generate call ended: free what only that call needed."""
 
 
-def _continuations(index: dict[tuple[int, ...], list[tuple[int, int]]], seqs: dict[int, list[int]],
+def _continuations(index: dict[int, list[tuple[int, int]]], seqs: dict[int, list[int]],
                    tokens: list[int], exclude: tuple[int, int] | None, max_n: int, depth: int, width: int,
                    max_matches: int = 32) -> Draft:
     """Look up the longest trailing n-gram of `tokens` (n <= max_n) in `index` (n-gram -> (seq, end)),
     and build a draft tree from what followed its most recent occurrences: up to `width`
     distinct first tokens (most frequent first), each continued by the most recent continuation."""
     for n in range(min(max_n, len(tokens)), 0, -1):
-        hits = index.get(tuple(tokens[-n:]))
+        hits = index.get(ngram_key(tokens[-n:]))
         if not hits:
             continue
         conts: list[list[int]] = []
@@ -197,13 +197,26 @@ class HistoryDrafter(Drafter):
             entry[0].retire(entry[1], self.keep)
 
 
+_KEY_BASE = 1 << 32  # token ids are below it
+
+
+def ngram_key(tokens: list[int]) -> int:
+    """The n-gram index's key of `tokens`: its ids + 1 as the digits of a base-2^32 number, unique
+    over every n (no digit is 0) and cheaper to build and hash than a tuple."""
+    key = 0
+    for t in tokens:
+        key = key * _KEY_BASE + t + 1
+    return key
+
+
 class _Group:
-    """Responses of one prompt and an index of their n-grams (n-gram -> [(seq id, end position)])."""
+    """Responses of one prompt and an index of their n-grams (`ngram_key` -> [(seq id, end position)])."""
 
     def __init__(self, max_n: int):
         self.max_n = max_n
         self.seqs: dict[int, list[int]] = {}
-        self.index: dict[tuple[int, ...], list[tuple[int, int]]] = defaultdict(list)
+        self.index: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        self._tails: dict[int, list[int]] = {}  # sid -> keys of the n-grams ending at its last token, n = 1, 2, ...
         self.finished: list[int] = []
         self._next = 0
 
@@ -211,26 +224,31 @@ class _Group:
         sid = self._next
         self._next += 1
         self.seqs[sid] = []
+        self._tails[sid] = []
         self.extend(sid, tokens)
         return sid
 
     def extend(self, sid: int, tokens: list[int]) -> None:
-        seq, index, max_n = self.seqs[sid], self.index, self.max_n
+        # this runs for every token of every sequence: each n-gram's key from the one before it
+        # (one multiply-add), and one (sid, end) tuple for all n
+        seq, index, tail, shorter = self.seqs[sid], self.index, self._tails[sid], self.max_n - 1
         for t in tokens:
             seq.append(t)
-            end = len(seq)
-            hit = (sid, end - 1)  # one tuple for every n: this runs for every token of every sequence
-            for n in range(1, min(max_n, end) + 1):
-                index[tuple(seq[end - n:])].append(hit)
+            hit = (sid, len(seq) - 1)
+            tail = [t + 1] + [k * _KEY_BASE + t + 1 for k in tail[:shorter]]
+            for k in tail:
+                index[k].append(hit)
+        self._tails[sid] = tail
 
     def retire(self, sid: int, keep: int) -> None:
         self.finished.append(sid)
         if len(self.finished) > keep:  # forget the oldest response and its index entries
             old = self.finished.pop(0)
             dead = self.seqs.pop(old)
+            del self._tails[old]
             for end in range(len(dead)):
                 for n in range(1, min(self.max_n, end + 1) + 1):
-                    key = tuple(dead[end - n + 1:end + 1])
+                    key = ngram_key(dead[end - n + 1:end + 1])
                     hits = [h for h in self.index[key] if h[0] != old]
                     if hits:
                         self.index[key] = hits
