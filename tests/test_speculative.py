@@ -651,6 +651,23 @@ def test_the_engine_weighs_strategies_and_opens_trials_within_its_overhead_budge
     assert engine.stats.policy_seconds > 0
 
 
+def test_bookkeeping_every_strategy_pays_is_left_out_of_the_time_a_step_is_judged_by(monkeypatch):
+    """On a CPU the drafters' and trials' catch-up adds to every step alike: the policy's
+    correction compares strategies without it (a fixed cost in a predicted / realised ratio
+    would favour long steps), while the call's statistics keep the wall time."""
+    import time as time_module
+
+    model = tiny_model().eval()
+    engine = RolloutEngine(model, spec="auto", calibrate=False)
+    catch_up = engine._catch_up
+    monkeypatch.setattr(engine, "_catch_up", lambda *a: time_module.sleep(0.05) or catch_up(*a))
+    judged = []
+    monkeypatch.setattr(engine.policy, "observe_step", lambda s, b, seconds: judged.append(seconds))
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
+    assert judged and max(judged) < 0.04
+    assert min(s.seconds for s in engine.stats.steps) >= 0.05
+
+
 def test_one_time_setup_inside_a_step_is_taken_out_of_its_observed_time(monkeypatch):
     """A step that also timed kernel layouts (or captured a graph) feeds the step-time model and
     the policy's correction its time less that setup, not nothing: a strategy meeting a new row

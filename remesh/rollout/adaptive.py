@@ -18,9 +18,10 @@ scored against the tokens they emit (trials.py). Other drafters (a draft model) 
 and then one is used for a step whatever its prediction.
 
 The predicted time leaves out costs that no model of the forward sees (building tree masks,
-the per-sequence verification walk, cache compaction, sampling). So each step's wall time is
-compared with the time predicted for it, and the median of the last few ratios, kept per
-drafter ("off" included) and per live-batch size class, scales that drafter's predicted times:
+the per-sequence verification walk, cache compaction, sampling). So each step's wall time,
+less the bookkeeping every strategy pays alike (the engine's catch-up), is compared with the
+time predicted for it, and the median of the last few ratios, kept per drafter ("off"
+included) and per live-batch size class, scales that drafter's predicted times:
 a systematic error is corrected after a few steps, for every depth and width at once, and one
 stalled step does not condemn a drafter. Only the time is corrected: the acceptance rates are
 observed directly, so a misjudged acceptance does not linger in the correction of a drafter that

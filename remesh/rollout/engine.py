@@ -671,8 +671,11 @@ class RolloutEngine:
                     self._record_acceptance(strategy.drafter, strategy.width, 0, 0)
                 drafts = None
         overlap = _hides_host_work(device)
+        catch_up_s = 0.0  # where it adds to the step (a CPU); on a GPU it hides behind the device
         if not overlap:
+            t = time.perf_counter()
             self._catch_up(live, strategy, params)
+            catch_up_s = time.perf_counter() - t
         t1 = time.perf_counter()
         n_nodes = max(len(d) for d in drafts) if drafts else 0
         if drafts and self.graphs is not None:
@@ -741,7 +744,10 @@ class RolloutEngine:
             self.policy.observe_draft(strategy, draft_s, b)
         seconds = time.perf_counter() - t0
         if self.fixed is None and setup is not None:
-            self.policy.observe_step(used, b, seconds - setup)
+            # judged without the bookkeeping that every strategy pays alike: a fixed cost in a
+            # ratio would weigh on short (plain) steps more than on long (drafting) ones, and
+            # where steps are host-bound it tilted the choice toward drafts that lose
+            self.policy.observe_step(used, b, seconds - setup - catch_up_s)
             self.choice_budget.earn(seconds - setup)
             self.trial_budget.earn(seconds - setup)
         self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
