@@ -299,6 +299,49 @@ def test_ngram_keys_are_unique_over_every_n_and_built_incrementally():
     assert dict(g.index) == want and g.index[ngram_key([4, 0])] == [(sid, 1), (sid, 3)]
 
 
+def _index_of(g) -> dict[int, list[tuple[int, int]]]:
+    """What `_Group.index` should hold for the group's sequences: every n-gram at its end."""
+    from remesh.rollout.drafters import ngram_key
+
+    want: dict[int, list[tuple[int, int]]] = {}
+    for sid in sorted(g.seqs):
+        seq = g.seqs[sid]
+        for end in range(len(seq)):
+            for n in range(1, min(g.max_n, end + 1) + 1):
+                want.setdefault(ngram_key(seq[end - n + 1:end + 1]), []).append((sid, end))
+    return want
+
+
+def test_a_group_forgets_its_oldest_response_and_its_index_entries():
+    from remesh.rollout.drafters import _Group
+
+    g = _Group(max_n=3)
+    for tokens in ([4, 0, 4, 0], [0, 4, 9], [9, 9, 4, 0]):
+        g.retire(g.add(tokens), keep=2)
+    assert sorted(g.seqs) == [1, 2] and g.finished == [1, 2]
+    assert dict(g.index) == _index_of(g)
+
+
+@pytest.mark.parametrize("hides_host_work", [False, True])
+@pytest.mark.parametrize("spec", ["history:2x2", "auto"])
+def test_the_history_holds_every_finished_response_once(monkeypatch, spec, hides_host_work):
+    """Whatever the order of the bookkeeping (a GPU's: deferred to the next step's launch), the
+    history drafter ends a call with each finished response whole, indexed once, and no
+    sequence left running."""
+    from remesh.rollout import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_hides_host_work", lambda device: hides_host_work)
+    model = peaky_model("llama").eval()
+    engine = RolloutEngine(model, spec=spec, max_batch=3, calibrate=False, overhead_budget=None)
+    rollouts = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, n=2, seed=4))
+    history = engine.drafters["history"]
+    assert not history._running
+    for prompt in PROMPTS:
+        g = history._groups[tuple(prompt)]
+        assert sorted(g.seqs.values()) == sorted(r.response_ids for r in rollouts if r.prompt_ids == prompt)
+        assert {k: sorted(v) for k, v in g.index.items()} == _index_of(g)  # (running siblings interleave)
+
+
 def view(tokens, prompt_len, seq_id=0, group=(1,)):
     return SeqView(seq_id, 0, tuple(group), list(tokens), prompt_len)
 

@@ -8,10 +8,11 @@ that costs more than that from Python. Captured once into a CUDA graph, the step
   rows b..B-1 are padding that writes into the cache's scratch slot, which no sequence owns;
 - the forward is `AttnContext.graph_safe`'s: lengths, slots and the tree mask are device tensors
   refilled in place before each replay, and attention covers a fixed number C of cache
-  positions, masked. C is a power of two (at least `min_context`, at most the cache's length)
-  that holds the step's longest context, so a graph is keyed (B, n, C): attention and the
-  gather of the slots' rows cost what the contexts need, not the whole cache's length (on
-  SmolLM2 at batch 1, a quarter of the step's kernel time was attention over the whole cache);
+  positions, masked. C is a power of two (at least `min_context` and an eighth of the cache's
+  length, at most its length) that holds the step's longest context, so a graph is keyed
+  (B, n, C), with at most 4 values of C: attention and the gather of the slots' rows cost
+  about what the contexts need, not the whole cache's length (on SmolLM2 at batch 1, a quarter
+  of the step's kernel time was attention over the whole cache);
   the graphs of one (B, n) share their logits buffer, so more of them cost little memory;
 - a shape waits for its `capture_after`-th use to be captured (a few forwards' time), so the
   rare shapes of probes and short-lived strategies never pay a capture; meanwhile its steps
@@ -79,8 +80,10 @@ class StepGraphs:
 
     def key(self, b: int, n: int, context: int) -> tuple[int, int, int]:
         """The graph of a step of `b` sequences, `n` new tokens each, the longest context (cached
-        plus new tokens) `context`."""
-        return bucket(b, self.max_batch), n, context_bucket(context, self.min_context, self.cache.max_len)
+        plus new tokens) `context`. Contexts come in at most 4 buckets (none below an eighth of
+        the cache): every bucket is one more capture of each (batch, tokens) shape per call."""
+        smallest = max(self.min_context, self.cache.max_len // 8)
+        return bucket(b, self.max_batch), n, context_bucket(context, smallest, self.cache.max_len)
 
     def route(self, b: int, n: int, context: int, now: bool = False) -> tuple[int, int, int] | None:
         """The graph a step of `b` sequences, `n` tokens each and longest context `context` is to

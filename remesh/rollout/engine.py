@@ -539,6 +539,8 @@ class RolloutEngine:
         for tokens in sizes:
             b = min(n_slots, tokens)
             per = max(1, tokens // b)
+            if self.graphs is not None and per > 1:  # the tokens per sequence that graph steps run
+                per = 1 + bucket(per - 1, max_nodes)
             # with graphs, at the cache's full length: the graphs captured here then cover steps at
             # any context, standing in while those steps' own shapes wait for theirs
             start = self.cache.max_len - per if self.graphs is not None else 0
@@ -743,13 +745,15 @@ class RolloutEngine:
         if strategy.drafter is not None:  # its cost counts even when it proposed nothing
             self.policy.observe_draft(strategy, draft_s, b)
         seconds = time.perf_counter() - t0
-        if self.fixed is None and setup is not None:
-            # judged without the bookkeeping that every strategy pays alike: a fixed cost in a
-            # ratio would weigh on short (plain) steps more than on long (drafting) ones, and
-            # where steps are host-bound it tilted the choice toward drafts that lose
-            self.policy.observe_step(used, b, seconds - setup - catch_up_s)
-            self.choice_budget.earn(seconds - setup)
-            self.trial_budget.earn(seconds - setup)
+        if self.fixed is None:
+            if setup is not None:
+                # judged without the bookkeeping that every strategy pays alike: a fixed cost in a
+                # ratio would weigh on short (plain) steps more than on long (drafting) ones, and
+                # where steps are host-bound it tilted the choice toward drafts that lose
+                self.policy.observe_step(used, b, seconds - setup - catch_up_s)
+            decoding = max(0.0, seconds - (self._setups()[1] - before[1]))  # less captures, tunings
+            self.choice_budget.earn(decoding)
+            self.trial_budget.earn(decoding)
         self.stats.steps.append(StepRecord(b, str(used), emitted, seconds))
 
     def _record_acceptance(self, drafter: str, width: int, offered: int, accepted: int, trial: bool = False) -> None:

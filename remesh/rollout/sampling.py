@@ -119,8 +119,9 @@ def _inverse_cdf_rows(probs: Tensor, u: Tensor) -> Tensor:
     cdf = probs.double().cumsum(dim=-1)
     idx = torch.searchsorted(cdf, (u.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(1)
     idx = idx.clamp_max(probs.shape[-1] - 1)
-    bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0  # rounding at u ~ 1: take the last live token
-    last_live = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    # rounding at u ~ 1: take the last live token, where the cumulative mass reaches the total
+    bad = probs.gather(1, idx[:, None]).squeeze(1) <= 0
+    last_live = torch.searchsorted(cdf, cdf[:, -1:].contiguous()).squeeze(1)
     return torch.where(bad, last_live, idx)
 
 
