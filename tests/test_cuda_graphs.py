@@ -27,13 +27,14 @@ def test_context_bucket_is_the_next_power_of_two_within_smallest_and_the_cache_l
     assert [context_bucket(c, 8, 40) for c in (1, 8, 9, 16, 17, 33, 40)] == [8, 8, 16, 16, 32, 40, 40]
 
 
-def _filled_cache(model, n_slots: int, lens: list[int]):
+def _filled_cache(model, n_slots: int, lens: list[int], max_len: int = 32):
     """A cache whose slots 0..len(lens)-1 hold random prompts of `lens` tokens."""
-    cache = model.new_kv_cache(n_slots, 32)
+    device = next(model.parameters()).device
+    cache = model.new_kv_cache(n_slots, max_len, device=device)
     g = torch.Generator().manual_seed(1)
     for slot, n in enumerate(lens):
-        ids = torch.randint(0, model.args.vocab_size, (n,), generator=g)
-        model(ids, torch.arange(n), AttnContext.with_cache(cache, [slot], [0], [n]))
+        ids = torch.randint(0, model.args.vocab_size, (n,), generator=g).to(device)
+        model(ids, torch.arange(n, device=device), AttnContext.with_cache(cache, [slot], [0], [n]))
     return cache
 
 
@@ -177,3 +178,33 @@ def test_captured_cuda_graphs_replay_the_eager_steps(spec):
         pass
     assert engine.graphs.captures >= 1 and all(g.graph is not None for g in engine.graphs.graphs.values())
     engine.collect()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_graphs_of_several_context_buckets_share_their_logits_buffer():
+    """Captured at once, graphs of one (batch, tokens) at contexts 8, 16, 32 and 64 write one
+    logits buffer, replayed in any order, each equal to the eager step; a stand-in too."""
+    model = tiny_model("llama", n_layers=2).cuda().eval()
+    lens = [5, 20, 40, 3]
+    eager, graphed = (_filled_cache(model, 5, lens, max_len=64) for _ in range(2))
+    steps = StepGraphs(model, graphed, scratch_slot=4, max_batch=4, capture_after=0, min_context=8)
+    with torch.inference_mode():
+        for slots in ([3], [0], [1], [2], [3, 1], [0]):  # contexts 4, 6, 21, 41, 25, 7
+            cl = [lens[x] for x in slots]
+            ids = [7 + x for x in slots]
+            want = model.logits(model(torch.tensor(ids, device="cuda"), torch.tensor(cl, device="cuda"),
+                                      AttnContext.with_cache(eager, slots, cl, [1] * len(slots))))
+            torch.testing.assert_close(steps.logits(ids, cl, slots, cl), want, atol=1e-4, rtol=1e-4)
+            for x in slots:
+                lens[x] += 1
+        assert {k for k in steps.graphs if k[:2] == (1, 1)} == {(1, 1, 8), (1, 1, 32), (1, 1, 64)}
+        assert steps.captures == len(steps.graphs) and all(g.graph is not None for g in steps.graphs.values())
+        assert steps.graphs[1, 1, 8].logits.data_ptr() == steps.graphs[1, 1, 64].logits.data_ptr()
+        stand_in = StepGraphs(model, graphed, scratch_slot=4, max_batch=4, capture_after=2, min_context=8)
+        stand_in.logits([1, 2], [lens[0], lens[1]], [0, 1], [lens[0], lens[1]])  # captures (2, 1, 32)
+        key = stand_in.route(1, 1, lens[3] + 1)
+        assert key == (2, 1, 32) and stand_in.stand_in_runs == 1
+        cl = [lens[3]]
+        want = model.logits(model(torch.tensor([9], device="cuda"), torch.tensor(cl, device="cuda"),
+                                  AttnContext.with_cache(eager, [3], cl, [1])))
+        torch.testing.assert_close(stand_in.logits([9], cl, [3], cl, graph=key), want, atol=1e-4, rtol=1e-4)
