@@ -482,28 +482,6 @@ def test_a_correction_not_refreshed_is_forgotten():
     assert policy.correction("off", 2) == pytest.approx(0.8)
 
 
-def test_a_drafter_whose_realised_rate_lost_to_plain_decoding_is_not_chosen_until_forgotten():
-    """The models say drafting wins (flat step times, every draft accepted), but the drafter's
-    steps at this batch class emitted fewer tokens per sequence-second than plain decoding's:
-    plain decoding, until that record is `correction_ttl` steps old."""
-    policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(2,), widths=(1,), correction_ttl=8, explore_every=10 ** 9)
-    policy.step_time.observe(1, 0.01)
-    policy.step_time.observe(64, 0.0101)
-    for _ in range(20):
-        policy.acceptance.observe("ngram", 1, 2, 2)
-    draft = Strategy("ngram", 2, 1)
-    assert policy.choose(4) == draft
-    policy.observe_step(draft, 4, 0.03, emitted=8)  # 8 / (4 x 0.03) = 67 tokens per sequence-second
-    policy.observe_step(OFF, 4, 0.01, emitted=4)  # 100: plain decoding did better
-    assert policy.choose(4) == OFF
-    assert policy.choose(8) == draft  # another batch class has no such record
-    policy.observe_step(OFF, 4, 0.01, emitted=4)
-    for _ in range(4):
-        policy.choose(2)
-    assert policy.choose(4) == OFF  # the drafter's record is 7 steps old: still remembered
-    assert policy.choose(4) == draft  # 8 steps old, forgotten: the drafter is tried again
-
-
 def test_untried_drafter_takes_plain_decodings_correction():
     """At a batch size class where plain steps took twice their predicted time and the drafter
     never ran, its predicted time is scaled as plain decoding's, not taken at face value; a
@@ -727,7 +705,7 @@ def test_bookkeeping_every_strategy_pays_is_left_out_of_the_time_a_step_is_judge
     catch_up = engine._catch_up
     monkeypatch.setattr(engine, "_catch_up", lambda *a: time_module.sleep(0.05) or catch_up(*a))
     judged = []
-    monkeypatch.setattr(engine.policy, "observe_step", lambda s, b, seconds, emitted=None: judged.append(seconds))
+    monkeypatch.setattr(engine.policy, "observe_step", lambda s, b, seconds: judged.append(seconds))
     engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
     assert judged and max(judged) < 0.04
     assert min(s.seconds for s in engine.stats.steps) >= 0.05
@@ -753,7 +731,7 @@ def test_one_time_setup_inside_a_step_is_taken_out_of_its_observed_time(monkeypa
     monkeypatch.setattr(model, "forward", forward_with_setup)
     observed, steps = [], []
     monkeypatch.setattr(engine.policy.step_time, "observe", lambda tokens, s: observed.append(s))
-    monkeypatch.setattr(engine.policy, "observe_step", lambda s, b, seconds, emitted=None: steps.append(seconds))
+    monkeypatch.setattr(engine.policy, "observe_step", lambda s, b, seconds: steps.append(seconds))
     engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))
     assert len(observed) == len(calls)  # every forward fed, the one with the setup too
     assert max(observed) < 0.2 and max(steps) < 0.2

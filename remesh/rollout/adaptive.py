@@ -200,31 +200,6 @@ class AcceptanceStats:
 
 
 @dataclass
-class RecentMedians:
-    """Per key, the median of the last `window` values, forgotten `ttl` steps after the last one
-    came (a stale figure must not steer the choice for good: no step of what it condemns, or of
-    plain decoding, would ever revise it)."""
-
-    window: int = 5
-    ttl: int = 64
-    _values: dict[tuple[str, int], list[float]] = field(default_factory=dict)
-    _median: dict[tuple[str, int], tuple[float, int]] = field(default_factory=dict)  # (median, step)
-
-    def add(self, key: tuple[str, int], value: float, step: int) -> None:
-        values = self._values.setdefault(key, [])
-        last = self._median.get(key)
-        if last is not None and step - last[1] >= self.ttl:  # forgotten: start afresh
-            values.clear()
-        values.append(value)
-        del values[:-self.window]
-        self._median[key] = (statistics.median(values), step)
-
-    def get(self, key: tuple[str, int], step: int) -> float | None:
-        m = self._median.get(key)
-        return m[0] if m is not None and step - m[1] < self.ttl else None
-
-
-@dataclass
 class OverheadBudget:
     """The host time the adaptive machinery (weighing the candidates, opening free trials) may
     take, as a fraction of the decoding time: a token bucket that every step fills with
@@ -279,10 +254,10 @@ class AdaptivePolicy:
     # a correction not refreshed for this many steps is forgotten: else plain decoding's, once
     # low by chance, would keep the policy drafting, and no plain step would ever correct it
     correction_ttl: int = 64
-    # by (drafter or "off", batch class): predicted / realised step time (`correction`), and the
-    # tokens a sequence emitted per second of those steps (`_realised_loses`)
-    _corrections: RecentMedians | None = None
-    _rates: RecentMedians | None = None
+    # (drafter, batch class) -> the last predicted / realised step times, their median, and the
+    # step of the last one
+    _ratios: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    _correction: dict[tuple[str, int], tuple[float, int]] = field(default_factory=dict)
     _predicted: tuple[Strategy, int, float] | None = None  # the last choice and its predicted seconds
     _last_best: Strategy = OFF  # the last choice on the candidates' merits (not a probe): `repeat`
     _candidate_groups: dict[tuple[str, int], list[tuple[Strategy, int]]] | None = None
@@ -340,40 +315,25 @@ class AdaptivePolicy:
         faster than plain decoding's measured steps by all of them (on the CPU at 16 live
         sequences: 0.64, and auto drafted at 3% acceptance). Plain decoding without one: 1.0."""
         for key in ((drafter, size_class), ("off", size_class)):
-            c = self._records()[0].get(key, self._steps)
-            if c is not None:
-                return c
+            c = self._correction.get(key)
+            if c is not None and self._steps - c[1] < self.correction_ttl:
+                return c[0]
         return 1.0
 
-    def _records(self) -> tuple[RecentMedians, RecentMedians]:
-        if self._corrections is None:
-            self._corrections = RecentMedians(self.correction_window, self.correction_ttl)
-            self._rates = RecentMedians(self.correction_window, self.correction_ttl)
-        return self._corrections, self._rates
-
-    def _realised_loses(self, drafter: str, size_class: int) -> bool:
-        """Whether the drafter's recent steps at this batch size class emitted fewer tokens per
-        sequence-second than plain decoding's (both measured in the last `correction_ttl`
-        steps). The models' goodputs compare two noisy predictions within a 5% margin; where
-        steps are host-bound, a draft predicted to win could lose ~12% step after step (a CPU
-        trace at 4 live sequences). What was realised overrules them, until it is forgotten and
-        the drafter is tried again."""
-        rates = self._records()[1]
-        mine, plain = rates.get((drafter, size_class), self._steps), rates.get(("off", size_class), self._steps)
-        return mine is not None and plain is not None and mine < plain
-
-    def observe_step(self, s: Strategy, batch: int, seconds: float, emitted: int | None = None) -> None:
-        """A finished step's wall time, against the time predicted for it, and (`emitted`: the
-        tokens it emitted) its realised rate."""
+    def observe_step(self, s: Strategy, batch: int, seconds: float) -> None:
+        """A finished step's wall time, against the time predicted for it."""
         if seconds <= 0:
             return
         last = self._predicted
         predicted = last[2] if last is not None and last[:2] == (s, batch) else self.predicted_seconds(s, batch)
         key = (s.drafter or "off", _batch_class(batch))
-        corrections, rates = self._records()
-        corrections.add(key, predicted / seconds, self._steps)
-        if emitted is not None:
-            rates.add(key, emitted / (batch * seconds), self._steps)
+        last_seen = self._correction.get(key, (0.0, self._steps))[1]
+        ratios = self._ratios.setdefault(key, [])
+        if self._steps - last_seen >= self.correction_ttl:  # forgotten: start afresh
+            ratios.clear()
+        ratios.append(predicted / seconds)
+        del ratios[:-self.correction_window]
+        self._correction[key] = (statistics.median(ratios), self._steps)
 
     def choose(self, batch: int) -> Strategy:
         self._steps += 1
@@ -396,8 +356,7 @@ class AdaptivePolicy:
 
     def _best(self, batch: int) -> Strategy:
         """The candidate of largest `goodput` (the first of equals, in `candidates` order), if
-        it beats plain decoding's by `min_gain`, among the drafters whose realised rate here
-        has not lost to plain decoding's (`_realised_loses`); computed group by group: one pass over a
+        it beats plain decoding's by `min_gain`; computed group by group: one pass over a
         drafter's acceptance rates serves all its depths, and a group stops at the depth its
         drafts are no longer accepted (deeper ones only cost more: predicted step times never
         fall with the tokens)."""
@@ -405,8 +364,6 @@ class AdaptivePolicy:
         size_class = _batch_class(batch)
         verify_seconds: dict[int, float] = {}  # by draft nodes: the groups share them
         for (name, width), group in self._groups().items():
-            if self._realised_loses(name, size_class):
-                continue
             correction = self.correction(name, size_class)
             draft_cost = self._draft_cost.get(name, 0.0) * batch
             expected, reach, level = 0.0, 1.0, 0

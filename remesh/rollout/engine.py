@@ -750,7 +750,7 @@ class RolloutEngine:
                 # judged without the bookkeeping that every strategy pays alike: a fixed cost in a
                 # ratio would weigh on short (plain) steps more than on long (drafting) ones, and
                 # where steps are host-bound it tilted the choice toward drafts that lose
-                self.policy.observe_step(used, b, seconds - setup - catch_up_s, emitted)
+                self.policy.observe_step(used, b, seconds - setup - catch_up_s)
             decoding = max(0.0, seconds - (self._setups()[1] - before[1]))  # less captures, tunings
             self.choice_budget.earn(decoding)
             self.trial_budget.earn(decoding)
