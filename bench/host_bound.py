@@ -72,7 +72,8 @@ def main() -> None:
         policy = []
         for r in range(rounds):
             for n in (STRATEGIES if r % 2 == 0 else STRATEGIES[::-1]):
-                st = engines[n].generate(prompts[:b], params(1 + r)) and engines[n].stats
+                engines[n].generate(prompts[:b], params(1 + r))
+                st = engines[n].stats
                 tps[n].append(st.tokens / (st.seconds - st.calibration_seconds))
                 step_s[n].append(statistics.mean(s.seconds for s in st.steps))
                 if n == "auto":

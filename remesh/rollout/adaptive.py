@@ -212,14 +212,12 @@ class OverheadBudget:
 
     fraction: float | None = 0.02
     window: int = 8
-    spent: float = 0.0  # seconds, in all
     _credit: float = 0.0
 
     def allows(self) -> bool:
         return self.fraction is None or self._credit >= 0.0
 
     def spend(self, seconds: float) -> None:
-        self.spent += seconds
         self._credit -= seconds
 
     def earn(self, step_seconds: float) -> None:

@@ -317,7 +317,7 @@ class RolloutEngine:
         self.generator = torch.Generator().manual_seed(params.seed + 104729)  # extra uniforms of p/q tests
         self.stats = GenerationStats(sequences=len(prompts) * params.n)
         self.trials.open.clear()  # sequence ids restart with every call
-        self._pending = []  # emitted tokens the drafters have not seen (`_flush`)
+        self._pending = []
         run = self._run = _Run(params, device, max_nodes, free=list(range(n_slots - 1, -1, -1)),
                                bar=_progress(len(prompts) * params.n) if progress else None,
                                was_training=self.model.training)
@@ -501,9 +501,10 @@ class RolloutEngine:
         since `before` (`_setups()`: the first step at a new shape times kernel layouts on a
         CPU, captures a graph on a GPU), which would teach the model that this size is slow and
         speculation fast by contrast. Left out entirely if it ran while its shape waits for a
-        graph (eagerly, or by a larger shape's): the graph's steps will not take its time. Returns the setup seconds taken
-        out, or None if left out. (Once, such steps were left out whole; then a strategy met
-        a new row count at every step as the batch drained, and none of its steps was fed.)"""
+        graph (eagerly, or by a larger shape's): the graph's steps will not take its time.
+        Returns the setup seconds taken out, or None if left out. (Once, such steps were left
+        out whole; then a strategy met a new row count at every step as the batch drained, and
+        none of its steps was fed.)"""
         eager, setup = self._setups()
         extra = setup - before[1]
         if eager != before[0] or seconds - extra <= 0:
