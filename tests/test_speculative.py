@@ -283,15 +283,18 @@ def test_tree_acceptance_off_the_first_branch_compacts_the_cache():
 
 def test_ngram_keys_are_unique_over_every_n_and_built_incrementally():
     """A key per n-gram, distinct across lengths (a leading token 0 still counts); the index
-    built token by token holds every n-gram up to max_n at its end position."""
+    of a growing sequence, synced in pieces, holds every n-gram up to max_n at its end position."""
     from remesh.rollout.drafters import _Group, ngram_key
 
     assert ngram_key([5]) != ngram_key([0, 5]) != ngram_key([0, 0, 5])
     assert ngram_key([1, 2]) == 2 * 2 ** 32 + 3
     g = _Group(max_n=3)
-    sid = g.add([4, 0, 4])
-    g.extend(sid, [0, 7])
-    tokens = [4, 0, 4, 0, 7]
+    tokens = [4, 0, 4]
+    sid = g.add(tokens)
+    assert not g.index  # lazy: nothing is indexed before a sync
+    g.sync()
+    tokens += [0, 7]  # the sequence grows; the group holds it by reference
+    g.sync()
     want: dict[int, list[tuple[int, int]]] = {}
     for end in range(len(tokens)):
         for n in range(1, min(3, end + 1) + 1):
@@ -312,14 +315,32 @@ def _index_of(g) -> dict[int, list[tuple[int, int]]]:
     return want
 
 
-def test_a_group_forgets_its_oldest_response_and_its_index_entries():
+@pytest.mark.parametrize("synced", [(), (0,), (0, 1, 2)])
+def test_a_group_forgets_its_oldest_response_and_its_index_entries(synced):
+    """Whether a forgotten response was indexed (a sync before its successors came) or not."""
     from remesh.rollout.drafters import _Group
 
     g = _Group(max_n=3)
-    for tokens in ([4, 0, 4, 0], [0, 4, 9], [9, 9, 4, 0]):
-        g.retire(g.add(tokens), keep=2)
+    for i, tokens in enumerate(([4, 0, 4, 0], [0, 4, 9], [9, 9, 4, 0])):
+        sid = g.add(tokens)
+        if i in synced:
+            g.sync()
+        g.retire(sid, keep=2)
     assert sorted(g.seqs) == [1, 2] and g.finished == [1, 2]
+    g.sync()
     assert dict(g.index) == _index_of(g)
+
+
+def test_a_retired_sequence_is_kept_as_a_copy():
+    """The engine hands a finished response's list to its caller, who may change it."""
+    from remesh.rollout.drafters import _Group
+
+    g = _Group(max_n=2)
+    response = [3, 4, 5]
+    g.retire(g.add(response), keep=4)
+    response.append(6)
+    g.sync()
+    assert g.seqs[0] == [3, 4, 5] and dict(g.index) == _index_of(g)
 
 
 @pytest.mark.parametrize("hides_host_work", [False, True])
@@ -339,11 +360,12 @@ def test_the_history_holds_every_finished_response_once(monkeypatch, spec, hides
     for prompt in PROMPTS:
         g = history._groups[tuple(prompt)]
         assert sorted(g.seqs.values()) == sorted(r.response_ids for r in rollouts if r.prompt_ids == prompt)
+        g.sync()  # what the call left unindexed (a response that ended after its group's last lookup)
         assert {k: sorted(v) for k, v in g.index.items()} == _index_of(g)  # (running siblings interleave)
 
 
 def view(tokens, prompt_len, seq_id=0, group=(1,)):
-    return SeqView(seq_id, 0, tuple(group), list(tokens), prompt_len)
+    return SeqView(seq_id, 0, tuple(group), list(tokens), prompt_len, list(tokens[prompt_len:]))
 
 
 def test_ngram_prompt_lookup():
@@ -354,12 +376,30 @@ def test_ngram_prompt_lookup():
     assert len(d.propose([view([1, 2, 3], 2, seq_id=1)], 3, 1)[0]) == 0  # nothing to look up
 
 
+def test_drafters_read_the_growing_token_lists_they_were_given():
+    """No per-token notification: a proposal sees what the engine appended since the last one,
+    the sequence's own tokens and its running siblings'."""
+    d = NGramDrafter(max_n=2)
+    s = view([5, 6, 7, 1], 2)
+    assert len(d.propose([s], depth=2, width=1)[0]) == 0  # (7, 1) and 1 occur nowhere earlier
+    s.tokens.extend([5, 6])
+    s.response.extend([5, 6])
+    assert d.propose([s], depth=2, width=1)[0].tokens == [7, 1]
+
+    h = HistoryDrafter(max_n=2)
+    a, b = view([9, 1, 2], 1, seq_id=0, group=(9,)), view([9, 1], 1, seq_id=1, group=(9,))
+    h.propose([a, b], depth=3, width=1)  # both registered
+    a.tokens.extend([3, 4])
+    a.response.extend([3, 4])
+    assert h.propose([b], depth=3, width=1)[0].tokens == [2, 3, 4]
+
+
 def test_history_drafter_uses_earlier_rollouts_and_builds_trees():
     d = HistoryDrafter(max_n=2)
     prompt = [9, 9]
     for sid, resp in enumerate([[1, 2, 3, 4], [1, 2, 5, 6], [1, 2, 5, 7]]):  # an earlier epoch's rollouts
         s = view(prompt + resp, 2, seq_id=sid, group=prompt)
-        d.observe(s, resp)
+        d.sync([s])
         d.finish(s)
     d.start(4, 64)  # a new generate call keeps the history
     draft = d.propose([view(prompt + [1, 2], 2, seq_id=0, group=prompt)], depth=2, width=2)[0]

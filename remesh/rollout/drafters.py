@@ -10,8 +10,11 @@ None needs training:
   (`first_layers`), with its own KV cache; it samples a chain (q is kept for the acceptance
   test) or proposes its top-w tokens at the root.
 
-The engine talks to a drafter through `SeqView`s and calls `propose`, then `observe` with the
-tokens each sequence emitted, and `finish` when a sequence ends.
+The engine talks to a drafter through `SeqView`s, whose token lists are the engine's own and
+grow as the sequences decode: it calls `propose` (after `sync`, which brings the drafter's
+indexes up to the tokens so far) and `finish` when a sequence ends. The lookup drafters index
+lazily, at `sync`: a step that reads no drafter (plain decoding, most of auto's steps where
+drafts do not pay) pays nothing for them.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ class SeqView:
     seq_id: int  # unique within one generate call
     slot: int  # KV-cache slot (ModelDrafter mirrors the engine's slots)
     group: tuple[int, ...]  # the prompt's token ids: samples and epochs of one prompt share it
-    tokens: list[int]  # prompt + response so far (the last one not yet in the target's cache); read, never kept
+    # the engine's lists, growing as the sequence decodes: read (and held until `finish`), never changed
+    tokens: list[int]  # prompt + response so far (the last one not yet in the target's cache)
     prompt_len: int
+    response: list[int]  # tokens[prompt_len:], as its own list
 
 
 class Drafter:
@@ -53,8 +58,10 @@ class Drafter:
         """Upper bound of a draft's size for this shape (the verifier's tokens per sequence - 1)."""
         return depth * width
 
-    def observe(self, seq: SeqView, new_tokens: list[int]) -> None:
-        """`new_tokens` were appended to `seq.tokens` (already included in it)."""
+    def sync(self, seqs: list[SeqView]) -> None:
+        """Bring what the drafter knows of `seqs` (and of their groups) up to their tokens now.
+        `propose` needs it first; the engine calls it apart, so that a drafter's timed proposals
+        are its lookups alone, not the indexing of tokens emitted while it was not asked."""
 
     def finish(self, seq: SeqView) -> None:
         """`seq` ended; its tokens are final."""
@@ -122,17 +129,17 @@ class NGramDrafter(Drafter):
             g.add(s.tokens)
         return g
 
+    def sync(self, seqs: list[SeqView]) -> None:
+        for s in seqs:
+            self._own(s).sync()
+
     def propose(self, seqs: list[SeqView], depth: int, width: int) -> list[Draft]:
         out = []
         for s in seqs:
             g = self._own(s)
+            g.sync()
             out.append(_continuations(g.index, g.seqs, s.tokens, None, self.max_n, depth, width))
         return out
-
-    def observe(self, seq: SeqView, new_tokens: list[int]) -> None:
-        g = self._index.get(seq.seq_id)
-        if g is not None:  # else indexed in full on first use
-            g.extend(0, new_tokens)
 
     def finish(self, seq: SeqView) -> None:
         self._index.pop(seq.seq_id, None)
@@ -163,33 +170,32 @@ class HistoryDrafter(Drafter):
         self._running.clear()
 
     def _register(self, s: SeqView) -> tuple[_Group, int]:
-        if s.seq_id not in self._running:
+        entry = self._running.get(s.seq_id)
+        if entry is None:
             g = self._group(s.group)
-            self._running[s.seq_id] = (g, g.add(s.tokens[s.prompt_len:]))
-        return self._running[s.seq_id]
+            entry = self._running[s.seq_id] = (g, g.add(s.response))
+        return entry
+
+    def sync(self, seqs: list[SeqView]) -> None:
+        for s in seqs:
+            self._register(s)[0].sync()
 
     def propose(self, seqs: list[SeqView], depth: int, width: int) -> list[Draft]:
         out = []
         for s in seqs:
             g, sid = self._register(s)
-            resp = s.tokens[s.prompt_len:]
+            g.sync()
+            resp = s.response
             # look up the response's tail; fall back to the prompt's tail for the first tokens
             query = resp if resp else s.tokens[-self.max_n:]
-            own_end = (sid, len(g.seqs[sid]) - 1) if resp else None
+            own_end = (sid, len(resp) - 1) if resp else None
             out.append(_continuations(g.index, g.seqs, query, own_end, self.max_n, depth, width))
         return out
-
-    def observe(self, seq: SeqView, new_tokens: list[int]) -> None:
-        if seq.seq_id in self._running:  # else registered (with every token so far) now
-            g, sid = self._running[seq.seq_id]
-            g.extend(sid, new_tokens)
-        else:
-            self._register(seq)
 
     def remember(self, prompt: list[int], response: list[int]) -> None:
         """Add a finished response of `prompt` to its history (e.g. rollouts of a previous run)."""
         g = self._group(tuple(prompt))
-        g.retire(g.add(list(response)), self.keep)
+        g.retire(g.add(response), self.keep)
 
     def finish(self, seq: SeqView) -> None:
         entry = self._running.pop(seq.seq_id, None)
@@ -210,43 +216,65 @@ def ngram_key(tokens: list[int]) -> int:
 
 
 class _Group:
-    """Responses of one prompt and an index of their n-grams (`ngram_key` -> [(seq id, end position)])."""
+    """Token sequences (one prompt's responses, or one sequence's own tokens) and an index of their
+    n-grams (`ngram_key` -> [(seq id, end position)]), built lazily: a running sequence is held
+    by reference, its list growing as it decodes, and `sync` indexes what was appended since the
+    last one. A group no drafter looks up is never indexed, and a plain step pays nothing."""
 
     def __init__(self, max_n: int):
         self.max_n = max_n
         self.seqs: dict[int, list[int]] = {}
         self.index: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        self._tails: dict[int, list[int]] = {}  # sid -> keys of the n-grams ending at its last token, n = 1, 2, ...
+        self._tails: dict[int, list[int]] = {}  # sid -> keys of the n-grams ending at its last indexed token, n = 1, 2, ...
+        self._indexed: dict[int, int] = {}  # sid -> how many of its tokens the index holds
+        self._growing: set[int] = set()  # running sequences: `sync` looks at them every time
+        self._unsynced: set[int] = set()  # finished ones not indexed to their end yet
         self.finished: list[int] = []
         self._next = 0
 
     def add(self, tokens: list[int]) -> int:
+        """A running sequence, by reference: indexed as it grows, at each `sync`. Returns its id."""
         sid = self._next
         self._next += 1
-        self.seqs[sid] = []
-        self._tails[sid] = []
-        self.extend(sid, tokens)
+        self.seqs[sid], self._tails[sid], self._indexed[sid] = tokens, [], 0
+        self._growing.add(sid)
         return sid
 
-    def extend(self, sid: int, tokens: list[int]) -> None:
-        # this runs for every token of every sequence: each n-gram's key from the one before it
-        # (one multiply-add), and one (sid, end) tuple for all n
+    def sync(self) -> None:
+        for sid in self._growing:
+            if self._indexed[sid] < len(self.seqs[sid]):
+                self._index_tokens(sid)
+        if self._unsynced:
+            for sid in self._unsynced:
+                self._index_tokens(sid)
+            self._unsynced.clear()
+
+    def _index_tokens(self, sid: int) -> None:
+        # this runs for every token of every sequence looked up: each n-gram's key from the one
+        # before it (one multiply-add), and one (sid, end) tuple for all n
         seq, index, tail, shorter = self.seqs[sid], self.index, self._tails[sid], self.max_n - 1
-        for t in tokens:
-            seq.append(t)
-            hit = (sid, len(seq) - 1)
-            tail = [t + 1] + [k * _KEY_BASE + t + 1 for k in tail[:shorter]]
+        for end in range(self._indexed[sid], len(seq)):
+            t = seq[end] + 1
+            hit = (sid, end)
+            tail = [t] + [k * _KEY_BASE + t for k in tail[:shorter]]
             for k in tail:
                 index[k].append(hit)
-        self._tails[sid] = tail
+        self._tails[sid], self._indexed[sid] = tail, len(seq)
 
     def retire(self, sid: int, keep: int) -> None:
+        """`sid` has ended: kept as a copy (the engine hands its list to the caller), and the
+        oldest finished sequence beyond `keep` forgotten with its index entries."""
+        seq = self.seqs[sid] = list(self.seqs[sid])
+        self._growing.discard(sid)
+        if self._indexed[sid] < len(seq):
+            self._unsynced.add(sid)
         self.finished.append(sid)
-        if len(self.finished) > keep:  # forget the oldest response and its index entries
+        if len(self.finished) > keep:
             old = self.finished.pop(0)
-            dead = self.seqs.pop(old)
+            dead, indexed = self.seqs.pop(old), self._indexed.pop(old)
             del self._tails[old]
-            for end in range(len(dead)):
+            self._unsynced.discard(old)
+            for end in range(indexed):
                 for n in range(1, min(self.max_n, end + 1) + 1):
                     key = ngram_key(dead[end - n + 1:end + 1])
                     hits = [h for h in self.index[key] if h[0] != old]

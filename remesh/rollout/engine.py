@@ -185,7 +185,8 @@ class _Seq:
         """What the drafters read: made once per slot, its token list shared with the sequence
         (a fresh copy for every sequence, every step, was a few microseconds each)."""
         if self._view is None or self._view.slot != self.slot:
-            self._view = SeqView(self.seq_id, self.slot, tuple(self.prompt), self.tokens, len(self.prompt))
+            self._view = SeqView(self.seq_id, self.slot, tuple(self.prompt), self.tokens, len(self.prompt),
+                                 self.response)
         return self._view
 
 
@@ -248,8 +249,7 @@ class RolloutEngine:
                 hint = " (give a draft model)" if self.fixed.drafter == "model" else ""
                 raise ValueError(f"speculation {spec!r}: unknown drafter {self.fixed.drafter!r}{hint}; "
                                  f"known: {', '.join(self.drafters)}")
-            # only the drafter in use sees the tokens: the others' indexes would cost every step
-            # (the history's ~2% of a step where steps are short) and serve nothing
+            # only the drafter in use: a fixed strategy never reads the others
             self.drafters = {n: d for n, d in self.drafters.items() if n == self.fixed.drafter}
         self.policy = AdaptivePolicy(
             drafters={n: 2 if n == "model" else 4 for n in self.drafters},  # widest tree per drafter
@@ -266,7 +266,7 @@ class RolloutEngine:
         self.choice_budget, self.trial_budget = OverheadBudget(half), OverheadBudget(half)
         self.cache = None
         self.stats = GenerationStats()
-        self._pending: list[tuple[_Seq, list[int]]] = []  # emitted tokens the drafters have not seen (`_flush`)
+        self._pending: list[_Seq] = []  # sequences that emitted tokens the open trials have not seen (`_flush`)
 
     # ---------------------------------------------------------------- public
     def generate(self, prompts: list[list[int]], params: SamplingParams, progress: bool = False,
@@ -612,16 +612,15 @@ class RolloutEngine:
             if len(s.response) >= params.max_new_tokens:
                 s.reason = "length"
                 break
-        self._pending.append((s, tokens[:kept]))  # for the drafters and the trials: `_flush`
+        if s.seq_id in self.trials.open:  # scored at `_flush`
+            self._pending.append(s)
         return kept
 
     def _flush(self) -> None:
-        """Show the drafters and the open trials the tokens emitted since the last flush. Deferred
-        from `_emit` so that on a GPU it runs while the device computes the next step
-        (`_catch_up`); done before anything reads the drafters (a proposal, a sequence's retirement)."""
-        for s, tokens in self._pending:
-            for d in self.drafters.values():
-                d.observe(s.view(), tokens)
+        """Score the open trials against the tokens emitted since the last flush. Deferred from
+        `_emit` so that on a GPU it runs while the device computes the next step (`_catch_up`);
+        done before a sequence's retirement drops its trial."""
+        for s in self._pending:
             trial = self.trials.open.get(s.seq_id)
             if trial is not None and (depth := trial.outcome(s.response, s.reason is not None)) is not None:
                 del self.trials.open[s.seq_id]
@@ -629,8 +628,8 @@ class RolloutEngine:
         self._pending.clear()
 
     def _catch_up(self, live: list[_Seq], strategy: Strategy, params: SamplingParams) -> None:
-        """The host's work that this step's tokens do not wait for: the drafters' and trials' view
-        of the last step's tokens, and new free trials (within their budget). On a GPU it runs
+        """The host's work that this step's tokens do not wait for: scoring the open trials with
+        the last step's tokens, and new free trials (within their budget). On a GPU it runs
         between launching the step and reading its tokens, hidden behind the device's work (the
         next tokens cannot be known before, so nothing else can overlap)."""
         self._flush()
@@ -646,11 +645,13 @@ class RolloutEngine:
         if picked is None:
             return
         (name, width, depth), rows = picked
-        seqs = [live[i] for i in rows]
+        views = [live[i].view() for i in rows]
+        self.drafters[name].sync(views)  # indexing, within the trials' budget but not their lookups' time
         t0 = time.perf_counter()
-        drafts = self.drafters[name].propose([s.view() for s in seqs], depth, width)
-        self.policy.observe_draft(Strategy(name, depth, width), time.perf_counter() - t0, len(seqs))
-        for s, d in zip(seqs, drafts):
+        drafts = self.drafters[name].propose(views, depth, width)
+        self.policy.observe_draft(Strategy(name, depth, width), time.perf_counter() - t0, len(rows))
+        for i, d in zip(rows, drafts):
+            s = live[i]
             d = _prune(d, params.max_new_tokens - len(s.response) - 1)
             if len(d):
                 self.trials.open[s.seq_id] = Trial(name, width, d, len(s.response))
@@ -663,12 +664,16 @@ class RolloutEngine:
         drafts: list[Draft] | None = None
         draft_s = 0.0
         if strategy.drafter is not None:
-            self._flush()  # the drafter reads every token emitted so far
-            views = [s.view() for s in live]
-            drafts = self.drafters[strategy.drafter].propose(views, strategy.depth, strategy.width)
+            drafter, views = self.drafters[strategy.drafter], [s.view() for s in live]
+            # indexing the tokens emitted since the drafter was last read: in the step's time (its
+            # correction), not in the drafter's cost per draft token, which would then swing with
+            # how long the drafter had been idle
+            drafter.sync(views)
+            t_draft = time.perf_counter()
+            drafts = drafter.propose(views, strategy.depth, strategy.width)
             # a sequence can emit at most its remaining budget: deeper nodes are wasted work
             drafts = [_prune(d, params.max_new_tokens - len(s.response) - 1) for d, s in zip(drafts, live)]
-            draft_s = time.perf_counter() - t0
+            draft_s = time.perf_counter() - t_draft
             if not any(len(d) for d in drafts):  # nothing proposed: a plain step, counted as misses
                 for _ in drafts:
                     self._record_acceptance(strategy.drafter, strategy.width, 0, 0)
