@@ -178,7 +178,7 @@ def main() -> None:
         print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.1f}" for n in names) + " tokens/s", flush=True)
         if plain_steps:
             per_size[b]["bandwidth"] = bw = bandwidth(model, plain_steps, device)
-            bw["forward_s_median"] = fwd = forward_seconds(engines["off"], device)
+            bw["forward_s_median"] = fwd = engines["off"].forward_seconds()
             bw["forward_fraction_of_datasheet"] = (bw["weight_bytes"] / fwd / bw["datasheet_bytes_per_s"]
                                                    if bw["datasheet_bytes_per_s"] else None)
             print(f"batch 1, plain decoding: {bw['step_s_median'] * 1e3:.1f} ms a step (median of {len(plain_steps)}), "
@@ -258,29 +258,6 @@ def host_profile_call(engine: RolloutEngine, prompts: list[list[int]], params: S
     st = engine.stats
     return {"wall_s": st.seconds, "steps": len(st.steps), "policy_s": st.policy_seconds,
             "table": str(path.relative_to(RESULTS_DIR.parent.parent))}
-
-
-def forward_seconds(engine: RolloutEngine, device: torch.device, reps: int = 50) -> float:
-    """Median time of a batch-1 decode step's forward alone, as the engine runs it (its CUDA
-    graph's replay, or eagerly with its tuned CPU kernels), over the engine's kept cache."""
-    from remesh.model import AttnContext
-    from remesh.rollout.engine import _sync
-
-    model, cache = engine.model, engine.cache
-    if engine.graphs is not None:
-        run = lambda: engine.graphs.logits([0], [0], [0], [0])  # noqa: E731
-    else:
-        run = lambda: model.logits(model(torch.zeros(1, dtype=torch.long, device=device),  # noqa: E731
-                                         torch.zeros(1, dtype=torch.long, device=device),
-                                         AttnContext.with_cache(cache, [0], [0], [1])))
-    times = []
-    with torch.inference_mode(), engine._kernels(device):
-        for _ in range(reps):
-            t = time.perf_counter()
-            run()
-            _sync(device)
-            times.append(time.perf_counter() - t)
-    return median(times[reps // 5:])
 
 
 def bandwidth(model: torch.nn.Module, step_seconds: list[float], device: torch.device) -> dict:

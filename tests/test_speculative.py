@@ -364,6 +364,15 @@ def test_the_history_holds_every_finished_response_once(monkeypatch, spec, hides
         assert {k: sorted(v) for k, v in g.index.items()} == _index_of(g)  # (running siblings interleave)
 
 
+def test_forward_seconds_times_a_step_over_the_kept_cache():
+    model = peaky_model("llama").eval()
+    engine = RolloutEngine(model, spec="off", max_batch=2, calibrate=False, keep_cache=True)
+    engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=3, seed=0))
+    assert 0 < engine.forward_seconds(reps=5) < 1
+    with pytest.raises(ValueError, match="keep_cache=True"):
+        RolloutEngine(model, spec="off").forward_seconds()
+
+
 def view(tokens, prompt_len, seq_id=0, group=(1,)):
     return SeqView(seq_id, 0, tuple(group), list(tokens), prompt_len, list(tokens[prompt_len:]))
 

@@ -374,6 +374,7 @@ class AdaptivePolicy:
                 forward = verify_seconds.get(nodes)
                 if forward is None:
                     forward = verify_seconds[nodes] = self.step_time.predict(batch * (1 + nodes))
+                # `goodput`'s formula, inline: a call per candidate made a choice 10% slower
                 goodput = batch * (1.0 + expected) / max(forward + draft_cost * s.depth, 1e-9) * correction
                 if goodput > best_goodput:
                     best, best_goodput = s, goodput

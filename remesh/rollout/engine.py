@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -387,6 +388,24 @@ class RolloutEngine:
         run.done.sort(key=lambda s: (s.prompt_index, s.sample_index))
         return [Rollout(s.prompt_index, s.sample_index, list(s.prompt), s.response, s.logprobs, s.reason)
                 for s in run.done]
+
+    def forward_seconds(self, reps: int = 50) -> float:
+        """Median seconds of a batch-1 decode step's forward alone, as the steps run it (their
+        CUDA graph's replay, or eagerly with the tuned CPU kernels), over the cache kept from the
+        last call: what a step's achieved bandwidth is computed from. Between calls only: it
+        writes the first position of slot 0. The first fifth of the runs warm up."""
+        if self.cache is None:
+            raise ValueError("forward_seconds needs the KV cache of a finished call: "
+                             "RolloutEngine(keep_cache=True), then generate")
+        device = self.cache.k.device
+        times = []
+        with torch.inference_mode(), self._kernels(device):
+            for _ in range(reps):
+                t = time.perf_counter()
+                self._forward([0], [0], [0], [0], None, capture=True)
+                _sync(device)
+                times.append(time.perf_counter() - t)
+        return statistics.median(times[reps // 5:])
 
     @property
     def unfinished(self) -> int:
