@@ -9,13 +9,14 @@ up so that sampled tokens repeat and drafts are accepted (at batch 1, fixed draf
 decoding), and two stop tokens give response lengths a long tail. This is no substitute for
 the GPU table (bench/rollout.py --device cuda); it checks, between GPU runs, what auto's own
 work costs against plain decoding where drafting does not pay (batch 16) and what it finds
-where it does (batch 1).
+where it does (batch 1). `--auto-budgets 0.02,0.005` adds auto engines with those overhead
+budgets (`RolloutEngine(overhead_budget=)`), "auto@0.02" etc., run side by side with the rest.
 
 Per batch size, `rounds` interleaved calls per strategy after one untimed call (it fills the
 history and calibrates): the median tokens/s, and auto's step time against plain decoding's
 paired round by round (median and quartiles of the ratio).
 
-    python bench/host_bound.py [--quick] [--sizes 1,4,16] [--rounds 11]
+    python bench/host_bound.py [--quick] [--sizes 1,4,16] [--rounds 11] [--auto-budgets 0.02,0.005]
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ def host_bound_model() -> Transformer:
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--sizes", default=""),
-        p.add_argument("--rounds", type=int, default=0, help="timed calls per strategy (default 11, quick 3)")))
+        p.add_argument("--rounds", type=int, default=0, help="timed calls per strategy (default 11, quick 3)"),
+        p.add_argument("--auto-budgets", default="", help="extra auto engines with these overhead budgets")))
     if args.threads == 0:
         torch.set_num_threads(1)  # one thread: less noise, and host-bound like a GPU's host
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 16] if args.quick else [1, 4, 16])
     rounds = args.rounds or (3 if args.quick else 11)
+    budgets = {f"auto@{x}": float(x) for x in args.auto_budgets.split(",") if x}
+    names = (*STRATEGIES, *budgets)
     model = host_bound_model()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 512, (int(torch.randint(4, 30, (1,), generator=g)),), generator=g).tolist()
@@ -63,15 +67,17 @@ def main() -> None:
     for b in sizes:
         params = lambda seed: SamplingParams(max_new_tokens=96, seed=seed, stop_token_ids=(7, 11))  # noqa: E731
         engines = {n: RolloutEngine(model, spec=n, max_batch=b, keep_cache=True) for n in STRATEGIES}
+        engines |= {n: RolloutEngine(model, spec="auto", max_batch=b, keep_cache=True, overhead_budget=x)
+                    for n, x in budgets.items()}
         gemms = TunedLinears()
         for e in engines.values():
             e.gemms = gemms  # one projection layout per shape for all (as bench/rollout.py): a noisy
             e.generate(prompts[:b], params(0))  # timing must not pass for a difference between strategies
-        tps = {n: [] for n in STRATEGIES}
-        step_s = {n: [] for n in STRATEGIES}  # mean decode step per call
+        tps = {n: [] for n in names}
+        step_s = {n: [] for n in names}  # mean decode step per call
         policy = []
         for r in range(rounds):
-            for n in (STRATEGIES if r % 2 == 0 else STRATEGIES[::-1]):
+            for n in (names if r % 2 == 0 else names[::-1]):
                 engines[n].generate(prompts[:b], params(1 + r))
                 st = engines[n].stats
                 tps[n].append(st.tokens / (st.seconds - st.calibration_seconds))
@@ -86,16 +92,17 @@ def main() -> None:
                        "adaptive_vs_best_fixed": med["auto"] / med[best], "adaptive_vs_plain": med["auto"] / med["off"],
                        "auto_step_vs_plain_step": {"median": median(paired), "q1": quartiles[0], "q3": quartiles[2]},
                        "auto_policy_frac": median(policy), "auto_strategies": engines["auto"].stats.strategy_counts(),
-                       "plain_step_ms": 1e3 * median(step_s["off"])}
-        print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.0f}" for n in STRATEGIES) + " tokens/s", flush=True)
-    print_table(["batch", *STRATEGIES, "auto/best", "auto/off", "plain step ms", "auto step / plain (q1-q3)"],
-                [[b, *[d["tokens_per_s"][n] for n in STRATEGIES], d["adaptive_vs_best_fixed"], d["adaptive_vs_plain"],
+                       "plain_step_ms": 1e3 * median(step_s["off"]),
+                       "auto_budgets_vs_plain": {n: med[n] / med["off"] for n in budgets}}
+        print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.0f}" for n in names) + " tokens/s", flush=True)
+    print_table(["batch", *names, "auto/best", "auto/off", "plain step ms", "auto step / plain (q1-q3)"],
+                [[b, *[d["tokens_per_s"][n] for n in names], d["adaptive_vs_best_fixed"], d["adaptive_vs_plain"],
                   d["plain_step_ms"], "{median:.3f} ({q1:.3f}-{q3:.3f})".format(**d["auto_step_vs_plain_step"])]
                  for b, d in per_size.items()])
     headline = {"adaptive_vs_best_fixed_min": round(min(d["adaptive_vs_best_fixed"] for d in per_size.values()), 3),
                 "adaptive_vs_plain_min": round(min(d["adaptive_vs_plain"] for d in per_size.values()), 3)}
-    finish("host_bound" + ("_quick" if args.quick else ""), headline, {str(b): d for b, d in per_size.items()},
-           rounds=rounds, sizes=sizes, threads=torch.get_num_threads(), wall_s=round(time.perf_counter() - t_start, 1))
+    finish("host_bound" + ("_quick" if args.quick else "") + ("_budgets" if budgets else ""), headline, {str(b): d for b, d in per_size.items()},
+           rounds=rounds, sizes=sizes, auto_budgets=list(budgets.values()), threads=torch.get_num_threads(), wall_s=round(time.perf_counter() - t_start, 1))
 
 
 if __name__ == "__main__":

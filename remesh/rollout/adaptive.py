@@ -210,7 +210,7 @@ class OverheadBudget:
     them out (an H100 replaying graphs: ~4 ms a step, of which the same 0.1-0.3 ms of Python
     would be 3-7%) and the last choice stands in between. `fraction=None`: no limit."""
 
-    fraction: float | None = 0.02
+    fraction: float | None = 0.005
     window: int = 8
     _credit: float = 0.0
 

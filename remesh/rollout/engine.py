@@ -229,7 +229,7 @@ class RolloutEngine:
     def __init__(self, model: nn.Module, spec: str = "off", draft_model: nn.Module | None = None,
                  max_batch: int = 64, calibrate: bool = True,
                  agree: Callable[[Strategy], Strategy] | None = None, cuda_graphs: bool = True,
-                 keep_cache: bool = False, overhead_budget: float | None = 0.02):
+                 keep_cache: bool = False, overhead_budget: float | None = 0.01):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         # agree: makes the ranks that run one model together (tensor parallel) take the same
