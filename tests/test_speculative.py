@@ -344,16 +344,17 @@ def test_a_retired_sequence_is_kept_as_a_copy():
 
 
 @pytest.mark.parametrize("hides_host_work", [False, True])
-@pytest.mark.parametrize("spec", ["history:2x2", "auto"])
-def test_the_history_holds_every_finished_response_once(monkeypatch, spec, hides_host_work):
+@pytest.mark.parametrize("spec, budget", [("history:2x2", None), ("auto", None), ("auto", 0.0)])
+def test_the_history_holds_every_finished_response_once(monkeypatch, spec, budget, hides_host_work):
     """Whatever the order of the bookkeeping (a GPU's: deferred to the next step's launch), the
     history drafter ends a call with each finished response whole, indexed once, and no
-    sequence left running."""
+    sequence left running; also the responses no draft or trial read (budget 0: one choice
+    and one round of trials in the whole call)."""
     from remesh.rollout import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_hides_host_work", lambda device: hides_host_work)
     model = peaky_model("llama").eval()
-    engine = RolloutEngine(model, spec=spec, max_batch=3, calibrate=False, overhead_budget=None)
+    engine = RolloutEngine(model, spec=spec, max_batch=3, calibrate=False, overhead_budget=budget)
     rollouts = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, n=2, seed=4))
     history = engine.drafters["history"]
     assert not history._running
@@ -371,6 +372,8 @@ def test_forward_seconds_times_a_step_over_the_kept_cache():
     assert 0 < engine.forward_seconds(reps=5) < 1
     with pytest.raises(ValueError, match="keep_cache=True"):
         RolloutEngine(model, spec="off").forward_seconds()
+    with pytest.raises(ValueError, match="reps"):
+        engine.forward_seconds(reps=0)
 
 
 def view(tokens, prompt_len, seq_id=0, group=(1,)):
@@ -401,6 +404,19 @@ def test_drafters_read_the_growing_token_lists_they_were_given():
     a.tokens.extend([3, 4])
     a.response.extend([3, 4])
     assert h.propose([b], depth=3, width=1)[0].tokens == [2, 3, 4]
+
+
+def test_the_history_keeps_responses_it_never_read_and_those_of_a_call_cut_short():
+    d = HistoryDrafter(max_n=2)
+    d.finish(view([9, 1, 2, 3], 1, seq_id=0, group=(9,)))  # never proposed for
+    cut = view([9, 1, 2, 5], 1, seq_id=1, group=(9,))
+    d.sync([cut])  # running when the call ends early
+    d.stop()
+    g = d._groups[(9,)]
+    assert sorted(g.seqs.values()) == [[1, 2, 3], [1, 2, 5]] and not d._running
+    cut.response.append(6)  # the engine's list: the history kept a copy
+    assert g.seqs[1] == [1, 2, 5]
+    assert sorted(d.propose([view([9, 1, 2], 1, seq_id=2, group=(9,))], depth=1, width=2)[0].tokens) == [3, 5]
 
 
 def test_history_drafter_uses_earlier_rollouts_and_builds_trees():

@@ -110,7 +110,8 @@ def _continuations(index: dict[int, list[tuple[int, int]]], seqs: dict[int, list
 
 class NGramDrafter(Drafter):
     """Prompt lookup: the continuation of the trailing n-gram's last earlier occurrence in the
-    sequence itself (prompt and response), from an n-gram index kept up to date as it grows."""
+    sequence itself (prompt and response), from an index of its n-grams brought up to date at
+    each `sync`."""
 
     name = "ngram"
     free_trials = True
@@ -167,7 +168,14 @@ class HistoryDrafter(Drafter):
         return g
 
     def start(self, n_slots: int, max_len: int) -> None:
-        self._running.clear()
+        self.stop()
+
+    def stop(self) -> None:
+        # a call that ended early (an exception) leaves sequences running: keep what they wrote,
+        # as copies, so that no group holds the engine's lists or grows them forever
+        for seq_id in list(self._running):
+            g, sid = self._running.pop(seq_id)
+            g.retire(sid, self.keep)
 
     def _register(self, s: SeqView) -> tuple[_Group, int]:
         entry = self._running.get(s.seq_id)
@@ -199,8 +207,10 @@ class HistoryDrafter(Drafter):
 
     def finish(self, seq: SeqView) -> None:
         entry = self._running.pop(seq.seq_id, None)
-        if entry is not None:
-            entry[0].retire(entry[1], self.keep)
+        if entry is None:  # no draft or trial read it: it joins the history all the same
+            g = self._group(seq.group)
+            entry = (g, g.add(seq.response))
+        entry[0].retire(entry[1], self.keep)
 
 
 _KEY_BASE = 1 << 32  # token ids are below it

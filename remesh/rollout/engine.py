@@ -11,8 +11,9 @@ One `generate` call:
    "auto", a few sequences per step also get a draft that is not verified, scored by the tokens
    they emit next (trials.py): the policy's acceptance rates without verification's cost.
    On a GPU, decode and verification steps replay CUDA graphs (cuda_graphs.py), and the host's
-   bookkeeping that a step's tokens do not wait for (the drafters' indexes, the free trials)
-   runs between the step's launch and the read of its tokens, while the device computes.
+   bookkeeping that a step's tokens do not wait for (scoring and opening free trials) runs
+   between the step's launch and the read of its tokens, while the device computes. The
+   drafters index the tokens lazily, when a draft or a trial reads them (drafters.py).
 
 Every sequence draws its randomness from its own stream (seeded by seed, prompt and sample
 index), one uniform per emitted position, so that with point-mass drafters (n-gram, history)
@@ -397,6 +398,8 @@ class RolloutEngine:
         if self.cache is None:
             raise ValueError("forward_seconds needs the KV cache of a finished call: "
                              "RolloutEngine(keep_cache=True), then generate")
+        if reps < 1:
+            raise ValueError(f"forward_seconds: reps must be >= 1, got {reps}")
         device = self.cache.k.device
         times = []
         with torch.inference_mode(), self._kernels(device):
@@ -681,14 +684,15 @@ class RolloutEngine:
         t0 = time.perf_counter()
         before = self._setups()
         drafts: list[Draft] | None = None
-        draft_s = 0.0
+        draft_s = sync_s = 0.0
         if strategy.drafter is not None:
             drafter, views = self.drafters[strategy.drafter], [s.view() for s in live]
-            # indexing the tokens emitted since the drafter was last read: in the step's time (its
-            # correction), not in the drafter's cost per draft token, which would then swing with
-            # how long the drafter had been idle
+            # indexing the tokens emitted since the drafter was last read: bookkeeping, neither in
+            # the drafter's cost per draft token nor in the time the step is judged by, both of
+            # which would then swing with how long the drafter had been idle
             drafter.sync(views)
             t_draft = time.perf_counter()
+            sync_s = t_draft - t0
             drafts = drafter.propose(views, strategy.depth, strategy.width)
             # a sequence can emit at most its remaining budget: deeper nodes are wasted work
             drafts = [_prune(d, params.max_new_tokens - len(s.response) - 1) for d, s in zip(drafts, live)]
@@ -775,7 +779,7 @@ class RolloutEngine:
                 # judged without the bookkeeping that every strategy pays alike: a fixed cost in a
                 # ratio would weigh on short (plain) steps more than on long (drafting) ones, and
                 # where steps are host-bound it tilted the choice toward drafts that lose
-                self.policy.observe_step(used, b, seconds - setup - catch_up_s)
+                self.policy.observe_step(used, b, seconds - setup - catch_up_s - sync_s)
             decoding = max(0.0, seconds - (self._setups()[1] - before[1]))  # less captures, tunings
             self.choice_budget.earn(decoding)
             self.trial_budget.earn(decoding)
