@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +128,51 @@ def test_collective_timeout_bounds_a_wait_and_the_job_has_no_limit_of_its_own():
     with pytest.raises(DistributedJobError, match="rank 0"):
         spawn(_late_rank, 2, args=(20.0,), timeout_s=None, collective_timeout_s=2)
     assert time.monotonic() - t0 < 15  # rank 0 gave up after 2 s, and the job with it
+
+
+def _sleep_rank(rank: int, world: int, pid_dir: str) -> None:
+    (Path(pid_dir) / f"{rank}.pid").write_text(str(os.getpid()))
+    time.sleep(100)
+
+
+def _launch_sleepers(pid_dir: str) -> None:  # the launcher process that the test below kills
+    spawn(_sleep_rank, 2, args=(pid_dir,), timeout_s=None, collective_timeout_s=60)
+
+
+def _running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "State:\tZ" not in status.read_text()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
+@pytest.mark.timeout(120)
+def test_ranks_end_when_their_launcher_is_killed(tmp_path):
+    """A killed launcher runs no cleanup: its ranks must notice and stop, not run the job alone.
+    Started as a background job is (`cmd &`, nohup): SIGINT ignored, which the ranks inherit, so
+    torch's own guard (SIGINT to a child whose parent died) does nothing."""
+    root = Path(__file__).resolve().parent.parent
+    launcher = subprocess.Popen([sys.executable, "-c", f"from tests.test_realloc import _launch_sleepers; "
+                                 f"_launch_sleepers({str(tmp_path)!r})"], cwd=root,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(tmp_path.glob("*.pid"))) < 2:
+            assert time.monotonic() < deadline and launcher.poll() is None, "the ranks did not start"
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 15
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [pid for pid in pids if _running(pid)]
+    for pid in alive:
+        os.kill(pid, 9)
+    assert not alive, f"ranks {alive} outlived their launcher"
 
 
 def _staging_peaks(rank: int, world: int, pairs: list[tuple[str, str]]) -> list[int]:

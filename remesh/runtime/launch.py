@@ -16,6 +16,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -61,8 +62,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """End this rank once the process that launched it is gone. A launcher killed by a signal
+    (SIGTERM, SIGKILL) runs none of `spawn`'s cleanup. torch's spawn has the kernel send its
+    children SIGINT when their parent dies, but a job started in the background (`cmd &`,
+    nohup) ignores SIGINT, and its ranks inherit that: they went on with a whole RL run, for
+    nobody."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="remesh-parent-watch", daemon=True).start()
+
+
 def _worker(rank: int, fn: Callable, world_size: int, port: int, backend: str, collective_timeout_s: float,
-            out_dir: str, args: tuple) -> None:
+            out_dir: str, parent_pid: int, args: tuple) -> None:
+    _exit_with_parent(parent_pid)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
@@ -88,13 +104,15 @@ def spawn(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: st
     DistributedJobError names the first rank that failed (a peer's lost connection is a
     consequence, not the cause) with its traceback; a job still running after `timeout_s` is
     stopped and reported the same way (None: no limit; a rank waiting on a hung peer still
-    fails after `collective_timeout_s`).
+    fails after `collective_timeout_s`). If the launching process itself is killed, which skips
+    this cleanup, its ranks notice within a second and exit.
 
     A rank that dies after its function returned (torch's process-group teardown at exit has
     been seen to abort, 'terminate called without an active exception') has done its work: its
     result counts, with a warning naming it."""
     with tempfile.TemporaryDirectory(prefix="remesh-spawn-") as out_dir:
-        ctx = mp.start_processes(_worker, args=(fn, world_size, free_port(), backend, collective_timeout_s, out_dir, args),
+        ctx = mp.start_processes(_worker, args=(fn, world_size, free_port(), backend, collective_timeout_s, out_dir,
+                                                os.getpid(), args),
                                  nprocs=world_size, join=False, start_method="spawn")
         procs = ctx.processes
         running = {p.sentinel: r for r, p in enumerate(procs)}
