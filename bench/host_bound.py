@@ -101,8 +101,10 @@ def main() -> None:
                  for b, d in per_size.items()])
     headline = {"adaptive_vs_best_fixed_min": round(min(d["adaptive_vs_best_fixed"] for d in per_size.values()), 3),
                 "adaptive_vs_plain_min": round(min(d["adaptive_vs_plain"] for d in per_size.values()), 3)}
-    finish("host_bound" + ("_quick" if args.quick else "") + ("_budgets" if budgets else ""), headline, {str(b): d for b, d in per_size.items()},
-           rounds=rounds, sizes=sizes, auto_budgets=list(budgets.values()), threads=torch.get_num_threads(), wall_s=round(time.perf_counter() - t_start, 1))
+    name = "host_bound" + ("_quick" if args.quick else "") + ("_budgets" if budgets else "")
+    finish(name, headline, {str(b): d for b, d in per_size.items()}, rounds=rounds, sizes=sizes,
+           auto_budgets=list(budgets.values()), threads=torch.get_num_threads(),
+           wall_s=round(time.perf_counter() - t_start, 1))
 
 
 if __name__ == "__main__":

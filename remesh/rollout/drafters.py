@@ -206,11 +206,9 @@ class HistoryDrafter(Drafter):
         g.retire(g.add(response), self.keep)
 
     def finish(self, seq: SeqView) -> None:
-        entry = self._running.pop(seq.seq_id, None)
-        if entry is None:  # no draft or trial read it: it joins the history all the same
-            g = self._group(seq.group)
-            entry = (g, g.add(seq.response))
-        entry[0].retire(entry[1], self.keep)
+        g, sid = self._register(seq)  # one that no draft or trial read joins the history all the same
+        del self._running[seq.seq_id]
+        g.retire(sid, self.keep)
 
 
 _KEY_BASE = 1 << 32  # token ids are below it
@@ -235,7 +233,8 @@ class _Group:
         self.max_n = max_n
         self.seqs: dict[int, list[int]] = {}
         self.index: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        self._tails: dict[int, list[int]] = {}  # sid -> keys of the n-grams ending at its last indexed token, n = 1, 2, ...
+        # sid -> keys of the n-grams ending at its last indexed token, n = 1, 2, ...
+        self._tails: dict[int, list[int]] = {}
         self._indexed: dict[int, int] = {}  # sid -> how many of its tokens the index holds
         self._growing: set[int] = set()  # running sequences: `sync` looks at them every time
         self._unsynced: set[int] = set()  # finished ones not indexed to their end yet
