@@ -69,7 +69,9 @@ def run_generate(a: GenerateArgs) -> dict:
         print(f"remesh: acceptance by position in free trials, {name}: " + " ".join(f"{x:.2f}" for x in rates))
     if st.policy_seconds:
         print(f"remesh: choosing strategies and free trials took {st.policy_seconds:.3f} s "
-              f"({st.policy_seconds / st.seconds:.1%} of the call)")
+              f"({st.policy_seconds / st.seconds:.1%} of the call)"
+              + (f", and {st.policy_hidden_seconds:.3f} s more hidden behind the device's work"
+                 if st.policy_hidden_seconds else ""))
     print("remesh: strategies over time:")
     for line in st.timeline():
         print(f"  {line}")

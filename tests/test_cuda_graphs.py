@@ -208,3 +208,18 @@ def test_captured_graphs_of_several_context_buckets_share_their_logits_buffer():
         want = model.logits(model(torch.tensor([9], device="cuda"), torch.tensor(cl, device="cuda"),
                                   AttnContext.with_cache(eager, [3], cl, [1])))
         torch.testing.assert_close(stand_in.logits([9], cl, [3], cl, graph=key), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_still_running_tells_a_busy_gpu_from_an_idle_one():
+    """The engine's test of whether host work (free trials) hid behind a launched step."""
+    device = torch.device("cuda")
+    assert engine_module._still_running(torch.device("cpu")) is None
+    x = torch.randn(4096, 4096, device=device)
+    torch.cuda.synchronize(device)
+    for _ in range(20):  # tens of milliseconds of queued work
+        x = (x @ x).tanh_()
+    running = engine_module._still_running(device)
+    assert running()
+    torch.cuda.synchronize(device)
+    assert not running()

@@ -758,6 +758,30 @@ def test_the_engine_weighs_strategies_and_opens_trials_within_its_overhead_budge
     assert engine.stats.policy_seconds > 0
 
 
+@pytest.mark.parametrize("device_still_running", [False, True])
+def test_trials_hidden_behind_the_device_are_not_charged_to_their_budget(monkeypatch, device_still_running):
+    """On a GPU the trials open between a step's launch and the read of its tokens. Those done
+    while the device still computes the step cost nothing: with no budget at all they still
+    open every step, and their time is counted apart. Those the device waited for are charged,
+    and with no budget open once."""
+    from remesh.rollout import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_hides_host_work", lambda device: True)
+    monkeypatch.setattr(engine_module, "_still_running", lambda device: lambda: device_still_running)
+    model = peaky_model("llama").eval()
+    engine = RolloutEngine(model, spec="auto", max_batch=6, calibrate=False, overhead_budget=0.0)
+    trials, opened = engine._open_trials, []
+    monkeypatch.setattr(engine, "_open_trials", lambda *a: opened.append(1) or trials(*a))
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, n=2, seed=1))
+    steps = len(engine.stats.steps)
+    assert steps > 5
+    if device_still_running:
+        assert len(opened) == steps and engine.stats.policy_hidden_seconds > 0
+        assert engine.trial_budget.allows()
+    else:
+        assert len(opened) == 1 and engine.stats.policy_hidden_seconds == 0
+
+
 def test_bookkeeping_every_strategy_pays_is_left_out_of_the_time_a_step_is_judged_by(monkeypatch):
     """On a CPU the drafters' and trials' catch-up adds to every step alike: the policy's
     correction compares strategies without it (a fixed cost in a predicted / realised ratio

@@ -76,7 +76,9 @@ class GenerationStats:
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     calibration_seconds: float = 0.0
-    policy_seconds: float = 0.0  # host time of the adaptive machinery: choices and free trials
+    policy_seconds: float = 0.0  # host time of the adaptive machinery (choices, free trials) the steps waited for
+    # free trials' host time spent while the device still computed the step: it cost nothing (a GPU)
+    policy_hidden_seconds: float = 0.0
     steps: list[StepRecord] = field(default_factory=list)
     # strategy family ("ngram", "historyx2", ...) -> [accepted, offered] per depth, of the
     # drafts verified and of the free trials' drafts (scored by the tokens emitted, trials.py)
@@ -126,6 +128,7 @@ class GenerationStats:
                 "prefill_seconds": round(self.prefill_seconds, 3),
                 "calibration_seconds": round(self.calibration_seconds, 3),
                 "policy_seconds": round(self.policy_seconds, 3),
+                "policy_hidden_seconds": round(self.policy_hidden_seconds, 3),
                 "acceptance_by_position": self.acceptance_by_position(),
                 "trial_acceptance_by_position": self.acceptance_by_position(trials=True),
                 "strategies": self.strategy_counts()}
@@ -649,16 +652,25 @@ class RolloutEngine:
                 self._record_acceptance(trial.drafter, trial.width, trial.depth, depth, trial=True)
         self._pending.clear()
 
-    def _catch_up(self, live: list[_Seq], strategy: Strategy, params: SamplingParams) -> None:
+    def _catch_up(self, live: list[_Seq], strategy: Strategy, params: SamplingParams,
+                  launched_on: torch.device | None = None) -> None:
         """The host's work that this step's tokens do not wait for: scoring the open trials with
         the last step's tokens, and new free trials (within their budget). On a GPU it runs
-        between launching the step and reading its tokens, hidden behind the device's work (the
-        next tokens cannot be known before, so nothing else can overlap)."""
+        between launching the step and reading its tokens (`launched_on`), hidden behind the
+        device's work (the next tokens cannot be known before, so nothing else can overlap).
+        Trials that end while the device still computes cost the step nothing: they are not
+        charged to their budget, which would otherwise hold them back as if they did (a lookup
+        over a group's history not yet indexed takes a millisecond or so)."""
+        still_running = _still_running(launched_on) if launched_on is not None else None
         self._flush()
         if self.fixed is None and self.trial_budget.allows():
             t = time.perf_counter()
             self._open_trials(live, strategy, params)
-            self._spend(self.trial_budget, time.perf_counter() - t)
+            seconds = time.perf_counter() - t
+            if still_running is not None and still_running():
+                self.stats.policy_hidden_seconds += seconds
+            else:
+                self._spend(self.trial_budget, seconds)
 
     def _open_trials(self, live: list[_Seq], strategy: Strategy, params: SamplingParams) -> None:
         """Drafts for a few sequences that this step does not verify: the tokens they emit next
@@ -722,7 +734,7 @@ class RolloutEngine:
             logits = self._forward([s.response[-1] for s in live], cache_lens, slots, cache_lens, None)
             tok, lp = sample(logits, params, u)
             if overlap:
-                self._catch_up(live, strategy, params)
+                self._catch_up(live, strategy, params, launched_on=device)
             emitted = 0
             for s, t, l in zip(live, tok.tolist(), lp.tolist()):
                 s.cache_len += 1
@@ -745,12 +757,12 @@ class RolloutEngine:
                 drawn = inverse_cdf(logp.exp(), u)
                 drawn_lp = logp.gather(1, drawn[:, None]).squeeze(1)
                 if overlap:
-                    self._catch_up(live, strategy, params)
+                    self._catch_up(live, strategy, params, launched_on=device)
                 rows = zip(drawn.view(b, n).tolist(), drawn_lp.view(b, n).tolist())
                 verified = [verify_drawn(t, lp, d) for (t, lp), d in zip(rows, drafts)]
             else:
                 if overlap:
-                    self._catch_up(live, strategy, params)
+                    self._catch_up(live, strategy, params, launched_on=device)
                 logp = logp.view(b, n, -1).cpu()
                 verified = [verify(lp_rows, d, s.uniforms[len(s.response):], self.generator)
                             for s, d, lp_rows in zip(live, drafts, logp)]
@@ -824,6 +836,16 @@ def _hides_host_work(device: torch.device) -> bool:
     that host work the step's tokens do not wait for is best done between its launch and the
     read of its tokens (`RolloutEngine._catch_up`); a CPU computes each op as it is called."""
     return device.type != "cpu"
+
+
+def _still_running(device: torch.device) -> Callable[[], bool] | None:
+    """On a GPU, a test of whether the work queued on it so far is still running (an event
+    recorded now, queried later); None where that cannot be told (a CPU computes as it goes)."""
+    if device.type != "cuda":
+        return None
+    mark = torch.cuda.Event()
+    mark.record()
+    return lambda: not mark.query()
 
 
 def _sync(device: torch.device) -> None:
