@@ -419,6 +419,17 @@ def test_the_history_keeps_responses_it_never_read_and_those_of_a_call_cut_short
     assert sorted(d.propose([view([9, 1, 2], 1, seq_id=2, group=(9,))], depth=1, width=2)[0].tokens) == [3, 5]
 
 
+def test_history_drafts_follow_a_running_sibling_before_an_earlier_epoch():
+    """Where the history's continuations tie, the most recent wins: a running sibling's, not an
+    earlier epoch's response that the group indexes at the same first lookup."""
+    d = HistoryDrafter(max_n=2)
+    d.remember([9], [1, 2, 3])
+    sibling, me = view([9, 1, 2, 5], 1, seq_id=0, group=(9,)), view([9, 1, 2], 1, seq_id=1, group=(9,))
+    d.sync([sibling, me])
+    assert d.propose([me], depth=1, width=1)[0].tokens == [5]
+    assert d.propose([me], depth=1, width=2)[0].tokens == [5, 3]
+
+
 def test_history_drafter_uses_earlier_rollouts_and_builds_trees():
     d = HistoryDrafter(max_n=2)
     prompt = [9, 9]

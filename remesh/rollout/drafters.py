@@ -250,13 +250,15 @@ class _Group:
         return sid
 
     def sync(self) -> None:
+        # finished sequences first: a lookup takes the most recently indexed occurrence as the most
+        # recent, and the running ones wrote their tokens last
+        if self._unsynced:
+            for sid in sorted(self._unsynced):
+                self._index_tokens(sid)
+            self._unsynced.clear()
         for sid in self._growing:
             if self._indexed[sid] < len(self.seqs[sid]):
                 self._index_tokens(sid)
-        if self._unsynced:
-            for sid in self._unsynced:
-                self._index_tokens(sid)
-            self._unsynced.clear()
 
     def _index_tokens(self, sid: int) -> None:
         # this runs for every token of every sequence looked up: each n-gram's key from the one
