@@ -67,7 +67,7 @@ def run_generate(a: GenerateArgs) -> dict:
         print(f"remesh: acceptance by position, {name}: " + " ".join(f"{x:.2f}" for x in rates))
     for name, rates in summary["trial_acceptance_by_position"].items():  # auto's unverified drafts
         print(f"remesh: acceptance by position in free trials, {name}: " + " ".join(f"{x:.2f}" for x in rates))
-    if st.policy_seconds:
+    if st.policy_seconds or st.policy_hidden_seconds:
         print(f"remesh: choosing strategies and free trials took {st.policy_seconds:.3f} s "
               f"({st.policy_seconds / st.seconds:.1%} of the call)"
               + (f", and {st.policy_hidden_seconds:.3f} s more hidden behind the device's work"

@@ -778,7 +778,9 @@ def test_trials_hidden_behind_the_device_are_not_charged_to_their_budget(monkeyp
     from remesh.rollout import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_hides_host_work", lambda device: True)
-    monkeypatch.setattr(engine_module, "_still_running", lambda device: lambda: device_still_running)
+    asked = []  # trials opened so far, at each question to the device: it must come after the trials
+    monkeypatch.setattr(engine_module, "_still_running",
+                        lambda device: lambda: asked.append(len(opened)) or device_still_running)
     model = peaky_model("llama").eval()
     engine = RolloutEngine(model, spec="auto", max_batch=6, calibrate=False, overhead_budget=0.0)
     trials, opened = engine._open_trials, []
@@ -791,6 +793,7 @@ def test_trials_hidden_behind_the_device_are_not_charged_to_their_budget(monkeyp
         assert engine.trial_budget.allows()
     else:
         assert len(opened) == 1 and engine.stats.policy_hidden_seconds == 0
+    assert asked == list(range(1, len(opened) + 1))
 
 
 def test_bookkeeping_every_strategy_pays_is_left_out_of_the_time_a_step_is_judged_by(monkeypatch):

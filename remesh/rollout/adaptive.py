@@ -208,7 +208,9 @@ class OverheadBudget:
     one bucket for choices, one for trials). Where steps are long it never binds (this CPU,
     SmolLM2: a choice and the trials take 0.1-0.3% of a step); where they are short it spaces
     them out (an H100 replaying graphs: ~4 ms a step, of which the same 0.1-0.3 ms of Python
-    would be 3-7%) and the last choice stands in between. `fraction=None`: no limit."""
+    would be 3-7%) and the last choice stands in between. There the trials run while the device
+    computes the step, and only those it waited for are charged (`RolloutEngine._catch_up`).
+    `fraction=None`: no limit."""
 
     fraction: float | None = 0.005
     window: int = 8

@@ -256,7 +256,7 @@ class _Group:
             for sid in sorted(self._unsynced):
                 self._index_tokens(sid)
             self._unsynced.clear()
-        for sid in self._growing:
+        for sid in sorted(self._growing):  # in start order, not by the ids' hashes
             if self._indexed[sid] < len(self.seqs[sid]):
                 self._index_tokens(sid)
 

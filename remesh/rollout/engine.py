@@ -76,8 +76,11 @@ class GenerationStats:
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     calibration_seconds: float = 0.0
-    policy_seconds: float = 0.0  # host time of the adaptive machinery (choices, free trials) the steps waited for
-    # free trials' host time spent while the device still computed the step: it cost nothing (a GPU)
+    # host time of the adaptive machinery (choices, free trials) charged to its budgets: all of it
+    # on a CPU; on a GPU, trials that ended while the device still computed the step are left out
+    policy_seconds: float = 0.0
+    # those trials' host time (a GPU): hidden behind the device's work (a trial that overlapped it
+    # only in part is charged in full, above)
     policy_hidden_seconds: float = 0.0
     steps: list[StepRecord] = field(default_factory=list)
     # strategy family ("ngram", "historyx2", ...) -> [accepted, offered] per depth, of the
@@ -661,9 +664,10 @@ class RolloutEngine:
         Trials that end while the device still computes cost the step nothing: they are not
         charged to their budget, which would otherwise hold them back as if they did (a lookup
         over a group's history not yet indexed takes a millisecond or so)."""
-        still_running = _still_running(launched_on) if launched_on is not None else None
         self._flush()
         if self.fixed is None and self.trial_budget.allows():
+            # marked after the launch (the flush queued nothing on the device), and only when trials run
+            still_running = _still_running(launched_on) if launched_on is not None else None
             t = time.perf_counter()
             self._open_trials(live, strategy, params)
             seconds = time.perf_counter() - t
@@ -680,7 +684,7 @@ class RolloutEngine:
             return
         (name, width, depth), rows = picked
         views = [live[i].view() for i in rows]
-        self.drafters[name].sync(views)  # indexing, within the trials' budget but not their lookups' time
+        self.drafters[name].sync(views)  # indexing: in the trials' time (charged unless hidden), not the lookups'
         t0 = time.perf_counter()
         drafts = self.drafters[name].propose(views, depth, width)
         self.policy.observe_draft(Strategy(name, depth, width), time.perf_counter() - t0, len(rows))
@@ -844,7 +848,7 @@ def _still_running(device: torch.device) -> Callable[[], bool] | None:
     if device.type != "cuda":
         return None
     mark = torch.cuda.Event()
-    mark.record()
+    mark.record(torch.cuda.current_stream(device))  # the engine's device, whichever is current
     return lambda: not mark.query()
 
 
