@@ -181,6 +181,16 @@ def test_captured_cuda_graphs_replay_the_eager_steps(spec):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampled_draft_chains_are_verified_on_a_gpu():
+    """A draft model's sampled chain carries q on the device, while verification reads p on the
+    host: a rejection's residual max(0, p - q) needs both in one place."""
+    model = tiny_model("llama", n_layers=3).cuda().eval()
+    engine = RolloutEngine(model, spec="model:2", draft_model=first_layers(model, 1), max_batch=6, calibrate=False)
+    rollouts = engine.generate([[3, 4, 5, 6], [9, 8, 7]], SamplingParams(max_new_tokens=16, n=2, seed=5))
+    assert [len(r.response_ids) for r in rollouts] == [16] * 4
+    assert engine.stats.acceptance_by_position()["model"][0] < 1.0  # rejections happened
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_captured_graphs_of_several_context_buckets_share_their_logits_buffer():
     """Captured at once, graphs of one (batch, tokens) at contexts 8, 16, 32 and 64 write one
     logits buffer, replayed in any order, each equal to the eager step; a stand-in too."""

@@ -243,6 +243,51 @@ def test_speculative_logprobs_match_teacher_forcing(spec):
     torch.testing.assert_close(torch.tensor([x for r in rollouts for x in r.logprobs]), ref, atol=1e-4, rtol=0)
 
 
+
+def test_sampled_draft_chains_depend_on_the_calls_seed_only():
+    """The draft model samples its chains from a generator seeded by the call's seed: the same
+    call gives the same rollouts on a fresh engine and after other calls."""
+    model = tiny_model("llama")
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=2)
+    fresh = RolloutEngine(model, spec="model:3", draft_model=first_layers(model, 1)).generate(PROMPTS, params)
+    used = RolloutEngine(model, spec="model:3", draft_model=first_layers(model, 1))
+    used.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=8, seed=7))
+    again = used.generate(PROMPTS, params)
+    assert [r.response_ids for r in again] == [r.response_ids for r in fresh]
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused():
+    model = tiny_model("llama", vocab_size=97)
+    with pytest.raises(ValueError, match="vocabulary has 101 tokens, the policy's 97"):
+        RolloutEngine(model, spec="model:3", draft_model=tiny_model("llama", vocab_size=101))
+
+
+class ChainDrafter(Drafter):
+    """Always proposes the chain 1, 2, 3, ... (as deep as asked), counting its nodes."""
+
+    name, free_trials = "ngram", True
+
+    def __init__(self):
+        self.proposed = 0
+
+    def propose(self, seqs, depth, width):
+        self.proposed += depth * len(seqs)
+        return [Draft(list(range(1, depth + 1)), list(range(depth))) for _ in seqs]
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_drafts_cut_away_by_the_length_limit_are_not_counted_as_misses(auto):
+    """With one token left a sequence can take no draft: the engine drops it, and neither a verified
+    step nor a free trial counts the drafter's proposal as a miss (it says nothing of its rate)."""
+    model = peaky_model("llama").eval()
+    engine = RolloutEngine(model, spec="auto" if auto else "ngram:3", max_batch=6, calibrate=False,
+                           overhead_budget=None)
+    engine.drafters["ngram"] = drafter = ChainDrafter()
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=2, seed=1))
+    assert drafter.proposed > 0  # the drafter did propose, and every draft was cut to nothing
+    assert engine.stats.acceptance == {} and engine.stats.trials == {}
+    assert "ngram" not in engine.policy.acceptance.by_position()
+
 class OracleDrafter(Drafter):
     """Proposes a wrong token first and the true greedy token second at the root, then the true
     continuation under the second branch: the accepted path is never node 1, 2, 3, ..., so the

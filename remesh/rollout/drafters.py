@@ -46,7 +46,6 @@ class SeqView:
 
 class Drafter:
     name = "drafter"
-    stochastic = False  # True: drafts carry q and are verified with min(1, p/q)
     # True: proposals are point masses looked up from the tokens alone (no device work, no state
     # that `propose` advances), so an unverified draft can be scored by plain decoding (trials.py)
     free_trials = False
@@ -335,10 +334,6 @@ class ModelDrafter(Drafter):
         self.generator: torch.Generator | None = None
         self.cache = None
         self._fed: dict[int, list[int]] = {}  # slot -> tokens whose K/V are in the draft cache
-
-    @property
-    def stochastic(self) -> bool:  # the chain form samples from q; greedy targets use point masses
-        return not self.params.greedy
 
     def max_nodes(self, depth: int, width: int) -> int:
         return depth + width - 1

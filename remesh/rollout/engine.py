@@ -18,7 +18,7 @@ One `generate` call:
 Every sequence draws its randomness from its own stream (seeded by seed, prompt and sample
 index), one uniform per emitted position, so that with point-mass drafters (n-gram, history)
 the output is token for token what plain sampling gives, whatever the batch composition or
-the drafting strategy: speculation changes the speed, never the samples.
+the drafting strategy (up to floating-point ties): speculation changes the speed, never the samples.
 """
 
 from __future__ import annotations
@@ -161,10 +161,6 @@ class MovedSeq:
     logprobs: list[float]
     kv: tuple[Tensor, Tensor] | None = None  # its cache rows [layers, kv heads, tokens, head dim], or recompute
 
-    @property
-    def cached_tokens(self) -> int:
-        return len(self.prompt) + len(self.response) - 1 if self.response else 0
-
 
 class _Seq:
     __slots__ = ("seq_id", "prompt_index", "sample_index", "prompt", "response", "logprobs", "reason", "slot",
@@ -248,6 +244,10 @@ class RolloutEngine:
         self.gemms = TunedLinears()  # CPU only: each decode projection in its faster layout
         self.drafters: dict[str, Drafter] = {"ngram": NGramDrafter(), "history": HistoryDrafter()}
         if draft_model is not None:
+            if draft_model.args.vocab_size != model.args.vocab_size:
+                raise ValueError(f"draft model: its vocabulary has {draft_model.args.vocab_size} tokens, the policy's "
+                                 f"{model.args.vocab_size}: the model drafter needs the policy's tokenizer "
+                                 "(rollout.draft_model, --draft-model)")
             self.drafters["model"] = ModelDrafter(draft_model)
         self.spec = spec.strip()
         self.fixed: Strategy | None = None
@@ -319,9 +319,9 @@ class RolloutEngine:
         elif self.graphs is None or self.graphs.cache is not self.cache:
             self.graphs = StepGraphs(self.model, self.cache, self.cache.n_slots - 1, self.cache.n_slots - 1)
         for d in self.drafters.values():
-            d.start(n_slots, self.cache.max_len)
-            if isinstance(d, ModelDrafter):
+            if isinstance(d, ModelDrafter):  # before `start`, which seeds its sampling from them
                 d.set_params(params)
+            d.start(n_slots, self.cache.max_len)
         self.generator = torch.Generator().manual_seed(params.seed + 104729)  # extra uniforms of p/q tests
         self.stats = GenerationStats(sequences=len(prompts) * params.n)
         self.trials.open.clear()  # sequence ids restart with every call
@@ -678,7 +678,7 @@ class RolloutEngine:
 
     def _open_trials(self, live: list[_Seq], strategy: Strategy, params: SamplingParams) -> None:
         """Drafts for a few sequences that this step does not verify: the tokens they emit next
-        score them (trials.py). Their lookup time counts in the step's."""
+        score them (trials.py)."""
         picked = self.trials.next([s.seq_id for s in live], skip=(strategy.drafter, strategy.width))
         if picked is None:
             return
@@ -690,10 +690,10 @@ class RolloutEngine:
         self.policy.observe_draft(Strategy(name, depth, width), time.perf_counter() - t0, len(rows))
         for i, d in zip(rows, drafts):
             s = live[i]
-            d = _prune(d, params.max_new_tokens - len(s.response) - 1)
-            if len(d):
-                self.trials.open[s.seq_id] = Trial(name, width, d, len(s.response))
-            else:
+            pruned = _prune(d, params.max_new_tokens - len(s.response) - 1)
+            if len(pruned):
+                self.trials.open[s.seq_id] = Trial(name, width, pruned, len(s.response))
+            elif not len(d):  # the drafter had nothing (a draft cut away by the length limit says nothing of it)
                 self._record_acceptance(name, width, 0, 0, trial=True)
 
     def _step(self, live: list[_Seq], strategy: Strategy, params: SamplingParams, device: torch.device) -> None:
@@ -709,12 +709,14 @@ class RolloutEngine:
             drafter.sync(views)
             t_draft = time.perf_counter()
             sync_s = t_draft - t0
-            drafts = drafter.propose(views, strategy.depth, strategy.width)
+            proposed = drafter.propose(views, strategy.depth, strategy.width)
             # a sequence can emit at most its remaining budget: deeper nodes are wasted work
-            drafts = [_prune(d, params.max_new_tokens - len(s.response) - 1) for d, s in zip(drafts, live)]
+            drafts = [_prune(d, params.max_new_tokens - len(s.response) - 1) for d, s in zip(proposed, live)]
             draft_s = time.perf_counter() - t_draft
+            # a draft cut to nothing by the length limit is no evidence on the drafter's acceptance
+            judged = [len(d) > 0 or not len(p) for d, p in zip(drafts, proposed)]
             if not any(len(d) for d in drafts):  # nothing proposed: a plain step, counted as misses
-                for _ in drafts:
+                for _ in range(sum(judged)):
                     self._record_acceptance(strategy.drafter, strategy.width, 0, 0)
                 drafts = None
         overlap = _hides_host_work(device)
@@ -768,15 +770,19 @@ class RolloutEngine:
                 if overlap:
                     self._catch_up(live, strategy, params, launched_on=device)
                 logp = logp.view(b, n, -1).cpu()
+                for d in drafts:  # a draft model's q, on its device, meets p on the host
+                    if d.q is not None:
+                        d.q = d.q.cpu()
                 verified = [verify(lp_rows, d, s.uniforms[len(s.response):], self.generator)
                             for s, d, lp_rows in zip(live, drafts, logp)]
             moves: list[tuple[int, int, int]] = []  # (slot, from, to) cache positions of accepted nodes
             emitted = 0
-            for s, ds, v in zip(live, depths, verified):
+            for s, ds, v, judge in zip(live, depths, verified, judged):
                 for k, node in enumerate(v.path, start=1):
                     if node != k:
                         moves.append((s.slot, s.cache_len + node, s.cache_len + k))
-                self._record_acceptance(strategy.drafter, strategy.width, max(ds), len(v.path))
+                if judge:
+                    self._record_acceptance(strategy.drafter, strategy.width, max(ds), len(v.path))
                 s.cache_len += 1 + len(v.path)
                 emitted += self._emit(s, v.tokens, v.logprobs, params)
             if moves:

@@ -157,7 +157,7 @@ def verify(logp: Tensor, draft: Draft, uniforms: Tensor, generator: torch.Genera
                     break
                 rest = residual(dist, q)
                 total = float(rest.sum())
-                if not total > 0:  # p == q on the support: a measure-zero event; p itself
+                if not total > 0:  # p == q on the support (measure zero): draw from the current distribution
                     break
                 dist = rest / total
             if accepted is not None:
