@@ -91,6 +91,11 @@ def test_engines_hand_over_sequences(with_cache, greedy):
         pass
     got_a, got_b = a.collect(), b.collect()
     assert len(got_b) == count + params.n  # B finished A's sequences
+    # each engine counts the tokens it decoded: the moved one's first tokens where it started
+    started = sum(len(m.response) for m in decoding)
+    assert started > 0
+    assert a.stats.tokens == sum(len(r.response_ids) for r in got_a) + started
+    assert b.stats.tokens == sum(len(r.response_ids) for r in got_b) - started
     merged = sorted(got_a + got_b, key=lambda r: (r.prompt_index, r.sample_index))
     assert _key(merged) == _key(expected)
     for r, e in zip(merged, expected):
@@ -150,6 +155,7 @@ def test_instances_move_work_to_the_idle_one(tp, spec, greedy, transfer):
         assert with_cache + recomputed == len(moves)
         if transfer != "auto":
             assert (with_cache if transfer == "cache" else recomputed) == len(moves)
-    # the idle instance decoded more tokens than its own prompt's response
-    own = sum(len(e[2]) for e in expected if e[0] == 6)
-    assert results[layout.rank_at(0, 1, 0)][4] > own
+    # each token was emitted by one instance, and the idle one emitted more than its own prompt's response
+    decoded = [results[layout.rank_at(0, dp, 0)][4] for dp in (0, 1)]
+    assert sum(decoded) == sum(len(e[2]) for e in expected)
+    assert decoded[1] > sum(len(e[2]) for e in expected if e[0] == 6)

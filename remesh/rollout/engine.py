@@ -72,7 +72,7 @@ class StepRecord:
 @dataclass
 class GenerationStats:
     sequences: int = 0
-    tokens: int = 0
+    tokens: int = 0  # emitted by this engine in the call (a migrated sequence's, where decoded)
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     calibration_seconds: float = 0.0
@@ -391,7 +391,6 @@ class RolloutEngine:
         if run.bar is not None:
             run.bar.close()
         self.stats.seconds = time.perf_counter() - run.t0
-        self.stats.tokens = sum(len(s.response) for s in run.done)
         run.done.sort(key=lambda s: (s.prompt_index, s.sample_index))
         return [Rollout(s.prompt_index, s.sample_index, list(s.prompt), s.response, s.logprobs, s.reason)
                 for s in run.done]
@@ -642,6 +641,7 @@ class RolloutEngine:
                 break
         if s.seq_id in self.trials.open:  # scored at `_flush`
             self._pending.append(s)
+        self.stats.tokens += kept
         return kept
 
     def _flush(self) -> None:
