@@ -12,7 +12,7 @@ from remesh.model import AttnContext
 from remesh.rollout import RolloutEngine, SamplingParams, greedy, target_logprobs
 from remesh.rollout import speculative
 from remesh.rollout.adaptive import (OFF, AcceptanceStats, AdaptivePolicy, OverheadBudget, StepTimeModel, Strategy,
-                                    parse_strategy)
+                                    levels_judged, parse_strategy)
 from remesh.rollout.drafters import Drafter, HistoryDrafter, NGramDrafter, SeqView, first_layers
 from remesh.rollout.sampling import inverse_cdf
 from remesh.rollout.speculative import Draft, matched_depth, tree_mask, verify, verify_drawn
@@ -533,6 +533,13 @@ def test_expected_accepted_tokens():
     assert s.alphas("ngram", 1, 3) == pytest.approx([0.75, 2 / 3, 0.0])
     assert s.expected_accepted("ngram", 1, 3) == pytest.approx(0.75 + 0.5)
 
+
+
+def test_a_drafts_outcome_judges_the_depths_accepted_and_the_first_rejected():
+    assert levels_judged(offered=4, accepted=2) == 3  # depths 1, 2 accepted; 3 rejected; 4 never reached
+    assert levels_judged(offered=4, accepted=4) == 4  # all accepted: no depth 5 was offered
+    assert levels_judged(offered=3, accepted=0) == 1
+    assert levels_judged(offered=0, accepted=0) == 1  # no proposal: a miss at depth 1
 
 def test_policy_speculates_in_the_long_tail_and_not_at_large_batch():
     policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(1, 2, 4), widths=(1,))

@@ -146,6 +146,12 @@ class StepTimeModel:
         return max(s[lo], s[lo] + slope * (tokens - t[lo]))
 
 
+def levels_judged(offered: int, accepted: int) -> int:
+    """How many depths one draft's outcome says something about: those accepted and the first
+    rejected one, within the depth offered (offered 0: the drafter had nothing, a miss at depth 1)."""
+    return min(accepted + 1, max(offered, 1))
+
+
 @dataclass
 class AcceptanceStats:
     """alpha[i]: P(draft token at depth i + 1 accepted | its parent was), per (drafter, width),
@@ -180,7 +186,7 @@ class AcceptanceStats:
         """One sequence's verification: its draft reached `offered_depth` (0: the drafter had no
         proposal, counted as a miss at depth 1) and the first `accepted` levels were accepted."""
         table = self._rate.setdefault((drafter, width), [])
-        for i in range(min(accepted + 1, max(offered_depth, 1))):
+        for i in range(levels_judged(offered_depth, accepted)):
             while len(table) <= i:
                 table.append([self._prior(drafter, width, len(table)), self.prior_weight])
             hit = 1.0 if accepted > i else 0.0

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from remesh.model.attention import AttnContext
-from remesh.rollout.adaptive import OFF, AdaptivePolicy, OverheadBudget, Strategy, parse_strategy
+from remesh.rollout.adaptive import OFF, AdaptivePolicy, OverheadBudget, Strategy, levels_judged, parse_strategy
 from remesh.rollout.cuda_graphs import StepGraphs, bucket
 from remesh.rollout.drafters import Drafter, HistoryDrafter, ModelDrafter, NGramDrafter, SeqView
 from remesh.rollout.kernels import TunedLinears
@@ -100,7 +100,7 @@ class GenerationStats:
         """One draft's outcome (offered 0: the drafter had nothing, a miss at depth 1)."""
         key = drafter + (f"x{width}" if width > 1 else "")
         table = (self.trials if trial else self.acceptance).setdefault(key, [])
-        for i in range(min(accepted + 1, max(offered, 1))):
+        for i in range(levels_judged(offered, accepted)):
             while len(table) <= i:
                 table.append([0, 0])
             table[i][1] += 1
@@ -500,16 +500,12 @@ class RolloutEngine:
             s.kv = None
         if recompute:
             t0, before = time.perf_counter(), self._setups()
-            device = self._run.device
             contexts = [s.prompt + s.response[:-1] for s in recompute]
-            lens = [len(c) for c in contexts]
-            ctx = AttnContext.with_cache(self.cache, [s.slot for s in recompute], [0] * len(recompute), lens)
-            self.model(torch.tensor([t for c in contexts for t in c], device=device),
-                       torch.cat([torch.arange(n, device=device) for n in lens]), ctx)
-            for s, n in zip(recompute, lens):
-                s.cache_len = n
-            _sync(device)
-            self._observe_time(sum(lens), time.perf_counter() - t0, before)
+            self._fill([s.slot for s in recompute], contexts)
+            for s, c in zip(recompute, contexts):
+                s.cache_len = len(c)
+            _sync(self._run.device)
+            self._observe_time(sum(map(len, contexts)), time.perf_counter() - t0, before)
             self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _setups(self) -> tuple[int, float]:
@@ -606,11 +602,7 @@ class RolloutEngine:
             first.setdefault(s.prompt_index, s)
         heads = list(first.values())
         lens = [len(s.prompt) for s in heads]
-        tokens = torch.tensor([t for s in heads for t in s.prompt], device=device)
-        positions = torch.cat([torch.arange(n, device=device) for n in lens])
-        ctx = AttnContext.with_cache(self.cache, [s.slot for s in heads], [0] * len(heads), lens)
-        h = self.model(tokens, positions, ctx)
-        logits = self.model.logits(h[ctx.cu_seqlens[1:].long() - 1])
+        logits = self.model.logits(self._fill([s.slot for s in heads], [s.prompt for s in heads]))
         row = {s.prompt_index: r for r, s in enumerate(heads)}
         siblings = [s for s in seqs if first[s.prompt_index] is not s]
         if siblings:  # share the prefill: copy the cache rows into the other samples' slots
@@ -626,6 +618,16 @@ class RolloutEngine:
             self._emit(s, [t], [l], params)
         self._observe_time(sum(lens), time.perf_counter() - t0, before)  # also the cost of recomputing a context
         self.stats.prefill_seconds += time.perf_counter() - t0
+
+    def _fill(self, slots: list[int], contexts: list[list[int]]) -> Tensor:
+        """Write the keys and values of `contexts` into `slots` from position 0, in one packed
+        forward; returns the hidden state at each context's last token."""
+        device = self.cache.k.device
+        lens = [len(c) for c in contexts]
+        ctx = AttnContext.with_cache(self.cache, slots, [0] * len(slots), lens)
+        h = self.model(torch.tensor([t for c in contexts for t in c], device=device),
+                       torch.cat([torch.arange(n, device=device) for n in lens]), ctx)
+        return h[ctx.cu_seqlens[1:].long() - 1]
 
     def _emit(self, s: _Seq, tokens: list[int], logprobs: list[float], params: SamplingParams) -> int:
         """Append emitted tokens up to a stop token or the length limit; returns how many were kept."""
