@@ -190,6 +190,7 @@ def test_sampled_draft_chains_are_verified_on_a_gpu():
     assert [len(r.response_ids) for r in rollouts] == [16] * 4
     assert engine.stats.acceptance_by_position()["model"][0] < 1.0  # rejections happened
 
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_captured_graphs_of_several_context_buckets_share_their_logits_buffer():
     """Captured at once, graphs of one (batch, tokens) at contexts 8, 16, 32 and 64 write one

@@ -243,7 +243,6 @@ def test_speculative_logprobs_match_teacher_forcing(spec):
     torch.testing.assert_close(torch.tensor([x for r in rollouts for x in r.logprobs]), ref, atol=1e-4, rtol=0)
 
 
-
 def test_sampled_draft_chains_depend_on_the_calls_seed_only():
     """The draft model samples its chains from a generator seeded by the call's seed: the same
     call gives the same rollouts on a fresh engine and after other calls."""
@@ -256,10 +255,21 @@ def test_sampled_draft_chains_depend_on_the_calls_seed_only():
     assert [r.response_ids for r in again] == [r.response_ids for r in fresh]
 
 
-def test_a_draft_model_of_another_vocabulary_is_refused():
+def test_a_draft_model_of_a_larger_vocabulary_is_refused():
     model = tiny_model("llama", vocab_size=97)
     with pytest.raises(ValueError, match="vocabulary has 101 tokens, the policy's 97"):
         RolloutEngine(model, spec="model:3", draft_model=tiny_model("llama", vocab_size=101))
+
+
+def test_a_draft_model_of_a_smaller_vocabulary_drafts_exactly():
+    """A sibling checkpoint's embedding may be padded less than the policy's: its q has no mass
+    on the policy's last tokens, and the samples are still the target's (the check above)."""
+    target, _ = spec_models()
+    draft = tiny_model("llama", vocab_size=V - 2, seed=5)
+    params = SamplingParams(max_new_tokens=3, n=6000, seed=11, temperature=1.0)
+    engine = RolloutEngine(target, spec="model:3", draft_model=draft.eval(), max_batch=6000)
+    assert chi_square_pvalue(sampled_joint(engine, params), exact_joint(target, params)) > 1e-3
+    assert 0.05 < engine.stats.acceptance_by_position()["model"][0] < 0.95
 
 
 class ChainDrafter(Drafter):
@@ -287,6 +297,47 @@ def test_drafts_cut_away_by_the_length_limit_are_not_counted_as_misses(auto):
     assert drafter.proposed > 0  # the drafter did propose, and every draft was cut to nothing
     assert engine.stats.acceptance == {} and engine.stats.trials == {}
     assert "ngram" not in engine.policy.acceptance.by_position()
+
+
+class HalfRightDrafter(Drafter):
+    """Proposes the true greedy continuation for prompts of even length, a wrong chain for the
+    others: sequences then advance at different paces and reach the length limit apart."""
+
+    name, free_trials = "ngram", True
+
+    def __init__(self, truth: dict[tuple[int, ...], list[int]]):
+        self.truth = truth
+
+    def propose(self, seqs, depth, width):
+        out = []
+        for s in seqs:
+            future = self.truth[s.group][len(s.response):][:depth] if s.prompt_len % 2 == 0 else []
+            chain = future or [1] * depth
+            out.append(Draft(chain, list(range(len(chain)))))
+        return out
+
+
+def test_a_step_counts_the_drafts_of_sequences_with_room_only():
+    """In a step where some sequences have room for a draft and others have one token left, only
+    the former's drafts are counted (the latter's are cut away: no evidence on the drafter)."""
+    model = peaky_model("llama").eval()
+    params = greedy(SamplingParams(max_new_tokens=6))
+    plain = RolloutEngine(model).generate(PROMPTS, params)
+    engine = RolloutEngine(model, spec="ngram:3", max_batch=2, calibrate=False)
+    engine.drafters["ngram"] = HalfRightDrafter({tuple(r.prompt_ids): r.response_ids for r in plain})
+    with_room, mixed, step = [], [], engine._step
+
+    def counted_step(live, strategy, params, device):
+        room = [params.max_new_tokens - len(s.response) - 1 >= 1 for s in live]
+        if any(room):  # else no draft is left: a plain step
+            with_room.append(sum(room))
+            mixed.append(not all(room))
+        return step(live, strategy, params, device)
+
+    engine._step = counted_step
+    assert [r.response_ids for r in engine.generate(PROMPTS, params)] == [r.response_ids for r in plain]
+    assert any(mixed)
+    assert engine.stats.acceptance["ngram"][0][1] == sum(with_room)
 
 class OracleDrafter(Drafter):
     """Proposes a wrong token first and the true greedy token second at the root, then the true
@@ -532,7 +583,6 @@ def test_expected_accepted_tokens():
     # alpha1 = 3/4, alpha2 = 2/3 (of the 3 that reached depth 2), alpha3 = 0/2
     assert s.alphas("ngram", 1, 3) == pytest.approx([0.75, 2 / 3, 0.0])
     assert s.expected_accepted("ngram", 1, 3) == pytest.approx(0.75 + 0.5)
-
 
 
 def test_a_drafts_outcome_judges_the_depths_accepted_and_the_first_rejected():
@@ -830,9 +880,14 @@ def test_trials_hidden_behind_the_device_are_not_charged_to_their_budget(monkeyp
     from remesh.rollout import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_hides_host_work", lambda device: True)
-    asked = []  # trials opened so far, at each question to the device: it must come after the trials
-    monkeypatch.setattr(engine_module, "_still_running",
-                        lambda device: lambda: asked.append(len(opened)) or device_still_running)
+    made, asked = [], []  # trials opened so far when the device's event is made (after the launch, only for
+    # trials: before them) and when it is asked (after them)
+
+    def still_running(device):
+        made.append(len(opened))
+        return lambda: asked.append(len(opened)) or device_still_running
+
+    monkeypatch.setattr(engine_module, "_still_running", still_running)
     model = peaky_model("llama").eval()
     engine = RolloutEngine(model, spec="auto", max_batch=6, calibrate=False, overhead_budget=0.0)
     trials, opened = engine._open_trials, []
@@ -845,7 +900,7 @@ def test_trials_hidden_behind_the_device_are_not_charged_to_their_budget(monkeyp
         assert engine.trial_budget.allows()
     else:
         assert len(opened) == 1 and engine.stats.policy_hidden_seconds == 0
-    assert asked == list(range(1, len(opened) + 1))
+    assert made == list(range(len(opened))) and asked == list(range(1, len(opened) + 1))
 
 
 def test_bookkeeping_every_strategy_pays_is_left_out_of_the_time_a_step_is_judged_by(monkeypatch):

@@ -24,6 +24,7 @@ from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from remesh.model.attention import AttnContext
@@ -328,8 +329,10 @@ class ModelDrafter(Drafter):
 
     name = "model"
 
-    def __init__(self, model: nn.Module, params: SamplingParams | None = None, name: str = "model"):
+    def __init__(self, model: nn.Module, params: SamplingParams | None = None, name: str = "model",
+                 vocab_size: int | None = None):
         self.model, self.name = model, name
+        self.vocab_size = vocab_size  # the target's: q is padded with zeros to it (no mass where the draft has no row)
         self.params = params or SamplingParams()
         self.generator: torch.Generator | None = None
         self.cache = None
@@ -358,6 +361,9 @@ class ModelDrafter(Drafter):
         starts = [len(self._fed[s]) for s in slots]
         ctx = AttnContext.with_cache(self.cache, slots, starts, [len(c) for c in chunks])
         tokens = torch.tensor([t for c in chunks for t in c], device=device)
+        # a token beyond a smaller draft vocabulary (a padding row the policy sampled): any stand-in
+        # keeps the draft exact, only less likely to be accepted
+        tokens = tokens.clamp_max(self.model.args.vocab_size - 1)
         positions = torch.cat([torch.arange(s, s + len(c), device=device) for s, c in zip(starts, chunks)])
         h = self.model(tokens, positions, ctx)
         for s, c in zip(slots, chunks):
@@ -404,7 +410,8 @@ class ModelDrafter(Drafter):
                 logits = self._forward(slots, [[t] for t in nxt])
         if width == 1 and not chain_params.greedy:
             for d, q in zip(drafts, qs):
-                d.q = torch.stack(q)
+                q = torch.stack(q)
+                d.q = F.pad(q, (0, self.vocab_size - q.shape[-1])) if self.vocab_size else q
         return drafts
 
     def finish(self, seq: SeqView) -> None:

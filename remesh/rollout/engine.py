@@ -126,7 +126,8 @@ class GenerationStats:
     def summary(self) -> dict:
         return {"sequences": self.sequences, "tokens": self.tokens, "seconds": round(self.seconds, 3),
                 "tokens_per_s": round(self.tokens_per_s, 2), "steps": len(self.steps),
-                "tokens_per_step": round(self.tokens / max(len(self.steps), 1), 2),
+                # the decode steps' tokens (not the prefills' first ones) per decode step
+                "tokens_per_step": round(sum(s.emitted for s in self.steps) / max(len(self.steps), 1), 2),
                 "tokens_per_seq_step": round(self.tokens_per_seq_step, 3),
                 "prefill_seconds": round(self.prefill_seconds, 3),
                 "calibration_seconds": round(self.calibration_seconds, 3),
@@ -244,11 +245,12 @@ class RolloutEngine:
         self.gemms = TunedLinears()  # CPU only: each decode projection in its faster layout
         self.drafters: dict[str, Drafter] = {"ngram": NGramDrafter(), "history": HistoryDrafter()}
         if draft_model is not None:
-            if draft_model.args.vocab_size != model.args.vocab_size:
+            # the same tokenizer, the embedding perhaps padded less (a smaller sibling checkpoint)
+            if draft_model.args.vocab_size > model.args.vocab_size:
                 raise ValueError(f"draft model: its vocabulary has {draft_model.args.vocab_size} tokens, the policy's "
                                  f"{model.args.vocab_size}: the model drafter needs the policy's tokenizer "
                                  "(rollout.draft_model, --draft-model)")
-            self.drafters["model"] = ModelDrafter(draft_model)
+            self.drafters["model"] = ModelDrafter(draft_model, vocab_size=model.args.vocab_size)
         self.spec = spec.strip()
         self.fixed: Strategy | None = None
         if self.spec != "auto":
@@ -368,8 +370,8 @@ class RolloutEngine:
             run.done.append(s)
             if run.bar is not None:
                 run.bar.update(1)
-                tokens = sum(len(x.response) for x in run.done + run.live)
-                run.bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - run.t0):.1f}", live=len(run.live))
+                run.bar.set_postfix(tok_s=f"{self.stats.tokens / (time.perf_counter() - run.t0):.1f}",
+                                    live=len(run.live))
         return bool(run.queue or run.live)
 
     def collect(self) -> list[Rollout]:
@@ -772,9 +774,10 @@ class RolloutEngine:
                 if overlap:
                     self._catch_up(live, strategy, params, launched_on=device)
                 logp = logp.view(b, n, -1).cpu()
-                for d in drafts:  # a draft model's q, on its device, meets p on the host
-                    if d.q is not None:
-                        d.q = d.q.cpu()
+                sampled = [d for d in drafts if d.q is not None]
+                if sampled:  # a draft model's q, on its device, meets p on the host: one copy for all
+                    for d, q in zip(sampled, torch.cat([d.q for d in sampled]).cpu().split([len(d.q) for d in sampled])):
+                        d.q = q
                 verified = [verify(lp_rows, d, s.uniforms[len(s.response):], self.generator)
                             for s, d, lp_rows in zip(live, drafts, logp)]
             moves: list[tuple[int, int, int]] = []  # (slot, from, to) cache positions of accepted nodes
