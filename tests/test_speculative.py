@@ -16,7 +16,7 @@ from remesh.rollout.adaptive import (OFF, AcceptanceStats, AdaptivePolicy, Overh
 from remesh.rollout.drafters import Drafter, HistoryDrafter, NGramDrafter, SeqView, first_layers
 from remesh.rollout.sampling import inverse_cdf
 from remesh.rollout.speculative import Draft, matched_depth, tree_mask, verify, verify_drawn
-from remesh.rollout.trials import Trial
+from remesh.rollout.trials import Trial, Trials
 from tests.models import tiny_model
 from tests.test_sampler import PROMPTS, peaky_model
 
@@ -870,6 +870,21 @@ def test_the_engine_weighs_strategies_and_opens_trials_within_its_overhead_budge
         assert set(engine.stats.strategy_counts()) == {"off"}  # nothing learnt in time: the first choice stands
     assert engine.stats.policy_seconds > 0
 
+
+
+def test_trials_skip_the_shape_the_step_verifies_unless_deeper():
+    """While the step verifies history:2x2 drafts, a history x2 trial to depth 4 still runs (it
+    measures levels 3 and 4, which the verified drafts never reach); at history:4x2 it does not."""
+    shapes = [("history", 2, 4), ("ngram", 1, 4)]
+
+    def tried(verified: Strategy) -> set[tuple[str, int, int]]:
+        trials = Trials(list(shapes))
+        return {trials.next([0], verified)[0] for _ in range(4)}
+
+    assert tried(Strategy("history", 2, 2)) == set(shapes)
+    assert tried(Strategy("history", 4, 2)) == {("ngram", 1, 4)}
+    assert tried(Strategy("history", 8, 1)) == set(shapes)  # another width: another shape
+    assert tried(OFF) == set(shapes)
 
 @pytest.mark.parametrize("device_still_running", [False, True])
 def test_trials_hidden_behind_the_device_are_not_charged_to_their_budget(monkeypatch, device_still_running):

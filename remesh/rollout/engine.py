@@ -681,9 +681,8 @@ class RolloutEngine:
                 self._spend(self.trial_budget, seconds)
 
     def _open_trials(self, live: list[_Seq], strategy: Strategy, params: SamplingParams) -> None:
-        """Drafts for a few sequences that this step does not verify: the tokens they emit next
-        score them (trials.py)."""
-        picked = self.trials.next([s.seq_id for s in live], skip=(strategy.drafter, strategy.width))
+        """Unverified drafts for a few sequences: the tokens they emit next score them (trials.py)."""
+        picked = self.trials.next([s.seq_id for s in live], verified=strategy)
         if picked is None:
             return
         (name, width, depth), rows = picked

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from remesh.rollout.adaptive import Strategy
 from remesh.rollout.speculative import Draft, matched_depth
 
 
@@ -50,10 +51,14 @@ class Trials:
     open: dict[int, Trial] = field(default_factory=dict)  # seq_id -> its open trial
     _turn: int = 0
 
-    def next(self, seq_ids: list[int], skip: tuple[str | None, int]) -> tuple[tuple[str, int, int], list[int]] | None:
-        """The shape to try this step (not `skip`, the (drafter, width) the step verifies) and
-        the sequences (indices into `seq_ids`) to try it on; None if there are none."""
-        shapes = [s for s in self.shapes if s[:2] != skip]
+    def next(self, seq_ids: list[int], verified: Strategy) -> tuple[tuple[str, int, int], list[int]] | None:
+        """The shape to try this step and the sequences (indices into `seq_ids`) to try it on;
+        None if there are none. Not a shape that the step's own drafts (`verified`) measure
+        already: the same drafter and width, no deeper. A deeper one still runs: the verified
+        drafts say nothing of the levels past their depth, which would then keep their prior
+        and hold the choice at the depth it has."""
+        shapes = [s for s in self.shapes
+                  if (s[0], s[1]) != (verified.drafter, verified.width) or s[2] > verified.depth]
         free = [i for i, sid in enumerate(seq_ids) if sid not in self.open]
         if not shapes or not free:
             return None
