@@ -174,7 +174,8 @@ def main() -> None:
                        # and the free trials' time hidden behind the device's (a GPU), which cost nothing
                        "auto_policy_hidden_frac": auto_st.policy_hidden_seconds / auto_st.seconds,
                        # trial drafts scored (one per sequence; those dropped at a retirement are not)
-                       "auto_trial_drafts_scored_per_step": sum(t[0][1] for t in auto_st.trials.values()) / max(len(auto_st.steps), 1),
+                       "auto_trial_drafts_scored_per_step":
+                           sum(t[0][1] for t in auto_st.trials.values()) / max(len(auto_st.steps), 1),
                        "cuda_graphs": {n: {"shapes": len(e.graphs.graphs), "captures": e.graphs.captures,
                                            "eager_runs": e.graphs.eager_runs, "stand_in_runs": e.graphs.stand_in_runs}
                                        for n, e in engines.items() if e.graphs is not None},

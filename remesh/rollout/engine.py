@@ -124,11 +124,12 @@ class GenerationStats:
         return out
 
     def summary(self) -> dict:
+        counts = self.decode_counts()
         return {"sequences": self.sequences, "tokens": self.tokens, "seconds": round(self.seconds, 3),
-                "tokens_per_s": round(self.tokens_per_s, 2), "steps": len(self.steps),
+                "tokens_per_s": round(self.tokens_per_s, 2), "steps": counts["steps"],
                 # the decode steps' tokens (not the prefills' first ones) per decode step
-                "tokens_per_step": round(sum(s.emitted for s in self.steps) / max(len(self.steps), 1), 2),
-                "tokens_per_seq_step": round(self.tokens_per_seq_step, 3),
+                "tokens_per_step": round(counts["emitted"] / max(counts["steps"], 1), 2),
+                "tokens_per_seq_step": round(tokens_per_seq_step(counts), 3),
                 "prefill_seconds": round(self.prefill_seconds, 3),
                 "calibration_seconds": round(self.calibration_seconds, 3),
                 "policy_seconds": round(self.policy_seconds, 3),
@@ -775,7 +776,8 @@ class RolloutEngine:
                 logp = logp.view(b, n, -1).cpu()
                 sampled = [d for d in drafts if d.q is not None]
                 if sampled:  # a draft model's q, on its device, meets p on the host: one copy for all
-                    for d, q in zip(sampled, torch.cat([d.q for d in sampled]).cpu().split([len(d.q) for d in sampled])):
+                    on_host = torch.cat([d.q for d in sampled]).cpu().split([len(d.q) for d in sampled])
+                    for d, q in zip(sampled, on_host):
                         d.q = q
                 verified = [verify(lp_rows, d, s.uniforms[len(s.response):], self.generator)
                             for s, d, lp_rows in zip(live, drafts, logp)]
