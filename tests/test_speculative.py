@@ -27,6 +27,7 @@ def logp_rows(*rows: list[float]) -> torch.Tensor:
 
 # 1. the acceptance rules by hand ------------------------------------------------------------
 
+
 def test_point_mass_chain_accepts_when_the_target_draws_the_draft():
     p = [0.5, 0.3, 0.2]
     logp = logp_rows(p, [0.1, 0.1, 0.8])  # root, then the draft node
@@ -339,6 +340,7 @@ def test_a_step_counts_the_drafts_of_sequences_with_room_only():
     assert any(mixed)
     assert engine.stats.acceptance["ngram"][0][1] == sum(with_room)
 
+
 class OracleDrafter(Drafter):
     """Proposes a wrong token first and the true greedy token second at the root, then the true
     continuation under the second branch: the accepted path is never node 1, 2, 3, ..., so the
@@ -376,6 +378,7 @@ def test_tree_acceptance_off_the_first_branch_compacts_the_cache():
 
 
 # 4. drafters ---------------------------------------------------------------------------------
+
 
 def test_ngram_keys_are_unique_over_every_n_and_built_incrementally():
     """A key per n-gram, distinct across lengths (a leading token 0 still counts); the index
@@ -543,6 +546,7 @@ def test_history_drafter_uses_earlier_rollouts_and_builds_trees():
 
 # 5. the adaptive policy ----------------------------------------------------------------------
 
+
 def test_step_time_model_interpolates_and_extrapolates():
     m = StepTimeModel()
     m.observe(10, 1.0)
@@ -590,6 +594,7 @@ def test_a_drafts_outcome_judges_the_depths_accepted_and_the_first_rejected():
     assert levels_judged(offered=4, accepted=4) == 4  # all accepted: no depth 5 was offered
     assert levels_judged(offered=3, accepted=0) == 1
     assert levels_judged(offered=0, accepted=0) == 1  # no proposal: a miss at depth 1
+
 
 def test_policy_speculates_in_the_long_tail_and_not_at_large_batch():
     policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(1, 2, 4), widths=(1,))
@@ -737,6 +742,7 @@ def test_free_trials_measure_acceptance_while_decoding_plainly(monkeypatch, hide
 
 # 6. remesh generate --------------------------------------------------------------------------
 
+
 def test_generate_command_writes_jsonl_and_summary(tmp_path, capsys):
     import json
 
@@ -871,7 +877,6 @@ def test_the_engine_weighs_strategies_and_opens_trials_within_its_overhead_budge
     assert engine.stats.policy_seconds > 0
 
 
-
 def test_trials_skip_the_shape_the_step_verifies_unless_deeper():
     """While the step verifies history:2x2 drafts, a history x2 trial to depth 4 still runs (it
     measures levels 3 and 4, which the verified drafts never reach); at history:4x2 it does not."""
@@ -885,6 +890,7 @@ def test_trials_skip_the_shape_the_step_verifies_unless_deeper():
     assert tried(Strategy("history", 4, 2)) == {("ngram", 1, 4)}
     assert tried(Strategy("history", 8, 1)) == set(shapes)  # another width: another shape
     assert tried(OFF) == set(shapes)
+
 
 @pytest.mark.parametrize("device_still_running", [False, True])
 def test_trials_hidden_behind_the_device_are_not_charged_to_their_budget(monkeypatch, device_still_running):
