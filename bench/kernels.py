@@ -1,14 +1,16 @@
-"""The rollout engine's CPU decode kernels (rollout/kernels.py) on and off, side by side.
+"""The rollout engine's decode kernels (rollout/kernels.py) on and off, side by side.
 
 SmolLM2-135M (fp32), plain decoding (spec off), B prompts of the demo set, one sample each,
 temperature 1.0 with EOS ignored for a fixed --max-new-tokens: the same work in both engines.
 "off" is the same engine with its projections left in nn.Linear's layout. Whole generate calls,
 interleaved (`interleaved_times`, rounds disturbed by other processes re-run), median per batch
-size, with the engine's threads (--threads, default torch's).
+size, with the engine's threads (--threads, default torch's). With --device cuda the engines
+keep their KV cache and CUDA graphs between calls: the untimed warm-up call captures them (and
+times the layouts), the timed calls replay them.
 
 Headline (JSON): tuned_speedup_min / tuned_speedup_max over batch sizes (off / tuned seconds).
 
-    python bench/kernels.py [--quick] [--sizes 1,4,16,32] [--max-new-tokens 32] [--reps 3] [--threads 2]
+    python bench/kernels.py [--quick] [--device cuda] [--sizes 1,4,16,32] [--max-new-tokens 32] [--reps 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import demo_prompts, finish, interleaved_times, parse_args, print_table  # noqa: E402
@@ -33,18 +37,19 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.quick:
         sizes, args.reps, args.max_new_tokens = [4], 2, 8
+    device = torch.device(args.device)
     folder = resolve_model_path("default")
-    model = load_hf(folder).eval()
+    model = load_hf(folder, device=device).eval()
     prompts = demo_prompts(load_tokenizer(folder))
     params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0, stop_token_ids=())
     rows, details, speedups = [], {}, []
     for b in sizes:
         batch = (prompts * (b // len(prompts) + 1))[:b]
-        tuned = RolloutEngine(model, max_batch=b, calibrate=False)
-        off = RolloutEngine(model, max_batch=b, calibrate=False)
+        tuned = RolloutEngine(model, max_batch=b, calibrate=False, keep_cache=True)
+        off = RolloutEngine(model, max_batch=b, calibrate=False, keep_cache=True)
         off.gemms.applied = lambda _model: contextlib.nullcontext()  # nn.Linear's layout throughout
         t = interleaved_times({"off": lambda: off.generate(batch, params),
-                               "tuned": lambda: tuned.generate(batch, params)}, reps=args.reps)
+                               "tuned": lambda: tuned.generate(batch, params)}, reps=args.reps, device=device)
         speedup = t.median_s("off") / t.median_s("tuned")
         speedups.append(speedup)
         transposed = sum(tuned.gemms.choices.values())
@@ -53,9 +58,9 @@ def main() -> None:
                            "choices": {str(k[:3]): v for k, v in tuned.gemms.choices.items()}}
         print(f"batch {b}: off {t.median_s('off'):.2f} s, tuned {t.median_s('tuned'):.2f} s ({speedup:.2f}x)", flush=True)
     print_table(["batch", "off s", "tuned s", "speedup", "shapes transposed"], rows)
-    finish("kernels" + ("_quick" if args.quick else ""),
+    finish("kernels" + ("_cuda" if device.type == "cuda" else "") + ("_quick" if args.quick else ""),
            {"tuned_speedup_min": round(min(speedups), 3), "tuned_speedup_max": round(max(speedups), 3)},
-           details, max_new_tokens=args.max_new_tokens)
+           details, device=device, max_new_tokens=args.max_new_tokens)
 
 
 if __name__ == "__main__":

@@ -272,7 +272,8 @@ def test_tuned_linears_compute_the_same_product_and_remember_each_shape():
             small(x)  # a small matrix: not tuned
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(one, ref[:1], rtol=1e-5, atol=1e-5)
-        assert list(tuned.choices) == [(16, 512, 128, torch.float32, threads), (1, 512, 128, torch.float32, threads)]
+        assert list(tuned.choices) == [(16, 512, 128, torch.float32, "cpu", threads),
+                                       (1, 512, 128, torch.float32, "cpu", threads)]
         if force is not None:
             assert set(tuned.choices.values()) == {force}
         assert "forward" not in layer.__dict__  # restored after the call
@@ -313,6 +314,31 @@ def test_one_row_timings_of_a_model_larger_than_the_cache_read_its_other_weights
             assert calls == []
             layers[0](torch.randn(1, 128))
         assert len(calls) == 2 * tuned.reps  # before every timed run of both layouts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tuned_linears_on_a_gpu_time_outside_captures_only():
+    """On a GPU a shape is timed (its layouts' kernels replayed as graphs) when first met
+    outside a capture; met inside one, nn.Linear's layout runs, untimed and not remembered."""
+    import torch.nn.functional as F
+
+    from remesh.rollout.kernels import TunedLinears, gpu_seconds
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 192, bias=False).cuda()
+    x = torch.randn(8, 576, device="cuda")
+    tuned = TunedLinears()
+    with torch.inference_mode(), tuned.applied(layer):
+        out = layer(x)
+        assert list(tuned.choices) == [(8, 192, 576, torch.float32, "cuda", torch.get_num_threads())]
+        torch.testing.assert_close(out, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+        graph, y = torch.cuda.CUDAGraph(), torch.randn(4, 576, device="cuda")
+        with torch.cuda.graph(graph):
+            captured = layer(y)
+        graph.replay()
+        torch.testing.assert_close(captured, F.linear(y, layer.weight), rtol=1e-5, atol=1e-5)
+    assert len(tuned.choices) == 1  # the 4-row shape met in the capture was not timed
+    assert 0 < gpu_seconds(lambda: F.linear(x, layer.weight), x.device) < 1e-2
 
 
 def test_engine_with_transposed_projections_gives_the_same_greedy_tokens():

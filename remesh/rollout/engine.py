@@ -23,7 +23,6 @@ the drafting strategy (up to floating-point ties): speculation changes the speed
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
 import time
@@ -243,7 +242,7 @@ class RolloutEngine:
         self.cuda_graphs, self.keep_cache = cuda_graphs, keep_cache
         self._gc_threshold: tuple[int, ...] | None = None  # the collector's, until `collect` restores it
         self.graphs: StepGraphs | None = None  # the running call's, over its cache
-        self.gemms = TunedLinears()  # CPU only: each decode projection in its faster layout
+        self.gemms = TunedLinears()  # each decode projection in its faster layout
         self.drafters: dict[str, Drafter] = {"ngram": NGramDrafter(), "history": HistoryDrafter()}
         if draft_model is not None:
             # the same tokenizer, the embedding perhaps padded less (a smaller sibling checkpoint)
@@ -337,7 +336,7 @@ class RolloutEngine:
                 run.queue.append(self._new_seq(keys[i], j, p, [], []))
         self.model.eval()
         if prompts and self.fixed is None and self.calibrate and not self.policy.step_time.calibrated:
-            with torch.inference_mode(), self._kernels(device):
+            with torch.inference_mode(), self._kernels():
                 self._calibrate(n_slots, max_nodes, device)
         # A full garbage collection walks every tracked object: ~300k once torch and transformers
         # are imported, 130 ms here, dozens of GPU decode steps, and the call's own allocations
@@ -352,7 +351,7 @@ class RolloutEngine:
         run = self._run
         if not (run.queue or run.live):
             return False
-        with torch.inference_mode(), self._kernels(run.device):
+        with torch.inference_mode(), self._kernels():
             admitted: list[_Seq] = []
             while run.queue and run.free:
                 s = run.queue.popleft()
@@ -410,7 +409,7 @@ class RolloutEngine:
             raise ValueError(f"forward_seconds: reps must be >= 1, got {reps}")
         device = self.cache.k.device
         times = []
-        with torch.inference_mode(), self._kernels(device):
+        with torch.inference_mode(), self._kernels():
             for _ in range(reps):
                 t = time.perf_counter()
                 self._forward([0], [0], [0], [0], None, capture=True)
@@ -545,11 +544,9 @@ class RolloutEngine:
             return self.drafters[self.fixed.drafter].max_nodes(self.fixed.depth, self.fixed.width)
         return max(self.policy.nodes(s) for s in self.policy.candidates())
 
-    def _kernels(self, device: torch.device):
-        """Tuned projections for the steps on a CPU (`TunedLinears`)."""
-        if device.type == "cpu":
-            return self.gemms.applied(self.model)
-        return contextlib.nullcontext()
+    def _kernels(self):
+        """The steps' projections in their faster layouts (`TunedLinears`; on a CPU or a GPU)."""
+        return self.gemms.applied(self.model)
 
     def _ensure_cache(self, n_slots: int, max_len: int, device: torch.device) -> None:
         c = self.cache

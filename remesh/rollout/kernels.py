@@ -1,15 +1,18 @@
-"""Decode-step projections on a CPU: the faster of two layouts of the same product, per shape.
+"""Decode-step projections: the faster of two layouts of the same product, per shape.
 
-A decode step multiplies a few rows (one per live sequence) by every weight matrix. A CPU BLAS
-picks its kernel by shape and thread count, and for some row counts nn.Linear's `x @ W.T` runs
-far slower than the same product taken as `(W @ x.T).T`: on this 2-core machine with 2 threads,
-at 16 rows, 1.9-2.6x slower for every SmolLM2-135M projection and its LM head, while at 4 rows
-the first layout wins for some of them. A single row is the extreme case: MKL takes `x @ W.T`
-and `W @ x.T` alike down its matrix-vector path, and reads SmolLM2-135M's weights from memory
-at 10-12 GB/s, while the two-column product of the row taken twice reads them at ~28 GB/s (a
-batch-1 decode step's projections: 46 -> 19 ms). `TunedLinears` times both layouts the first
-time it meets a (rows, in, out, dtype, threads) shape and keeps the faster. The two differ only
-in the kernels' floating-point rounding.
+A decode step multiplies a few rows (one per live sequence) by every weight matrix. A BLAS picks
+its kernel by shape, and for some row counts nn.Linear's `x @ W.T` runs far slower than the same
+product taken as `(W @ x.T).T`:
+- CPU (this 2-core machine, 2 threads): at 16 rows, 1.9-2.6x slower for every SmolLM2-135M
+  projection and its LM head, while at 4 rows the first layout wins for some of them. A single
+  row is the extreme case: MKL takes `x @ W.T` and `W @ x.T` alike down its matrix-vector path,
+  and reads SmolLM2-135M's weights from memory at 10-12 GB/s, while the two-column product of
+  the row taken twice reads them at ~28 GB/s (a batch-1 decode step's projections: 46 -> 19 ms).
+- GPU (H100, fp32 cuBLAS): SmolLM2-135M's key/value projection (576 -> 192) at 8-16 rows takes
+  54 us as `x @ W.T` and 8 us transposed; 60 of them a step made a plain decode step of 8-16
+  sequences 7.0-7.5 ms against 4.5 ms for one of 24 rows (scratch measurement, session 22).
+`TunedLinears` times both layouts the first time it meets a (rows, in, out, dtype, device,
+threads) shape and keeps the faster. The two differ only in the kernels' floating-point rounding.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from torch import Tensor, nn
 
 MAX_ROWS = 64  # beyond, nn.Linear's layout is the BLAS's well-trodden path
 MIN_WEIGHT = 1 << 16  # smaller matrices: a few microseconds either way, not worth the timing
+# On a GPU the transposed layout must be this much faster alone: its column-major output costs
+# its consumers more there (H100, SmolLM2 at batch 4: q/o projections 8.1 us transposed against
+# 9.6, yet the steps were 5% slower with them; the key/value projections at 8-16 rows, 8 against
+# 54 us, made steps 1.2-1.3x faster; bench/kernels.py --device cuda, session 22)
+GPU_CLEAR_WIN = 0.5
 
 
 def transposed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -41,9 +49,9 @@ def transposed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
 
 
 def tunable(rows: int, weight: Tensor) -> bool:
-    """Whether a decode step's multiply of `rows` rows by `weight` is tuned (a CPU weight of at
-    least MIN_WEIGHT elements, 1..MAX_ROWS rows): the profile measures these the same way."""
-    return weight.device.type == "cpu" and weight.numel() >= MIN_WEIGHT and 1 <= rows <= MAX_ROWS
+    """Whether a decode step's multiply of `rows` rows by `weight` is tuned (a CPU or CUDA weight
+    of at least MIN_WEIGHT elements, 1..MAX_ROWS rows): the profile measures these the same way."""
+    return weight.device.type in ("cpu", "cuda") and weight.numel() >= MIN_WEIGHT and 1 <= rows <= MAX_ROWS
 
 
 @functools.cache
@@ -58,7 +66,7 @@ def last_level_cache_bytes() -> int:
 
 
 class TunedLinears:
-    """`with tuned.applied(model):` around a decode step: the model's CPU nn.Linear layers (of
+    """`with tuned.applied(model):` around a decode step: the model's nn.Linear layers (of
     at least MIN_WEIGHT elements), called without autograd on 1..MAX_ROWS rows, take the layout
     measured fastest for their shape (`choices`: shape -> True for the transposed one). One
     instance per engine; the choices persist across steps. `force`: always the transposed
@@ -72,7 +80,12 @@ class TunedLinears:
     size, as the step before it would have: the weight is evicted and nothing is allocated.
     Products of several rows are still timed in cache: evicting there picked faster layouts too
     (batch-8 steps 65 instead of 83 ms), but each new row count's tuning then costs ~0.1 s
-    more, paid inside early steps (docs/BENCHMARKS.md, CPU decode kernels)."""
+    more, paid inside early steps (docs/BENCHMARKS.md, CPU decode kernels).
+
+    On a GPU each layout's time is that of its kernels replayed as a CUDA graph (`gpu_seconds`),
+    as the decode steps run them: timed from the host, a kernel of a few microseconds measures
+    its launch. A shape is tuned when first met outside a graph capture (the engine warms every
+    step graph up before capturing it); met inside one, it runs nn.Linear's layout untimed."""
 
     def __init__(self, reps: int = 3, force: bool | None = None):
         self.reps, self.force = reps, force
@@ -109,9 +122,11 @@ class TunedLinears:
         """F.linear(x, weight, bias), in the faster layout where the shape is tuned."""
         if x.dim() != 2 or not tunable(x.shape[0], weight) or torch.is_grad_enabled():
             return F.linear(x, weight, bias)
-        key = (x.shape[0], *weight.shape, x.dtype, torch.get_num_threads())
+        key = (x.shape[0], *weight.shape, x.dtype, x.device.type, torch.get_num_threads())
         transposed = self.choices.get(key)
         if transposed is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return F.linear(x, weight, bias)  # nothing can be timed while a graph is captured
             t0 = time.perf_counter()
             transposed = self.choices[key] = self.force if self.force is not None else self._faster_transposed(x, weight)
             self.tuning_seconds += time.perf_counter() - t0
@@ -137,6 +152,10 @@ class TunedLinears:
         return evict
 
     def _faster_transposed(self, x: Tensor, weight: Tensor) -> bool:
+        if x.is_cuda:
+            plain = gpu_seconds(lambda: F.linear(x, weight), x.device, reps=self.reps)
+            flipped = gpu_seconds(lambda: transposed_linear(x, weight), x.device, reps=self.reps)
+            return flipped < GPU_CLEAR_WIN * plain
         evict = self._evictor(weight) if x.shape[0] == 1 else None
 
         def best(fn) -> float:
@@ -153,3 +172,26 @@ class TunedLinears:
         plain = best(lambda: F.linear(x, weight))
         flipped = best(lambda: transposed_linear(x, weight))
         return flipped < 0.9 * plain  # a clear win only: ties keep nn.Linear's layout
+
+
+def gpu_seconds(fn: Callable[[], object], device: torch.device, calls: int = 16, reps: int = 3) -> float:
+    """Device time of one call of `fn`: `calls` calls captured as one CUDA graph, replayed `reps`
+    times (the least). Outside a capture only."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm-up, as capture requires (cuBLAS workspaces)
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return min(times)
