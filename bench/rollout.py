@@ -24,6 +24,10 @@ graph's replay on a GPU), without sampling and the engine's own work.
 The engines keep their KV cache between calls (`keep_cache`), so a CUDA graph captured in one
 round is replayed in the next, as a generation service would; an RL iteration drops the cache for
 its training and captures again.
+The details say how many graphs each engine captured inside the timed rounds, and in how many
+seconds (`timed_captures`, `timed_capture_s`: the rounds' tokens/s include them), each
+strategy's share of its last call in prefill, and the last call's steps of off and auto
+([live sequences, strategy, tokens emitted, ms]).
 
 Headline (JSON): adaptive_vs_best_fixed_min, adaptive_vs_plain_min (min over batch sizes),
 longtail_speedup (adaptive / plain over the long-tail phase, median over the batch sizes >= 4
@@ -135,6 +139,8 @@ def main() -> None:
             # the previous epoch, untimed: it fills the engine's history drafter, and does what an
             # engine does once in an RL run (calibration, a kernel tuning per new batch shape)
             e.generate(batch, params(0))
+        # graphs captured before the timed rounds (by the epoch above): the rounds' own are the rest
+        warm = {n: (e.graphs.captures, e.graphs.capture_seconds) for n, e in engines.items() if e.graphs is not None}
         tps = {n: [] for n in names}
         tail = {n: [0, 0.0] for n in names}  # tokens and seconds of long-tail steps, pooled over rounds
         plain_steps: list[float] = []  # seconds of plain decoding's steps at batch 1
@@ -177,8 +183,16 @@ def main() -> None:
                        "auto_trial_drafts_scored_per_step":
                            sum(t[0][1] for t in auto_st.trials.values()) / max(len(auto_st.steps), 1),
                        "cuda_graphs": {n: {"shapes": len(e.graphs.graphs), "captures": e.graphs.captures,
-                                           "eager_runs": e.graphs.eager_runs, "stand_in_runs": e.graphs.stand_in_runs}
+                                           "eager_runs": e.graphs.eager_runs, "stand_in_runs": e.graphs.stand_in_runs,
+                                           # one-time work inside the timed rounds, which their tokens/s include
+                                           "timed_captures": e.graphs.captures - warm[n][0],
+                                           "timed_capture_s": round(e.graphs.capture_seconds - warm[n][1], 3)}
                                        for n, e in engines.items() if e.graphs is not None},
+                       # the last call's share in prefill (and recomputed contexts), per strategy
+                       "prefill_frac": {n: e.stats.prefill_seconds / e.stats.seconds for n, e in engines.items()},
+                       # the last call's decode steps of plain decoding and of auto: [live, strategy, tokens, ms]
+                       "steps": {n: [[r.live, r.strategy, r.emitted, round(r.seconds * 1e3, 3)]
+                                     for r in engines[n].stats.steps] for n in ("off", "auto")},
                        "acceptance_by_position": auto_st.acceptance_by_position(),
                        "trial_acceptance_by_position": auto_st.acceptance_by_position(trials=True)}
         print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.1f}" for n in names) + " tokens/s", flush=True)
