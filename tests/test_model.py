@@ -153,6 +153,44 @@ def test_kv_cache_ragged_prefill_batched_decode(case, slots):
 
 
 @pytest.mark.parametrize("case", CACHE_CASES)
+def test_kv_cache_ragged_chunks_after_cached_prefixes(case):
+    """Chunks of different lengths appended to cached prefixes of different lengths (a chunked
+    prefill; a fill from position 0 takes the packed forward's path instead): logits equal each
+    sequence's full forward."""
+    model = cache_model(case)
+    prefix_lens, chunk_lens, slots = [3, 9, 5], [2, 4, 1], [2, 0, 1]
+    seqs = [torch.randint(0, VOCAB, (p + c,)) for p, c in zip(prefix_lens, chunk_lens)]
+    cache = model.new_kv_cache(n_slots=3, max_len=16)
+    step(model, cache, slots, [0, 0, 0], [s[:p] for s, p in zip(seqs, prefix_lens)])
+    out = step(model, cache, slots, prefix_lens, [s[p:] for s, p in zip(seqs, prefix_lens)])
+    for logits, s, p in zip(out, seqs, prefix_lens):
+        torch.testing.assert_close(logits, full_logits(model, s)[p:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_forward_and_cache_fill_on_a_gpu(dtype):
+    """On a GPU, in fp32 (SDPA; flash attention takes no fp32) and bf16 (the varlen kernel): a
+    packed forward and a ragged fill of the cache from position 0 give each sequence's logits
+    run alone."""
+    model = tiny_model("llama").eval().to("cuda", dtype)
+    seqs = [torch.randint(0, VOCAB, (n,), device="cuda") for n in (3, 9, 5)]
+    lens = [len(s) for s in seqs]
+    positions = torch.cat([torch.arange(n, device="cuda") for n in lens])
+    cache = model.new_kv_cache(n_slots=3, max_len=16)
+    tol = {"atol": 1e-4, "rtol": 0} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+    with torch.no_grad():
+        alone = [model.logits(model(s, torch.arange(len(s), device="cuda"), AttnContext.packed([len(s)], "cuda")))
+                 for s in seqs]
+        packed = model.logits(model(torch.cat(seqs), positions, AttnContext.packed(lens, "cuda"))).split(lens)
+        filled = model.logits(model(torch.cat(seqs), positions,
+                                    AttnContext.with_cache(cache, [2, 0, 1], [0, 0, 0], lens))).split(lens)
+    for a, p, f in zip(alone, packed, filled):
+        torch.testing.assert_close(p, a, **tol)
+        torch.testing.assert_close(f, a, **tol)
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
 def test_kv_cache_draft_verification(case):
     """k draft tokens at once after cached prefixes of different lengths (same k for all
     sequences): logits equal the full forward."""

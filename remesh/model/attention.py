@@ -205,7 +205,9 @@ def _window_mask(n_q: int, n_k: int, window: int, device: torch.device) -> Tenso
 
 def _attend_fresh(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: float) -> Tensor:
     window = ctx.sliding_window if ctx.sliding_window and ctx.max_seqlen > ctx.sliding_window else None
-    if q.is_cuda and _cuda_varlen_attn is not None:
+    # flash attention's kernels take fp16 and bf16 only: an fp32 forward on a GPU (the rollout
+    # engine's default) goes through SDPA below
+    if q.is_cuda and _cuda_varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
         n = ctx.max_seqlen
         win = (window - 1, 0) if window else (-1, 0)
         return _cuda_varlen_attn(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, n, n, scale=scale, window_size=win,
@@ -253,6 +255,11 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
     # one scatter per layer writes every new token's key/value into its slot
     kc[ctx._write_slot, :, ctx._write_pos] = k.to(kc.dtype)
     vc[ctx._write_slot, :, ctx._write_pos] = v.to(vc.dtype)
+    if ctx.cache_lens is not None and not any(ctx.cache_lens):
+        # a fill from position 0 (a prefill): the new tokens are each sequence's whole context, so
+        # attention is the packed forward's (one varlen call on a GPU), with no reads of the cache
+        # and none of the per-sequence calls below, each of which waits for the device (its slot)
+        return _attend_fresh(q, k, v, ctx, scale)
     if len(set(ctx.seqlens)) == 1:
         # decode / draft verification: every sequence has n new tokens, contexts differ in length
         b, n, ctx_len = len(ctx.seqlens), ctx.seqlens[0], ctx.context_len
