@@ -52,6 +52,9 @@ def main() -> None:
         p.add_argument("--sizes", default=""),
         p.add_argument("--rounds", type=int, default=0, help="timed calls per strategy (default 11, quick 3)"),
         p.add_argument("--auto-budgets", default="", help="extra auto engines with these overhead budgets")))
+    if args.device != "cpu":
+        raise SystemExit(f"--device {args.device}: bench/host_bound.py is a CPU proxy of a GPU's host-bound steps; "
+                         "on a GPU run bench/rollout.py --device cuda")
     if args.threads == 0:
         torch.set_num_threads(1)  # one thread: less noise, and host-bound like a GPU's host
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([1, 16] if args.quick else [1, 4, 16])
