@@ -222,6 +222,33 @@ def test_captured_graphs_of_several_context_buckets_share_their_logits_buffer():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capture_seconds_leave_out_work_counted_elsewhere():
+    """Layout timings done in a capture's warm-up are the tuner's seconds, not the capture's:
+    else the engine would take them out of the step's time twice."""
+    import time
+
+    model = tiny_model("llama", n_layers=2).cuda().eval()
+    lens = [5, 7]
+    cache = _filled_cache(model, 3, lens, max_len=64)
+    clock = [0.0]
+    forward = model.forward
+
+    def tuned_forward(*args, **kwargs):  # 50 ms of "tuning" in every forward, on the other clock
+        time.sleep(0.05)
+        clock[0] += 0.05
+        return forward(*args, **kwargs)
+
+    model.forward = tuned_forward
+    steps = StepGraphs(model, cache, scratch_slot=2, max_batch=2, capture_after=0, counted_elsewhere=lambda: clock[0])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        steps.logits([1, 2], lens, [0, 1], lens)
+    elapsed = time.perf_counter() - t0
+    assert steps.captures == 1 and clock[0] >= 0.15  # two warm-ups and the capture
+    assert 0.0 < steps.capture_seconds <= elapsed - clock[0] + 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_still_running_tells_a_busy_gpu_from_an_idle_one():
     """The engine's test of whether host work (free trials) hid behind a launched step."""
     device = torch.device("cuda")

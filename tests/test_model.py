@@ -246,6 +246,25 @@ def test_tree_mask_with_cache_and_rollback(family):
         torch.testing.assert_close(out2[i][0], ref[-1], atol=1e-5, rtol=0)
 
 
+def test_tree_mask_in_a_cache_fill_from_position_zero():
+    """A custom mask over a fill from position 0 is honoured (a fill without one attends as the
+    packed forward, causally): the same logits as that mask without a cache."""
+    model = tiny_model("llama").eval()
+    p = 4
+    mask = torch.ones(p + 3, p + 3, dtype=torch.bool).tril()
+    mask[p:, p:] = TREE
+    seqs = [torch.randint(0, VOCAB, (p + 3,)) for _ in range(2)]
+    positions = [torch.tensor(list(range(p + 2)) + [p + 1]) for _ in seqs]
+    ctx = AttnContext.packed([p + 3, p + 3])
+    ctx.mask = mask.expand(2, -1, -1)
+    with torch.no_grad():
+        want = model.logits(model(torch.cat(seqs), torch.cat(positions), ctx)).split(p + 3)
+    got = step(model, model.new_kv_cache(n_slots=2, max_len=16), [1, 0], [0, 0], list(zip(seqs, positions)),
+               mask=mask.expand(2, -1, -1))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
 def test_tree_mask_without_cache():
     """Without a cache, a custom mask over whole equal-length sequences is honoured too: the
     mask of a prompt followed by a two-branch tree gives each branch its plain-sequence logits."""

@@ -316,6 +316,29 @@ def test_one_row_timings_of_a_model_larger_than_the_cache_read_its_other_weights
         assert len(calls) == 2 * tuned.reps  # before every timed run of both layouts
 
 
+def test_transposed_layout_is_taken_on_a_clear_win_only():
+    from remesh.rollout.kernels import transposed_wins
+
+    assert transposed_wins(10.0, 8.9, "cpu") and not transposed_wins(10.0, 9.1, "cpu")  # CPU: 0.9
+    assert transposed_wins(10.0, 4.9, "cuda") and not transposed_wins(10.0, 8.0, "cuda")  # GPU: 0.5
+
+
+def test_transposed_linear_keeps_the_products_dtype_under_autocast():
+    """As F.linear under autocast: a bf16 product plus an fp32 bias stays bf16 (else the keys and
+    values of a layer with biases would be fp32 against bf16 queries)."""
+    import torch.nn.functional as F
+
+    from remesh.rollout.kernels import transposed_linear
+
+    x, w, b = torch.randn(3, 16), torch.randn(8, 16), torch.randn(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w, b)
+        for rows in (x, x[:1]):
+            got = transposed_linear(rows, w, b)
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got, want[:len(rows)], atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_tuned_linears_on_a_gpu_time_outside_captures_only():
     """On a GPU a shape is timed (its layouts' kernels replayed as graphs) when first met

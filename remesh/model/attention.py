@@ -208,6 +208,9 @@ def _attend_fresh(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: floa
     # flash attention's kernels take fp16 and bf16 only: an fp32 forward on a GPU (the rollout
     # engine's default) goes through SDPA below
     if q.is_cuda and _cuda_varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+        # and inputs whose last dimension is contiguous: a decode projection taken transposed
+        # (rollout/kernels.py) gives a column-major view
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         n = ctx.max_seqlen
         win = (window - 1, 0) if window else (-1, 0)
         return _cuda_varlen_attn(q, k, v, ctx.cu_seqlens, ctx.cu_seqlens, n, n, scale=scale, window_size=win,
@@ -255,7 +258,7 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
     # one scatter per layer writes every new token's key/value into its slot
     kc[ctx._write_slot, :, ctx._write_pos] = k.to(kc.dtype)
     vc[ctx._write_slot, :, ctx._write_pos] = v.to(vc.dtype)
-    if ctx.cache_lens is not None and not any(ctx.cache_lens):
+    if ctx.cache_lens is not None and not any(ctx.cache_lens) and ctx.mask is None:
         # a fill from position 0 (a prefill): the new tokens are each sequence's whole context, so
         # attention is the packed forward's (one varlen call on a GPU), with no reads of the cache
         # and none of the per-sequence calls below, each of which waits for the device (its slot)

@@ -319,7 +319,8 @@ class RolloutEngine:
         if not graphs:
             self.graphs = None
         elif self.graphs is None or self.graphs.cache is not self.cache:
-            self.graphs = StepGraphs(self.model, self.cache, self.cache.n_slots - 1, self.cache.n_slots - 1)
+            self.graphs = StepGraphs(self.model, self.cache, self.cache.n_slots - 1, self.cache.n_slots - 1,
+                                     counted_elsewhere=lambda: self.gemms.tuning_seconds)
         for d in self.drafters.values():
             if isinstance(d, ModelDrafter):  # before `start`, which seeds its sampling from them
                 d.set_params(params)
