@@ -84,6 +84,7 @@ class AttnContext:
     # the sequences by slot (None: already sorted); decoding then reads the cache as a view
     _run_start: int | None = None
     _run_order: Tensor | None = None
+    _slot_list: list[int] | None = None  # `slots` on the host: a ragged step reads them without a device sync
     _decode_mask: tuple[int, Tensor] | None = None  # (rep, mask) of `decode_mask`
     # graph-safe decoding: [B] cached tokens per sequence as a tensor (`cache_lens` is None), and
     # every sequence attends to the first `graph_context` cache positions, masked
@@ -119,7 +120,7 @@ class AttnContext:
         for n, start in zip(seqlens, cache_lens):
             if start + n > cache.max_len:
                 raise ValueError(f"KV cache overflow: {start} cached + {n} new tokens > max_len {cache.max_len}")
-        slot_list = [int(x) for x in slots]
+        slot_list = ctx._slot_list = [int(x) for x in slots]
         if slot_list and max(slot_list) - min(slot_list) + 1 == len(set(slot_list)) == len(slot_list):
             ctx._run_start = min(slot_list)
             if slot_list != sorted(slot_list):
@@ -288,7 +289,7 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
     outs, start = [], 0
     ends = [s + n for s, n in zip(ctx.cache_lens, ctx.seqlens)]
     for i, (n, end) in enumerate(zip(ctx.seqlens, ends)):
-        slot = int(ctx.slots[i])
+        slot = ctx._slot_list[i]
         keys, vals = kc[slot, :, :end][None].to(q.dtype), vc[slot, :, :end][None].to(q.dtype)
         mask = _window_mask(n, end, ctx.sliding_window or end, q.device)[None, None]
         out = F.scaled_dot_product_attention(q[None, start:start + n].transpose(1, 2), keys, vals, attn_mask=mask,
