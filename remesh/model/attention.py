@@ -125,7 +125,9 @@ class AttnContext:
             ctx._run_start = min(slot_list)
             if slot_list != sorted(slot_list):
                 ctx._run_order = torch.tensor(sorted(range(len(slot_list)), key=slot_list.__getitem__), device=device)
-        ctx._write_slot = torch.repeat_interleave(ctx.slots, torch.tensor(seqlens, device=device))
+        # the output's size given: else the device is asked for it (a sync on a GPU)
+        ctx._write_slot = torch.repeat_interleave(ctx.slots, torch.tensor(seqlens, device=device),
+                                                  output_size=sum(seqlens))
         ctx._write_pos = torch.cat([torch.arange(s, s + n, device=device) for s, n in zip(cache_lens, seqlens)])
         return ctx
 
