@@ -10,7 +10,7 @@ product taken as `(W @ x.T).T`:
   the row taken twice reads them at ~28 GB/s (a batch-1 decode step's projections: 46 -> 19 ms).
 - GPU (H100, fp32 cuBLAS): SmolLM2-135M's key/value projection (576 -> 192) at 8-16 rows takes
   54 us as `x @ W.T` and 8 us transposed; 60 of them a step made a plain decode step of 8-16
-  sequences 7.0-7.5 ms against 4.5 ms for one of 24 rows (scratch measurement, session 22).
+  sequences 7.0-7.5 ms against 4.5 ms for one of 24 rows (bench/step_graphs.py, session 22).
 `TunedLinears` times both layouts the first time it meets a (rows, in, out, dtype, device,
 threads) shape and keeps the faster. The two differ only in the kernels' floating-point rounding.
 """
