@@ -692,7 +692,7 @@ class RolloutEngine:
         self.policy.observe_draft(Strategy(name, depth, width), time.perf_counter() - t0, len(rows))
         for i, d in zip(rows, drafts):
             s = live[i]
-            pruned = _prune(d, params.max_new_tokens - len(s.response) - 1)
+            pruned = _within_budget(d, s, params)
             if len(pruned):
                 self.trials.open[s.seq_id] = Trial(name, width, pruned, len(s.response))
             elif not len(d):  # the drafter had nothing (a draft cut away by the length limit says nothing of it)
@@ -712,8 +712,7 @@ class RolloutEngine:
             t_draft = time.perf_counter()
             sync_s = t_draft - t0
             proposed = drafter.propose(views, strategy.depth, strategy.width)
-            # a sequence can emit at most its remaining budget: deeper nodes are wasted work
-            drafts = [_prune(d, params.max_new_tokens - len(s.response) - 1) for d, s in zip(proposed, live)]
+            drafts = [_within_budget(d, s, params) for d, s in zip(proposed, live)]  # deeper nodes: wasted work
             draft_s = time.perf_counter() - t_draft
             # a draft cut to nothing by the length limit is no evidence on the drafter's acceptance
             judged = [len(d) > 0 or not len(p) for d, p in zip(drafts, proposed)]
@@ -822,6 +821,12 @@ def tokens_per_seq_step(counts: dict[str, int]) -> float:
     """Tokens a sequence emitted per decode step, from `GenerationStats.decode_counts` (of one
     call, or summed over several): 1.0 without speculation, 0 before any step."""
     return counts["emitted"] / counts["seq_steps"] if counts["seq_steps"] else 0.0
+
+
+def _within_budget(d: Draft, s: _Seq, params: SamplingParams) -> Draft:
+    """`d` without the nodes `s` could not emit: a step emits at most its remaining budget of
+    tokens, the one drawn at the root and the accepted nodes (one per depth)."""
+    return _prune(d, params.max_new_tokens - len(s.response) - 1)
 
 
 def _prune(d: Draft, max_depth: int) -> Draft:
