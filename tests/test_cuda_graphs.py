@@ -154,6 +154,82 @@ def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec, draw_e
         assert (1, 1, kept.cache.max_len) in graphs.graphs and (4, 1, kept.cache.max_len) in graphs.graphs
 
 
+def test_a_kept_cache_and_its_graphs_serve_the_model_tensors_they_were_built_for(monkeypatch):
+    """Kept across calls while the model's tensors are updated in place (an optimizer step: the
+    graphs read the new values), rebuilt when they move to new storage or another model comes:
+    a graph replays the addresses it was captured with, and the cache has the model's dtype."""
+    _graphed(monkeypatch)
+    model = tiny_model("llama").eval()
+    params = SamplingParams(max_new_tokens=8, n=2, seed=4)
+
+    def fresh(m):
+        return [r.response_ids for r in RolloutEngine(m, max_batch=4, cuda_graphs=False, calibrate=False)
+                .generate(PROMPTS, params)]
+
+    kept = RolloutEngine(model, max_batch=4, calibrate=False, keep_cache=True)
+    kept.generate(PROMPTS, params)
+    graphs, cache = kept.graphs, kept.cache
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    assert [r.response_ids for r in kept.generate(PROMPTS, params)] == fresh(model)
+    assert kept.graphs is graphs and kept.cache is cache
+    model.double()
+    assert [r.response_ids for r in kept.generate(PROMPTS, params)] == fresh(model)
+    assert kept.graphs is not graphs and kept.cache.k.dtype == torch.float64
+    graphs = kept.graphs
+    kept.model = other = tiny_model("llama").eval()
+    assert [r.response_ids for r in kept.generate(PROMPTS, params)] == fresh(other)
+    assert kept.graphs is not graphs and kept.graphs.model is other
+
+
+def test_by_default_a_cpu_cache_goes_with_its_call(monkeypatch):
+    _graphed(monkeypatch)
+    engine = RolloutEngine(tiny_model("llama").eval(), max_batch=4, calibrate=False)
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
+    assert engine.cache is None and engine.graphs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kept_graphs_replay_the_weights_of_an_optimizer_step():
+    """By default a small GPU cache stays, with its graphs: the next call captures nothing new,
+    and replays read the parameters as the optimizer updated them in place; parameters given
+    new storage make the engine capture again."""
+    model = tiny_model("llama", n_layers=3).cuda()
+    params = SamplingParams(max_new_tokens=16, n=2, seed=5)
+    prompts = [[3, 4, 5, 6, 3, 4, 5], [9, 8, 7], [1, 2, 1, 2, 1, 2, 1, 2], [11, 12, 13, 14]]
+    engine = RolloutEngine(model, max_batch=6, calibrate=False)
+
+    def eager():
+        return RolloutEngine(model, max_batch=6, calibrate=False, cuda_graphs=False).generate(prompts, params)
+
+    def ids(rollouts):
+        return [r.response_ids for r in rollouts]
+
+    assert ids(engine.generate(prompts, params)) == ids(eager())
+    graphs = engine.graphs
+    captures = graphs.captures
+    assert captures >= 1
+    engine.generate(prompts, params)
+    assert engine.graphs is graphs and graphs.captures == captures
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model.train()
+    ids = torch.tensor([1, 2, 3], device="cuda")
+    model.logits(model(ids, torch.arange(3, device="cuda"), AttnContext.packed([3], device="cuda"))).sum().backward()
+    opt.step()
+    got = engine.generate(prompts, params)
+    assert engine.graphs is graphs and graphs.captures == captures
+    want = eager()
+    assert ids(got) == ids(want)
+    torch.testing.assert_close(torch.tensor([x for r in got for x in r.logprobs]),
+                               torch.tensor([x for r in want for x in r.logprobs]), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    assert ids(engine.generate(prompts, params)) == ids(eager())
+    assert engine.graphs is not graphs and engine.graphs.captures >= 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("spec", ["off", "history:2x2"])
 def test_captured_cuda_graphs_replay_the_eager_steps(spec):

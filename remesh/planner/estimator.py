@@ -14,8 +14,9 @@ decoding is the estimate's baseline; drafting only makes it faster), all trainab
 other layouts kept until the end of the iteration, full Adam state on every dp rank (1/dp of it
 with ZeRO-1), a reallocation's staging buffers on top of what is resident. Memory is tensor
 bytes, as a GPU's allocator counts them (max_memory_allocated; runtime/memory.py measures the
-same on a CPU); the allocator's cache and the process's own footprint (a CUDA context, the
-interpreter) come on top.
+same on a CPU); the allocator's cache, the process's own footprint (a CUDA context, the
+interpreter) and a generate call's KV cache kept on a GPU between iterations (at most 1/16 of
+its memory, `rollout.keep_cache`) come on top.
 """
 
 from __future__ import annotations

@@ -68,6 +68,9 @@ class RolloutConfig:
     n_samples: int = 1  # responses per prompt (the group size of GRPO / RLOO)
     max_batch: int = 64  # sequences decoded together
     spec: str = "auto"  # speculative decoding: off, auto (adaptive) or fixed, e.g. ngram:4, history:4x2, model:3
+    # keep the KV cache and its CUDA graphs between generate calls (None: on a GPU, if it takes at
+    # most 1/16 of the device's memory; False frees it for the training in between)
+    keep_cache: bool | None = None
     draft_model: str | None = None  # for the "model" drafter: an HF folder, or self:N (the actor's first N layers)
     # sample migration between data-parallel generation instances (under a plan with dp > 1):
     # engine steps between load exchanges (0: off), and how a moved sequence's context travels

@@ -274,6 +274,7 @@ class PlannedRLTrainer(RLTrainer):
                 model = PipelineModel(model, layout, self.rank, self.groups.get(layout.pp_group(self.rank)))
             self.engine = self.engines.get(layout) or RolloutEngine(model, spec=self.cfg.rollout.spec,
                                                                     max_batch=self.cfg.rollout.max_batch,
+                                                                    keep_cache=self.cfg.rollout.keep_cache,
                                                                     agree=self._replica_agreement(layout))
             self.engine.model = model
             self.engines[layout] = self.engine

@@ -96,6 +96,7 @@ class RLTrainer:
                              f"ranks: resume it under that plan (plan: \"{saved['plan']}\", trainer.nproc={saved['world']})")
         self.actor = load_hf(self.resume_dir or self.initial, head="lm", dtype=dtype, device=self.device)
         self.engine = RolloutEngine(self.actor, spec=cfg.rollout.spec, max_batch=cfg.rollout.max_batch,
+                                    keep_cache=cfg.rollout.keep_cache,
                                     draft_model=load_draft_model(cfg.rollout.draft_model, self.actor, dtype))
         self.ref = None
         if "ref" in self.graph.roles:

@@ -214,6 +214,9 @@ class _Run:
 
 CALIBRATION_MAX_TOKENS = 1024
 NO_FULL_COLLECTIONS = 2 ** 30  # gc threshold2 during a call: young-generation collections only
+# keep_cache=None keeps a GPU cache (and its graphs) between calls if it takes at most this share
+# of the device's memory: a larger one is worth more to the training that runs in between
+KEEP_CACHE_SHARE = 1 / 16
 
 
 def _stream_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -225,15 +228,17 @@ class RolloutEngine:
     "ngram:4", "history:4x2" or "model:3" (the last needs `draft_model`). The engine keeps the
     drafters' history and the policy's statistics across calls, as RL needs. `cuda_graphs`: on a
     GPU, replay decode and verification steps as CUDA graphs. `keep_cache`: keep the KV cache
-    (and its graphs) from one call to the next; by default it goes with the call, as an RL
-    iteration's training needs the memory. `overhead_budget`: under "auto", the fraction of the
+    (and its graphs) from one call to the next, so that the next call captures no graph again;
+    False: it goes with the call, for the memory an RL iteration's training needs; None (the
+    default): kept on a GPU if it takes at most KEEP_CACHE_SHARE of the device's memory. What
+    is kept is dropped when the model's tensors change storage (`_storage`). `overhead_budget`: under "auto", the fraction of the
     decoding time that choosing strategies and free trials may take, half each (`OverheadBudget`;
     None: no limit)."""
 
     def __init__(self, model: nn.Module, spec: str = "off", draft_model: nn.Module | None = None,
                  max_batch: int = 64, calibrate: bool = True,
                  agree: Callable[[Strategy], Strategy] | None = None, cuda_graphs: bool = True,
-                 keep_cache: bool = False, overhead_budget: float | None = 0.01):
+                 keep_cache: bool | None = None, overhead_budget: float | None = 0.01):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         # agree: makes the ranks that run one model together (tensor parallel) take the same
@@ -275,6 +280,7 @@ class RolloutEngine:
         half = None if overhead_budget is None else overhead_budget / 2
         self.choice_budget, self.trial_budget = OverheadBudget(half), OverheadBudget(half)
         self.cache = None
+        self._cache_built_for: tuple = ()  # the model's tensors that the kept cache and graphs serve
         self.stats = GenerationStats()
         self._pending: list[_Seq] = []  # sequences that emitted tokens the open trials have not seen (`_flush`)
 
@@ -314,6 +320,14 @@ class RolloutEngine:
         n_slots = max(1, min(self.max_batch, n_seqs))
         max_nodes = self._max_nodes()
         graphs = self._use_graphs(device)
+        storage = _storage(self.model)
+        if storage != self._cache_built_for:
+            # a kept cache and graphs serve other tensors: a model swapped in, or its tensors moved
+            # to new storage (a dtype or device change, a reallocation), while a graph replays its
+            # kernels on the addresses it was captured with. An update in place (an optimizer
+            # step) keeps them: the graphs then read the new values
+            self.cache = self.graphs = None
+            self._cache_built_for = storage
         # with graphs, one more slot than sequences: the padding rows' scratch space
         self._ensure_cache(n_slots + graphs, longest + params.max_new_tokens + max_nodes + 1, device)
         if not graphs:
@@ -385,9 +399,7 @@ class RolloutEngine:
             self._gc_threshold = None
         self.model.train(run.was_training)
         self._flush()
-        if not self.keep_cache:
-            # the KV caches go with the call: in an RL iteration the training that follows needs
-            # the memory more than the next call needs to skip an allocation and the captures
+        if not self._keeps_cache():
             self.cache = self.graphs = None
         for d in self.drafters.values():
             d.stop()
@@ -518,6 +530,15 @@ class RolloutEngine:
         g = self.graphs
         return (g.eager_runs + g.stand_in_runs if g is not None else 0,
                 self.gemms.tuning_seconds + (g.capture_seconds if g is not None else 0.0))
+
+    def _keeps_cache(self) -> bool:
+        if self.keep_cache is not None:
+            return self.keep_cache
+        # a GPU's graphs cost their captures again in every call that has no cache to replay them
+        # on (session 22, H100: 0.06-0.14 s each, ~5 a call of plain decoding at batch 16); where
+        # the cache is larger, the training that follows an RL call needs the memory more
+        k = self.cache.k if self.cache is not None else None
+        return k is not None and k.is_cuda and 2 * k.nbytes <= KEEP_CACHE_SHARE * torch.cuda.get_device_properties(k.device).total_memory
 
     def _use_graphs(self, device: torch.device) -> bool:
         return self.cuda_graphs and device.type == "cuda"
@@ -821,6 +842,11 @@ def tokens_per_seq_step(counts: dict[str, int]) -> float:
     """Tokens a sequence emitted per decode step, from `GenerationStats.decode_counts` (of one
     call, or summed over several): 1.0 without speculation, 0 before any step."""
     return counts["emitted"] / counts["seq_steps"] if counts["seq_steps"] else 0.0
+
+
+def _storage(model: nn.Module) -> tuple:
+    """The model and the storage of its tensors, whose addresses a captured graph replays."""
+    return id(model), tuple((t.data_ptr(), t.dtype, t.shape) for t in (*model.parameters(), *model.buffers()))
 
 
 def _within_budget(d: Draft, s: _Seq, params: SamplingParams) -> Draft:
