@@ -5,6 +5,8 @@ which proves everything but the capture; the CUDA test captures them."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -183,6 +185,26 @@ def test_a_kept_cache_and_its_graphs_serve_the_model_tensors_they_were_built_for
     assert kept.graphs is not graphs and kept.graphs.model is other
 
 
+def test_graphs_of_a_call_under_autocast_go_with_it(monkeypatch):
+    """Under autocast a graph reads autocast's copies of the weights, freed when its context
+    exits: the graphs go with the call, a kept cache stays until the autocast state changes."""
+    _graphed(monkeypatch)
+    model = tiny_model("llama").eval()
+    params = SamplingParams(max_new_tokens=4, seed=1)
+    kept = RolloutEngine(model, max_batch=4, calibrate=False, keep_cache=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept.generate(PROMPTS, params)
+        cache = kept.cache
+        assert cache is not None and kept.graphs is None
+        with pytest.raises(ValueError, match="generate again"):  # out of autocast: another state
+            with torch.autocast("cpu", enabled=False):
+                kept.forward_seconds(reps=1)
+        kept.generate(PROMPTS, params)
+        assert kept.cache is cache
+    kept.generate(PROMPTS, params)
+    assert kept.cache is not cache and kept.graphs is not None
+
+
 def test_by_default_a_cpu_cache_goes_with_its_call(monkeypatch):
     _graphed(monkeypatch)
     engine = RolloutEngine(tiny_model("llama").eval(), max_batch=4, calibrate=False)
@@ -213,10 +235,15 @@ def test_kept_graphs_replay_the_weights_of_an_optimizer_step():
     engine.generate(prompts, params)
     assert engine.graphs is graphs and graphs.captures == captures
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    model.train()
-    ids = torch.tensor([1, 2, 3], device="cuda")
-    model.logits(model(ids, torch.arange(3, device="cuda"), AttnContext.packed([3], device="cuda"))).sum().backward()
-    opt.step()
+
+    def train_step():  # updates every parameter in place
+        model.train()
+        tokens, positions = torch.tensor([1, 2, 3], device="cuda"), torch.arange(3, device="cuda")
+        model.logits(model(tokens, positions, AttnContext.packed([3], device="cuda"))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    train_step()
     got = engine.generate(prompts, params)
     assert engine.graphs is graphs and graphs.captures == captures
     want = eager()
@@ -228,6 +255,24 @@ def test_kept_graphs_replay_the_weights_of_an_optimizer_step():
             p.data = p.data.clone()
     assert ids(engine.generate(prompts, params)) == ids(eager())
     assert engine.graphs is not graphs and engine.graphs.captures >= 1
+    # under autocast (an fp32 actor generating in bf16, the RL default on a GPU) graphs read
+    # autocast's weight copies: after an optimizer step the log-probs must still be the new
+    # weights', as teacher forcing in fp32 computes them (to bf16's precision)
+    for _ in range(2):
+        train_step()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = engine.generate(prompts, params)
+        seqs = [r.prompt_ids + r.response_ids for r in got]
+        with torch.no_grad():
+            h = model(torch.tensor([t for q in seqs for t in q], device="cuda"),
+                      torch.cat([torch.arange(len(q), device="cuda") for q in seqs]),
+                      AttnContext.packed([len(q) for q in seqs], device="cuda"))
+            starts = itertools.accumulate((len(q) for q in seqs), initial=0)
+            at = [start + len(r.prompt_ids) - 1 + i for r, start in zip(got, starts)
+                  for i in range(len(r.response_ids))]
+            ref = model.token_logprobs(h[at], torch.tensor([t for r in got for t in r.response_ids], device="cuda"))
+        got_lp = torch.tensor([x for r in got for x in r.logprobs])
+        torch.testing.assert_close(got_lp, ref.float().cpu(), atol=0.1, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -237,7 +282,7 @@ def test_captured_cuda_graphs_replay_the_eager_steps(spec):
     params = SamplingParams(max_new_tokens=16, n=2, seed=5, temperature=1.0)
     prompts = [[3, 4, 5, 6, 3, 4, 5], [9, 8, 7], [1, 2, 1, 2, 1, 2, 1, 2], [11, 12, 13, 14]]
     eager = RolloutEngine(model, spec=spec, max_batch=6, cuda_graphs=False, calibrate=False)
-    graphed = RolloutEngine(model, spec=spec, max_batch=6, calibrate=False)
+    graphed = RolloutEngine(model, spec=spec, max_batch=6, calibrate=False, keep_cache=False)  # captured every call
     kept = RolloutEngine(model, spec=spec, max_batch=6, calibrate=False, keep_cache=True)
     for _ in range(2):
         assert [r.response_ids for r in kept.generate(prompts, params)] == [r.response_ids for r in eager.generate(prompts, params)]

@@ -272,10 +272,12 @@ class PlannedRLTrainer(RLTrainer):
             inputs = {"prompts": [self.batch_prompts[i] for i in share], "prompt_keys": share}
             if layout.pp > 1:  # every stage drives the engine; logits come from the last stage
                 model = PipelineModel(model, layout, self.rank, self.groups.get(layout.pp_group(self.rank)))
-            self.engine = self.engines.get(layout) or RolloutEngine(model, spec=self.cfg.rollout.spec,
-                                                                    max_batch=self.cfg.rollout.max_batch,
-                                                                    keep_cache=self.cfg.rollout.keep_cache,
-                                                                    agree=self._replica_agreement(layout))
+            # a model rebuilt every iteration (a reallocated copy, a pipeline wrapper) would find
+            # nothing kept that it could use: its cache goes with each call
+            rebuilt = layout != self.train_layout[mfc.role] or layout.pp > 1
+            self.engine = self.engines.get(layout) or RolloutEngine(
+                model, spec=self.cfg.rollout.spec, max_batch=self.cfg.rollout.max_batch,
+                keep_cache=False if rebuilt else self.cfg.rollout.keep_cache, agree=self._replica_agreement(layout))
             self.engine.model = model
             self.engines[layout] = self.engine
         elif mfc.role == "ref":

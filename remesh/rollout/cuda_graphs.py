@@ -82,6 +82,10 @@ class StepGraphs:
         self.eager_runs = 0  # steps left to the eager forward because their shape was not captured yet
         self.stand_in_runs = 0  # steps that replayed a larger shape's graph while theirs was not captured yet
 
+    def logits_bytes(self) -> int:
+        """Bytes of the logits buffers the graphs write (their memory pool's activations not counted)."""
+        return sum(t.nbytes for t in self._outputs.values())
+
     def key(self, b: int, n: int, context: int) -> tuple[int, int, int]:
         """The graph of a step of `b` sequences, `n` new tokens each, the longest context (cached
         plus new tokens) `context`. Contexts come in at most 4 buckets (none below an eighth of

@@ -205,6 +205,7 @@ class _Run:
     free: list[int]  # cache slots
     bar: Any
     was_training: bool
+    autocast: bool  # the call ran under autocast: its graphs read autocast's weight copies
     queue: deque[_Seq] = field(default_factory=deque)
     live: list[_Seq] = field(default_factory=list)
     done: list[_Seq] = field(default_factory=list)
@@ -230,10 +231,12 @@ class RolloutEngine:
     GPU, replay decode and verification steps as CUDA graphs. `keep_cache`: keep the KV cache
     (and its graphs) from one call to the next, so that the next call captures no graph again;
     False: it goes with the call, for the memory an RL iteration's training needs; None (the
-    default): kept on a GPU if it takes at most KEEP_CACHE_SHARE of the device's memory. What
-    is kept is dropped when the model's tensors change storage (`_storage`). `overhead_budget`: under "auto", the fraction of the
-    decoding time that choosing strategies and free trials may take, half each (`OverheadBudget`;
-    None: no limit)."""
+    default): kept on a GPU if it and the graphs' logits take at most KEEP_CACHE_SHARE of the
+    device's memory. What is kept is dropped when the model's tensors change storage or the
+    autocast state changes (`_built_for`); after a call under autocast the graphs go (they read
+    autocast's copies of the weights, freed when its context exits), the cache may stay.
+    `overhead_budget`: under "auto", the fraction of the decoding time that choosing strategies
+    and free trials may take, half each (`OverheadBudget`; None: no limit)."""
 
     def __init__(self, model: nn.Module, spec: str = "off", draft_model: nn.Module | None = None,
                  max_batch: int = 64, calibrate: bool = True,
@@ -280,7 +283,7 @@ class RolloutEngine:
         half = None if overhead_budget is None else overhead_budget / 2
         self.choice_budget, self.trial_budget = OverheadBudget(half), OverheadBudget(half)
         self.cache = None
-        self._cache_built_for: tuple = ()  # the model's tensors that the kept cache and graphs serve
+        self._cache_built_for: tuple = ()  # what the kept cache and graphs serve (`_built_for`)
         self.stats = GenerationStats()
         self._pending: list[_Seq] = []  # sequences that emitted tokens the open trials have not seen (`_flush`)
 
@@ -320,14 +323,10 @@ class RolloutEngine:
         n_slots = max(1, min(self.max_batch, n_seqs))
         max_nodes = self._max_nodes()
         graphs = self._use_graphs(device)
-        storage = _storage(self.model)
-        if storage != self._cache_built_for:
-            # a kept cache and graphs serve other tensors: a model swapped in, or its tensors moved
-            # to new storage (a dtype or device change, a reallocation), while a graph replays its
-            # kernels on the addresses it was captured with. An update in place (an optimizer
-            # step) keeps them: the graphs then read the new values
+        built_for = self._built_for(device)
+        if built_for != self._cache_built_for:
             self.cache = self.graphs = None
-            self._cache_built_for = storage
+            self._cache_built_for = built_for
         # with graphs, one more slot than sequences: the padding rows' scratch space
         self._ensure_cache(n_slots + graphs, longest + params.max_new_tokens + max_nodes + 1, device)
         if not graphs:
@@ -345,7 +344,7 @@ class RolloutEngine:
         self._pending = []
         run = self._run = _Run(params, device, max_nodes, free=list(range(n_slots - 1, -1, -1)),
                                bar=_progress(len(prompts) * params.n) if progress else None,
-                               was_training=self.model.training)
+                               was_training=self.model.training, autocast=torch.is_autocast_enabled(device.type))
         for i, p in enumerate(prompts):
             for j in range(params.n):
                 run.queue.append(self._new_seq(keys[i], j, p, [], []))
@@ -401,6 +400,8 @@ class RolloutEngine:
         self._flush()
         if not self._keeps_cache():
             self.cache = self.graphs = None
+        elif run.autocast:
+            self.graphs = None
         for d in self.drafters.values():
             d.stop()
         if run.bar is not None:
@@ -418,6 +419,9 @@ class RolloutEngine:
         if self.cache is None:
             raise ValueError("forward_seconds needs the KV cache of a finished call: "
                              "RolloutEngine(keep_cache=True), then generate")
+        if self._built_for(self.cache.k.device) != self._cache_built_for:
+            raise ValueError("forward_seconds: the model's tensors or the autocast state changed since the last "
+                             "call; generate again first")
         if reps < 1:
             raise ValueError(f"forward_seconds: reps must be >= 1, got {reps}")
         device = self.cache.k.device
@@ -538,7 +542,18 @@ class RolloutEngine:
         # on (session 22, H100: 0.06-0.14 s each, ~5 a call of plain decoding at batch 16); where
         # the cache is larger, the training that follows an RL call needs the memory more
         k = self.cache.k if self.cache is not None else None
-        return k is not None and k.is_cuda and 2 * k.nbytes <= KEEP_CACHE_SHARE * torch.cuda.get_device_properties(k.device).total_memory
+        if k is None or not k.is_cuda:
+            return False
+        held = 2 * k.nbytes + (self.graphs.logits_bytes() if self.graphs is not None else 0)
+        return held <= KEEP_CACHE_SHARE * torch.cuda.get_device_properties(k.device).total_memory
+
+    def _built_for(self, device: torch.device) -> tuple:
+        """What a kept cache and its graphs serve: the model and its tensors' storage, which a
+        graph replays the addresses of (a dtype change, a reallocation or another model moves
+        them; an update in place, an optimizer step's, does not, and the graphs read the new
+        values), and the autocast state, which sets the kernels and the cache's use."""
+        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+        return _storage(self.model), autocast
 
     def _use_graphs(self, device: torch.device) -> bool:
         return self.cuda_graphs and device.type == "cuda"
@@ -573,6 +588,8 @@ class RolloutEngine:
     def _ensure_cache(self, n_slots: int, max_len: int, device: torch.device) -> None:
         c = self.cache
         if c is None or c.n_slots < n_slots or c.max_len < max_len or c.k.device != device:
+            del c
+            self.cache = self.graphs = None  # freed first: a kept cache is not held twice
             self.cache = self.model.new_kv_cache(n_slots, max_len, device=device)
 
     def _calibrate(self, n_slots: int, max_nodes: int, device: torch.device) -> None:
