@@ -112,6 +112,20 @@ def test_a_shape_waits_for_its_capture_eagerly_or_on_a_larger_graph():
         torch.testing.assert_close(steps.logits([7], [3], [2], [3], graph=graph), want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_shape_with_a_stand_in_waits_longer_for_its_capture():
+    """A stand-in costs a step little and a capture tens of steps: a shape that a captured graph
+    covers is due after `stand_in_after` uses, one that runs eagerly meanwhile after `capture_after`."""
+    model = tiny_model().eval()
+    cache = _filled_cache(model, 5, [5, 9, 3, 7])
+    steps = StepGraphs(model, cache, scratch_slot=4, max_batch=4, capture_after=2, stand_in_after=5, min_context=4)
+    with torch.inference_mode():
+        assert steps.route(4, 1, 12, now=True) == (4, 1, 16)
+        steps.logits([1, 2, 3, 4], [5, 9, 3, 7], [0, 1, 2, 3], [5, 9, 3, 7], graph=(4, 1, 16))
+        assert [steps.route(1, 1, 4) for _ in range(6)] == [(4, 1, 16)] * 5 + [(1, 1, 4)]
+        assert [steps.route(1, 1, 20) for _ in range(3)] == [None, None, (1, 1, 32)]  # no graph this long
+        assert (steps.stand_in_runs, steps.eager_runs) == (5, 2)
+
+
 def _graphed(monkeypatch):
     """Make engines run their steps through StepGraphs on this device (eagerly on a CPU)."""
     monkeypatch.setattr(RolloutEngine, "_use_graphs", lambda self, device: self.cuda_graphs)

@@ -14,12 +14,19 @@ that costs more than that from Python. Captured once into a CUDA graph, the step
   about what the contexts need, not the whole cache's length (on SmolLM2 at batch 1, a quarter
   of the step's kernel time was attention over the whole cache);
   the graphs of one (B, n) share their logits buffer, so more of them cost little memory;
-- a shape waits for its `capture_after`-th use to be captured (a few forwards' time), so the
-  rare shapes of probes and short-lived strategies never pay a capture; meanwhile its steps
-  replay the smallest graph captured for more sequences or a longer context with the same n
-  (more padding, still a fraction of an eager step's launches), or run eagerly if none;
-- graphs belong to one KV cache and die with it (the engine drops its cache after a generate
-  call unless asked to keep it: `RolloutEngine(keep_cache=True)`).
+- a shape waits for its capture. Its steps meanwhile replay the smallest graph captured for more
+  sequences or a longer context with the same n (a stand-in: more padding, a step 0.4-1.5 ms
+  slower on an H100 at one context, still a fraction of an eager step's launches), or run
+  eagerly if none. A
+  capture costs 0.06-0.14 s (SmolLM2-135M, H100), so it is paid for a shape that will be used
+  often enough: after `capture_after` uses (default 2) if it runs eagerly meanwhile, after
+  `stand_in_after` (default 64, STAND_IN_USES) if it has a stand-in. Rare shapes of
+  probes and short-lived strategies never pay one, and uses count across calls while the cache
+  is kept. (When covered shapes were captured on their third use, auto captured 24 graphs at
+  batch 16 over the bench's four calls, its calibration's among them, and off 5:
+  rollout_cuda_T0.7_lengthmix.json, session 22);
+- graphs belong to one KV cache and die with it (`RolloutEngine(keep_cache=)` says whether the
+  engine keeps its cache from one call to the next).
 
 `capture=False` runs the same padded, graph-safe forward eagerly: the CPU tests prove with it
 everything but the capture itself.
@@ -35,6 +42,12 @@ import torch
 from torch import Tensor, nn
 
 from remesh.model.attention import AttnContext, KVCache
+
+# uses a shape that a captured graph can stand in for waits for its own capture: a stand-in
+# costs a step 0.4-1.5 ms more than the shape's own graph (an H100 replaying SmolLM2-135M's
+# batch-16 graph for 4 or 1 sequences, bench/step_graphs.py), a capture 0.06-0.14 s: the
+# capture pays for itself after some 40-350 uses
+STAND_IN_USES = 64
 
 
 def bucket(b: int, limit: int) -> int:
@@ -65,11 +78,13 @@ class StepGraphs:
     as CUDA graphs over `cache`, whose slot `scratch_slot` padding rows may overwrite."""
 
     def __init__(self, model: nn.Module, cache: KVCache, scratch_slot: int, max_batch: int, capture: bool = True,
-                 capture_after: int = 2, min_context: int = 64, counted_elsewhere: Callable[[], float] | None = None):
+                 capture_after: int = 2, min_context: int = 64, counted_elsewhere: Callable[[], float] | None = None,
+                 stand_in_after: int = STAND_IN_USES):
         if not 0 <= scratch_slot < cache.n_slots:
             raise ValueError(f"scratch slot {scratch_slot} is not a slot of a {cache.n_slots}-slot cache")
         self.model, self.cache, self.scratch, self.max_batch = model, cache, scratch_slot, max_batch
-        self.capture, self.capture_after, self.min_context = capture and cache.k.is_cuda, capture_after, min_context
+        self.capture, self.min_context = capture and cache.k.is_cuda, min_context
+        self.capture_after, self.stand_in_after = capture_after, stand_in_after
         self.graphs: dict[tuple[int, int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool for every graph
         self._outputs: dict[tuple[int, int], Tensor] = {}  # (B, n) -> the logits buffer its graphs fill
@@ -97,14 +112,15 @@ class StepGraphs:
         """The graph a step of `b` sequences, `n` tokens each and longest context `context` is to
         replay through `logits`: its own (existing, or captured by this use if due; `now`: at
         once), else a stand-in (the smallest existing graph of the same n covering the step), else
-        None: run eagerly. Each call counts as a use of its own shape."""
+        None: run eagerly. Each call counts as a use of its own shape; a shape with a stand-in is
+        due later than one without."""
         key = self.key(b, n, context)
         if key in self.graphs:
             return key
         uses = self._uses[key] = self._uses.get(key, 0) + 1
-        if now or uses > self.capture_after:
-            return key
         covering = [k for k in self.graphs if k[1] == n and k[0] >= key[0] and k[2] >= key[2]]
+        if now or uses > (self.stand_in_after if covering else self.capture_after):
+            return key
         if covering:
             self.stand_in_runs += 1
             return min(covering, key=lambda k: k[0] * k[2])

@@ -528,11 +528,10 @@ class RolloutEngine:
             self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _setups(self) -> tuple[int, float]:
-        """One-time work so far: (steps run while their shape waits for its CUDA graph, eagerly or
-        by a larger shape's, seconds spent timing projection layouts (kernels.py) and capturing
-        graphs)."""
+        """One-time work so far: (steps run eagerly while their shape waits for its CUDA graph,
+        seconds spent timing projection layouts (kernels.py) and capturing graphs)."""
         g = self.graphs
-        return (g.eager_runs + g.stand_in_runs if g is not None else 0,
+        return (g.eager_runs if g is not None else 0,
                 self.gemms.tuning_seconds + (g.capture_seconds if g is not None else 0.0))
 
     def _keeps_cache(self) -> bool:
@@ -562,8 +561,9 @@ class RolloutEngine:
         """Feed a forward's time to the step-time model, less the one-time setup done inside it
         since `before` (`_setups()`: the first step at a new shape times kernel layouts on a
         CPU, captures a graph on a GPU), which would teach the model that this size is slow and
-        speculation fast by contrast. Left out entirely if it ran while its shape waits for a
-        graph (eagerly, or by a larger shape's): the graph's steps will not take its time.
+        speculation fast by contrast. Left out entirely if it ran eagerly while its shape waits
+        for a graph: the graph's steps will not take its time. A step that replayed a larger
+        shape's graph is fed: such stand-ins serve a shape for dozens of uses (STAND_IN_USES).
         Returns the setup seconds taken out, or None if left out. (Once, such steps were left
         out whole; then a strategy met a new row count at every step as the batch drained, and
         none of its steps was fed.)"""
@@ -605,7 +605,7 @@ class RolloutEngine:
             if self.graphs is not None and per > 1:  # the tokens per sequence that graph steps run
                 per = 1 + bucket(per - 1, max_nodes)
             # with graphs, at the cache's full length: the graphs captured here then cover steps at
-            # any context, standing in while those steps' own shapes wait for theirs
+            # any context, standing in while those steps' own shapes wait for theirs (STAND_IN_USES)
             start = self.cache.max_len - per if self.graphs is not None else 0
             best = float("inf")
             # as the steps will run: eagerly, or by a graph (captured by the first run, not timed)
