@@ -106,24 +106,28 @@ def test_a_shape_waits_for_its_capture_eagerly_or_on_a_larger_graph():
         assert steps.route(2, 3, 9) is None  # no graph of 3 tokens per sequence
         assert steps.route(2, 5, 9, now=True) == (2, 5, 16)
         graph = steps.route(1, 1, 4)  # a smaller batch and context: a stand-in
-        assert graph == (4, 1, 16) and (steps.eager_runs, steps.stand_in_runs) == (3, 2)
+        assert graph == (4, 1, 16) and (steps.eager_runs, steps.stand_in_runs, steps.provisional_runs) == (3, 2, 4)
         # slot 2's next token at position 3 (which the step above wrote too): as the eager forward
         want = model.logits(model(torch.tensor([7]), torch.tensor([3]), AttnContext.with_cache(eager, [2], [3], [1])))
         torch.testing.assert_close(steps.logits([7], [3], [2], [3], graph=graph), want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_shape_with_a_stand_in_waits_longer_for_its_capture():
-    """A stand-in costs a step little and a capture tens of steps: a shape that a captured graph
-    covers is due after `stand_in_after` uses, one that runs eagerly meanwhile after `capture_after`."""
+def test_a_shape_with_a_close_stand_in_waits_longer_for_its_capture():
+    """A close stand-in costs a step little and a capture tens of steps: a shape covered by a
+    graph of at most STAND_IN_SPAN times its (batch x context) is due after `stand_in_after`
+    uses; one that runs eagerly or on a far larger graph meanwhile, after `capture_after`. Only
+    the latter's steps are provisional (left out of the engine's step-time model)."""
     model = tiny_model().eval()
     cache = _filled_cache(model, 5, [5, 9, 3, 7])
     steps = StepGraphs(model, cache, scratch_slot=4, max_batch=4, capture_after=2, stand_in_after=5, min_context=4)
     with torch.inference_mode():
         assert steps.route(4, 1, 12, now=True) == (4, 1, 16)
         steps.logits([1, 2, 3, 4], [5, 9, 3, 7], [0, 1, 2, 3], [5, 9, 3, 7], graph=(4, 1, 16))
-        assert [steps.route(1, 1, 4) for _ in range(6)] == [(4, 1, 16)] * 5 + [(1, 1, 4)]
+        assert [steps.route(2, 1, 16) for _ in range(6)] == [(4, 1, 16)] * 5 + [(2, 1, 16)]  # 2x: close
+        assert steps.provisional_runs == 0
+        assert [steps.route(1, 1, 4) for _ in range(3)] == [(4, 1, 16)] * 2 + [(1, 1, 4)]  # 16x: far
         assert [steps.route(1, 1, 20) for _ in range(3)] == [None, None, (1, 1, 32)]  # no graph this long
-        assert (steps.stand_in_runs, steps.eager_runs) == (5, 2)
+        assert (steps.stand_in_runs, steps.eager_runs, steps.provisional_runs) == (7, 2, 4)
 
 
 def _graphed(monkeypatch):
@@ -200,8 +204,9 @@ def test_a_kept_cache_and_its_graphs_serve_the_model_tensors_they_were_built_for
 
 
 def test_graphs_of_a_call_under_autocast_go_with_it(monkeypatch):
-    """Under autocast a graph reads autocast's copies of the weights, freed when its context
-    exits: the graphs go with the call, a kept cache stays until the autocast state changes."""
+    """Under autocast a graph reads autocast's cached copies of trainable weights, freed when its
+    context exits: the graphs go with the call, a kept cache stays until the autocast state
+    changes. Frozen weights are cast afresh in every forward: their graphs stay."""
     _graphed(monkeypatch)
     model = tiny_model("llama").eval()
     params = SamplingParams(max_new_tokens=4, seed=1)
@@ -217,6 +222,10 @@ def test_graphs_of_a_call_under_autocast_go_with_it(monkeypatch):
         assert kept.cache is cache
     kept.generate(PROMPTS, params)
     assert kept.cache is not cache and kept.graphs is not None
+    model.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept.generate(PROMPTS, params)
+    assert kept.graphs is not None
 
 
 def test_by_default_a_cpu_cache_goes_with_its_call(monkeypatch):
@@ -276,6 +285,7 @@ def test_kept_graphs_replay_the_weights_of_an_optimizer_step():
         train_step()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = engine.generate(prompts, params)
+        assert engine.graphs is None and engine.cache is not None
         seqs = [r.prompt_ids + r.response_ids for r in got]
         with torch.no_grad():
             h = model(torch.tensor([t for q in seqs for t in q], device="cuda"),

@@ -19,8 +19,9 @@ that costs more than that from Python. Captured once into a CUDA graph, the step
   slower on an H100 at one context, still a fraction of an eager step's launches), or run
   eagerly if none. A
   capture costs 0.06-0.14 s (SmolLM2-135M, H100), so it is paid for a shape that will be used
-  often enough: after `capture_after` uses (default 2) if it runs eagerly meanwhile, after
-  `stand_in_after` (default 64, STAND_IN_USES) if it has a stand-in. Rare shapes of
+  often enough: after `capture_after` uses (default 2) if it runs eagerly or on a stand-in of
+  more than STAND_IN_SPAN times its (batch x context) meanwhile, after `stand_in_after`
+  (default 64, STAND_IN_USES) if it has a stand-in that close. Rare shapes of
   probes and short-lived strategies never pay one, and uses count across calls while the cache
   is kept. (When covered shapes were captured on their third use, auto captured 24 graphs at
   batch 16 over the bench's four calls, its calibration's among them, and off 5:
@@ -46,8 +47,12 @@ from remesh.model.attention import AttnContext, KVCache
 # uses a shape that a captured graph can stand in for waits for its own capture: a stand-in
 # costs a step 0.4-1.5 ms more than the shape's own graph (an H100 replaying SmolLM2-135M's
 # batch-16 graph for 4 or 1 sequences, bench/step_graphs.py), a capture 0.06-0.14 s: the
-# capture pays for itself after some 40-350 uses
+# capture pays for itself after some 40-350 uses. Only for a stand-in of at most STAND_IN_SPAN
+# times the shape's (batch bucket x context bucket): those costs were measured at 4x the rows, and
+# a calibration graph (16 rows, the cache's whole length) standing in for a step of one sequence
+# at a short context would cost more than that
 STAND_IN_USES = 64
+STAND_IN_SPAN = 4
 
 
 def bucket(b: int, limit: int) -> int:
@@ -96,6 +101,9 @@ class StepGraphs:
         self.counted_elsewhere = counted_elsewhere or (lambda: 0.0)
         self.eager_runs = 0  # steps left to the eager forward because their shape was not captured yet
         self.stand_in_runs = 0  # steps that replayed a larger shape's graph while theirs was not captured yet
+        # steps that ran otherwise than their shape will for long: eagerly, or on a stand-in
+        # farther than STAND_IN_SPAN, each a few uses before the shape's capture
+        self.provisional_runs = 0
 
     def logits_bytes(self) -> int:
         """Bytes of the logits buffers the graphs write (their memory pool's activations not counted)."""
@@ -112,20 +120,23 @@ class StepGraphs:
         """The graph a step of `b` sequences, `n` tokens each and longest context `context` is to
         replay through `logits`: its own (existing, or captured by this use if due; `now`: at
         once), else a stand-in (the smallest existing graph of the same n covering the step), else
-        None: run eagerly. Each call counts as a use of its own shape; a shape with a stand-in is
-        due later than one without."""
+        None: run eagerly. Each call counts as a use of its own shape; a shape with a close
+        stand-in is due later than one without."""
         key = self.key(b, n, context)
         if key in self.graphs:
             return key
         uses = self._uses[key] = self._uses.get(key, 0) + 1
         covering = [k for k in self.graphs if k[1] == n and k[0] >= key[0] and k[2] >= key[2]]
-        if now or uses > (self.stand_in_after if covering else self.capture_after):
+        stand_in = min(covering, key=lambda k: k[0] * k[2]) if covering else None
+        close = stand_in is not None and stand_in[0] * stand_in[2] <= STAND_IN_SPAN * key[0] * key[2]
+        if now or uses > (self.stand_in_after if close else self.capture_after):
             return key
-        if covering:
+        self.provisional_runs += not close
+        if stand_in is not None:
             self.stand_in_runs += 1
-            return min(covering, key=lambda k: k[0] * k[2])
-        self.eager_runs += 1
-        return None
+        else:
+            self.eager_runs += 1
+        return stand_in
 
     def logits(self, ids: list[int], positions: list[int], slots: list[int], cache_lens: list[int],
                mask: Tensor | None = None, graph: tuple[int, int, int] | None = None) -> Tensor:

@@ -205,7 +205,7 @@ class _Run:
     free: list[int]  # cache slots
     bar: Any
     was_training: bool
-    autocast: bool  # the call ran under autocast: its graphs read autocast's weight copies
+    autocast_copies: bool  # its graphs read autocast's cached weight copies (`_reads_autocast_copies`)
     queue: deque[_Seq] = field(default_factory=deque)
     live: list[_Seq] = field(default_factory=list)
     done: list[_Seq] = field(default_factory=list)
@@ -233,8 +233,8 @@ class RolloutEngine:
     False: it goes with the call, for the memory an RL iteration's training needs; None (the
     default): kept on a GPU if it and the graphs' logits take at most KEEP_CACHE_SHARE of the
     device's memory. What is kept is dropped when the model's tensors change storage or the
-    autocast state changes (`_built_for`); after a call under autocast the graphs go (they read
-    autocast's copies of the weights, freed when its context exits), the cache may stay.
+    autocast state changes (`_built_for`); after a call whose graphs read autocast's cached
+    copies of the weights (freed when its context exits) the graphs go, the cache may stay.
     `overhead_budget`: under "auto", the fraction of the decoding time that choosing strategies
     and free trials may take, half each (`OverheadBudget`; None: no limit)."""
 
@@ -344,7 +344,8 @@ class RolloutEngine:
         self._pending = []
         run = self._run = _Run(params, device, max_nodes, free=list(range(n_slots - 1, -1, -1)),
                                bar=_progress(len(prompts) * params.n) if progress else None,
-                               was_training=self.model.training, autocast=torch.is_autocast_enabled(device.type))
+                               was_training=self.model.training,
+                               autocast_copies=_reads_autocast_copies(self.model, device))
         for i, p in enumerate(prompts):
             for j in range(params.n):
                 run.queue.append(self._new_seq(keys[i], j, p, [], []))
@@ -400,7 +401,7 @@ class RolloutEngine:
         self._flush()
         if not self._keeps_cache():
             self.cache = self.graphs = None
-        elif run.autocast:
+        elif run.autocast_copies:
             self.graphs = None
         for d in self.drafters.values():
             d.stop()
@@ -528,10 +529,11 @@ class RolloutEngine:
             self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _setups(self) -> tuple[int, float]:
-        """One-time work so far: (steps run eagerly while their shape waits for its CUDA graph,
-        seconds spent timing projection layouts (kernels.py) and capturing graphs)."""
+        """One-time work so far: (steps run otherwise than their shape will for long while it
+        waits for its CUDA graph, `StepGraphs.provisional_runs`; seconds spent timing projection
+        layouts (kernels.py) and capturing graphs)."""
         g = self.graphs
-        return (g.eager_runs if g is not None else 0,
+        return (g.provisional_runs if g is not None else 0,
                 self.gemms.tuning_seconds + (g.capture_seconds if g is not None else 0.0))
 
     def _keeps_cache(self) -> bool:
@@ -561,9 +563,10 @@ class RolloutEngine:
         """Feed a forward's time to the step-time model, less the one-time setup done inside it
         since `before` (`_setups()`: the first step at a new shape times kernel layouts on a
         CPU, captures a graph on a GPU), which would teach the model that this size is slow and
-        speculation fast by contrast. Left out entirely if it ran eagerly while its shape waits
-        for a graph: the graph's steps will not take its time. A step that replayed a larger
-        shape's graph is fed: such stand-ins serve a shape for dozens of uses (STAND_IN_USES).
+        speculation fast by contrast. Left out entirely if it ran eagerly, or on a far larger
+        shape's graph, while its shape waits for a graph: the graph's steps will not take its
+        time. A step that replayed a close stand-in is fed: those serve a shape for dozens of
+        uses (STAND_IN_USES), at a cost bounded by STAND_IN_SPAN.
         Returns the setup seconds taken out, or None if left out. (Once, such steps were left
         out whole; then a strategy met a new row count at every step as the batch drained, and
         none of its steps was fed.)"""
@@ -859,6 +862,16 @@ def tokens_per_seq_step(counts: dict[str, int]) -> float:
     """Tokens a sequence emitted per decode step, from `GenerationStats.decode_counts` (of one
     call, or summed over several): 1.0 without speculation, 0 before any step."""
     return counts["emitted"] / counts["seq_steps"] if counts["seq_steps"] else 0.0
+
+
+def _reads_autocast_copies(model: nn.Module, device: torch.device) -> bool:
+    """Whether forwards of `model` here read autocast's cached casts of its weights, which live
+    until the autocast context exits: autocast caches the casts of trainable leaf tensors only
+    (an fp32 actor generating in bf16, not a bf16 one or a frozen copy)."""
+    if not (torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled()):
+        return False
+    to = torch.get_autocast_dtype(device.type)
+    return any(p.requires_grad and p.is_floating_point() and p.dtype != to for p in model.parameters())
 
 
 def _storage(model: nn.Module) -> tuple:
