@@ -22,8 +22,10 @@ run and, on a known GPU, its datasheet figure; and the same for the step's forwa
 graph's replay on a GPU), without sampling and the engine's own work.
 
 The engines keep their KV cache between calls (`keep_cache`), so a CUDA graph captured in one
-round is replayed in the next, as a generation service would; an RL iteration drops the cache for
-its training and captures again.
+round is replayed in the next, as a generation service would, and as an RL run does where the
+engine keeps its cache (its default on a GPU, unless autocast casts the weights). --drop-cache
+drops it after every call, as an RL call under autocast does: every call captures its graphs
+again.
 The details say how many graphs each engine captured inside the timed rounds, and in how many
 seconds (`timed_captures`, `timed_capture_s`: the rounds' tokens/s include them), each
 strategy's share of its last call in prefill, and the last call's steps of off and auto
@@ -39,7 +41,7 @@ bench/results/rollout[_cuda][_eager][_bf16]...json.
 
     python bench/rollout.py [--quick] [--device cuda] [--model default|PATH] [--sizes 1,4,16,64] [--max-new-tokens 48] [--reps 2]
                             [--temperature 1.0] [--length-mix] [--n 1] [--dtype fp32|bf16] [--no-cuda-graphs]
-                            [--profile]
+                            [--drop-cache] [--profile]
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def main() -> None:
         p.add_argument("--reps", type=int, default=0, help="timed rounds (default 2, quick 1)"),
         p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32"),
         p.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run the steps eagerly"),
+        p.add_argument("--drop-cache", action="store_true",
+                       help="drop each engine's KV cache (and its CUDA graphs) after every call"),
         p.add_argument("--profile", action="store_true",
                        help="after the timed rounds, one more call of off and of auto under torch.profiler (their "
                             "top ops, and on a GPU how much of the call kept it busy) and one under cProfile (host "
@@ -139,8 +143,24 @@ def main() -> None:
             # the previous epoch, untimed: it fills the engine's history drafter, and does what an
             # engine does once in an RL run (calibration, a kernel tuning per new batch shape)
             e.generate(batch, params(0))
-        # graphs captured before the timed rounds (by the epoch above): the rounds' own are the rest
-        warm = {n: (e.graphs.captures, e.graphs.capture_seconds) for n, e in engines.items() if e.graphs is not None}
+        # graphs captured inside the timed rounds (the rounds' tokens/s include them): [count, seconds]
+        timed = {n: [0, 0.0] for n in names}
+        seen = {n: (e.graphs, e.graphs.captures, e.graphs.capture_seconds) if e.graphs is not None else (None, 0, 0.0)
+                for n, e in engines.items()}  # each engine's graphs and their counts after its last call
+
+        def after_call(n: str, e: RolloutEngine) -> None:
+            g = e.graphs
+            if g is not None:
+                before = seen[n][1:] if seen[n][0] is g else (0, 0.0)  # new graphs count from 0
+                timed[n][0] += g.captures - before[0]
+                timed[n][1] += g.capture_seconds - before[1]
+                seen[n] = (g, g.captures, g.capture_seconds)
+            if args.drop_cache:
+                e.drop_cache()
+
+        if args.drop_cache:
+            for e in engines.values():
+                e.drop_cache()
         tps = {n: [] for n in names}
         tail = {n: [0, 0.0] for n in names}  # tokens and seconds of long-tail steps, pooled over rounds
         plain_steps: list[float] = []  # seconds of plain decoding's steps at batch 1
@@ -150,6 +170,7 @@ def main() -> None:
             order = names if r % 2 == 0 else names[::-1]
             for n in order:
                 outs[n] = engines[n].generate(batch, params(1 + r))
+                after_call(n, engines[n])
                 st = engines[n].stats
                 tps[n].append(st.tokens / (st.seconds - st.calibration_seconds))
                 tokens, secs = tail_rate(engines[n], b)
@@ -182,12 +203,15 @@ def main() -> None:
                        # trial drafts scored (one per sequence; those dropped at a retirement are not)
                        "auto_trial_drafts_scored_per_step":
                            sum(t[0][1] for t in auto_st.trials.values()) / max(len(auto_st.steps), 1),
-                       "cuda_graphs": {n: {"shapes": len(e.graphs.graphs), "captures": e.graphs.captures,
-                                           "eager_runs": e.graphs.eager_runs, "stand_in_runs": e.graphs.stand_in_runs,
-                                           # one-time work inside the timed rounds, which their tokens/s include
-                                           "timed_captures": e.graphs.captures - warm[n][0],
-                                           "timed_capture_s": round(e.graphs.capture_seconds - warm[n][1], 3)}
-                                       for n, e in engines.items() if e.graphs is not None},
+                       # the last graphs' counts (with --drop-cache, none: each went with its call),
+                       # and the captures inside the timed rounds, which their tokens/s include
+                       "cuda_graphs": {n: {**({"shapes": len(e.graphs.graphs), "captures": e.graphs.captures,
+                                              "eager_runs": e.graphs.eager_runs,
+                                              "stand_in_runs": e.graphs.stand_in_runs,
+                                              "provisional_runs": e.graphs.provisional_runs}
+                                             if e.graphs is not None else {}),
+                                           "timed_captures": timed[n][0], "timed_capture_s": round(timed[n][1], 3)}
+                                       for n, e in engines.items() if graphs},
                        # the last call's share in prefill (and recomputed contexts), per strategy
                        "prefill_frac": {n: e.stats.prefill_seconds / e.stats.seconds for n, e in engines.items()},
                        # the last call's decode steps of plain decoding and of auto: [live, strategy, tokens, ms]
@@ -198,6 +222,8 @@ def main() -> None:
         print(f"batch {b}: " + ", ".join(f"{n} {med[n]:.1f}" for n in names) + " tokens/s", flush=True)
         if plain_steps:
             per_size[b]["bandwidth"] = bw = bandwidth(model, plain_steps, device)
+            if args.drop_cache:  # forward_seconds needs the cache of a call
+                engines["off"].generate(batch, params(0))
             bw["forward_s_median"] = fwd = engines["off"].forward_seconds()
             bw["forward_fraction_of_datasheet"] = (bw["weight_bytes"] / fwd / bw["datasheet_bytes_per_s"]
                                                    if bw["datasheet_bytes_per_s"] else None)
@@ -236,10 +262,11 @@ def main() -> None:
 
 
 def result_name(args, device: torch.device, graphs: bool) -> str:
-    """bench/results/<name>.json: rollout[_cuda][_eager][_bf16][_T..][_lengthmix][_nN][_model][_quick]."""
+    """bench/results/<name>.json: rollout[_cuda][_eager][_bf16][_T..][_lengthmix][_nN][_dropcache][_model][_quick]."""
     return ("rollout" + ("" if device.type == "cpu" else f"_{device.type}") + ("_eager" if device.type == "cuda" and not graphs else "")
             + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
             + ("_lengthmix" if args.length_mix else "") + (f"_n{args.n}" if args.n > 1 else "")
+            + ("_dropcache" if args.drop_cache else "")
             + ("" if args.model == "default" else f"_{Path(args.model).name}") + ("_quick" if args.quick else ""))
 
 

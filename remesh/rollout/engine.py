@@ -400,7 +400,7 @@ class RolloutEngine:
         self.model.train(run.was_training)
         self._flush()
         if not self._keeps_cache():
-            self.cache = self.graphs = None
+            self.drop_cache()
         elif run.autocast_copies:
             self.graphs = None
         for d in self.drafters.values():
@@ -411,6 +411,11 @@ class RolloutEngine:
         run.done.sort(key=lambda s: (s.prompt_index, s.sample_index))
         return [Rollout(s.prompt_index, s.sample_index, list(s.prompt), s.response, s.logprobs, s.reason)
                 for s in run.done]
+
+    def drop_cache(self) -> None:
+        """Free the KV cache and its graphs now, between calls: the next call allocates and
+        captures again (what `keep_cache=False` does after every call)."""
+        self.cache = self.graphs = None
 
     def forward_seconds(self, reps: int = 50) -> float:
         """Median seconds of a batch-1 decode step's forward alone, as the steps run it (their
