@@ -22,10 +22,10 @@ run and, on a known GPU, its datasheet figure; and the same for the step's forwa
 graph's replay on a GPU), without sampling and the engine's own work.
 
 The engines keep their KV cache between calls (`keep_cache`), so a CUDA graph captured in one
-round is replayed in the next, as a generation service would, and as an RL run does where the
-engine keeps its cache (its default on a GPU, unless autocast casts the weights). --drop-cache
-drops it after every call, as an RL call under autocast does: every call captures its graphs
-again.
+round is replayed in the next, as a generation service would, and as an RL run does (the
+engine's default on a GPU, for a cache of at most 1/16 of its memory). --drop-cache drops it
+after every call, as an RL run with `rollout.keep_cache: false` does: every call captures its
+graphs again.
 The details say how many graphs each engine captured inside the timed rounds, and in how many
 seconds (`timed_captures`, `timed_capture_s`: the rounds' tokens/s include them), each
 strategy's share of its last call in prefill, and the last call's steps of off and auto

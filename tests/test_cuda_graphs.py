@@ -203,29 +203,38 @@ def test_a_kept_cache_and_its_graphs_serve_the_model_tensors_they_were_built_for
     assert kept.graphs is not graphs and kept.graphs.model is other
 
 
-def test_graphs_of_a_call_under_autocast_go_with_it(monkeypatch):
-    """Under autocast a graph reads autocast's cached copies of trainable weights, freed when its
-    context exits: the graphs go with the call, a kept cache stays until the autocast state
-    changes. Frozen weights are cast afresh in every forward: their graphs stay."""
+def test_under_autocast_graph_steps_read_the_engines_own_low_precision_weights(monkeypatch):
+    """Autocast caches its casts of trainable weights until its context exits, so a graph
+    captured in one call would read freed copies in the next. The engine's steps read its own
+    copies in autocast's dtype instead, refreshed in place at each call: the graphs stay, an
+    update in place reaches them, and the samples are the eager engine's under autocast."""
     _graphed(monkeypatch)
-    model = tiny_model("llama").eval()
-    params = SamplingParams(max_new_tokens=4, seed=1)
+    model = peaky_model("llama").eval()
+    params = SamplingParams(max_new_tokens=6, n=2, seed=1, temperature=0.8)
     kept = RolloutEngine(model, max_batch=4, calibrate=False, keep_cache=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        kept.generate(PROMPTS, params)
-        cache = kept.cache
-        assert cache is not None and kept.graphs is None
-        with pytest.raises(ValueError, match="generate again"):  # out of autocast: another state
-            with torch.autocast("cpu", enabled=False):
-                kept.forward_seconds(reps=1)
-        kept.generate(PROMPTS, params)
-        assert kept.cache is cache
-    kept.generate(PROMPTS, params)
-    assert kept.cache is not cache and kept.graphs is not None
-    model.requires_grad_(False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        kept.generate(PROMPTS, params)
-    assert kept.graphs is not None
+    linear = next(m for m in model.modules() if type(m) is torch.nn.Linear)
+    graphs = None
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = kept.generate(PROMPTS, params)
+            want = RolloutEngine(model, max_batch=4, calibrate=False, cuda_graphs=False).generate(PROMPTS, params)
+        assert [r.response_ids for r in got] == [r.response_ids for r in want]
+        torch.testing.assert_close(torch.tensor([x for r in got for x in r.logprobs]),
+                                   torch.tensor([x for r in want for x in r.logprobs]), atol=2e-2, rtol=0)
+        assert kept.graphs is (graphs or kept.graphs) and kept._low_dtype == torch.bfloat16
+        graphs = kept.graphs
+        assert torch.equal(kept._low[linear][0], linear.weight.to(torch.bfloat16))
+        with torch.no_grad():  # an optimizer step's kind of update: in place
+            for p in model.parameters():
+                p.mul_(0.9)
+    kept._low[linear][0].zero_()  # the steps' projections multiply by the copies
+    with torch.inference_mode(), kept._kernels():
+        assert not linear(torch.randn(2, linear.in_features)).any()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="generate again"):
+        with torch.autocast("cpu", enabled=False):  # another autocast state than the call's
+            kept.forward_seconds(reps=1)
+    kept.generate(PROMPTS, params)  # out of autocast: the cache and graphs are rebuilt, without copies
+    assert kept.graphs is not graphs and not kept._low
 
 
 def test_by_default_a_cpu_cache_goes_with_its_call(monkeypatch):
@@ -285,7 +294,7 @@ def test_kept_graphs_replay_the_weights_of_an_optimizer_step():
         train_step()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = engine.generate(prompts, params)
-        assert engine.graphs is None and engine.cache is not None
+        assert engine.graphs is not None and engine._low  # read the engine's bf16 copies, kept
         seqs = [r.prompt_ids + r.response_ids for r in got]
         with torch.no_grad():
             h = model(torch.tensor([t for q in seqs for t in q], device="cuda"),

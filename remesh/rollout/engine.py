@@ -23,6 +23,7 @@ the drafting strategy (up to floating-point ties): speculation changes the speed
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
@@ -205,7 +206,6 @@ class _Run:
     free: list[int]  # cache slots
     bar: Any
     was_training: bool
-    autocast_copies: bool  # its graphs read autocast's cached weight copies (`_reads_autocast_copies`)
     queue: deque[_Seq] = field(default_factory=deque)
     live: list[_Seq] = field(default_factory=list)
     done: list[_Seq] = field(default_factory=list)
@@ -233,8 +233,9 @@ class RolloutEngine:
     False: it goes with the call, for the memory an RL iteration's training needs; None (the
     default): kept on a GPU if it and the graphs' logits take at most KEEP_CACHE_SHARE of the
     device's memory. What is kept is dropped when the model's tensors change storage or the
-    autocast state changes (`_built_for`); after a call whose graphs read autocast's cached
-    copies of the weights (freed when its context exits) the graphs go, the cache may stay.
+    autocast state changes (`_built_for`). Under autocast, graph steps read the engine's own
+    copies of the linear layers' weights in autocast's dtype (`_low`), not autocast's cached
+    casts, which die with its context.
     `overhead_budget`: under "auto", the fraction of the decoding time that choosing strategies
     and free trials may take, half each (`OverheadBudget`; None: no limit)."""
 
@@ -284,6 +285,10 @@ class RolloutEngine:
         self.choice_budget, self.trial_budget = OverheadBudget(half), OverheadBudget(half)
         self.cache = None
         self._cache_built_for: tuple = ()  # what the kept cache and graphs serve (`_built_for`)
+        # under autocast, with graphs: each nn.Linear's (weight, bias) in autocast's dtype, which
+        # the steps multiply by (`_refresh_low`), and that dtype
+        self._low: dict[nn.Linear, tuple[Tensor, Tensor | None]] = {}
+        self._low_dtype: torch.dtype | None = None
         self.stats = GenerationStats()
         self._pending: list[_Seq] = []  # sequences that emitted tokens the open trials have not seen (`_flush`)
 
@@ -325,7 +330,7 @@ class RolloutEngine:
         graphs = self._use_graphs(device)
         built_for = self._built_for(device)
         if built_for != self._cache_built_for:
-            self.cache = self.graphs = None
+            self.drop_cache()
             self._cache_built_for = built_for
         # with graphs, one more slot than sequences: the padding rows' scratch space
         self._ensure_cache(n_slots + graphs, longest + params.max_new_tokens + max_nodes + 1, device)
@@ -334,6 +339,7 @@ class RolloutEngine:
         elif self.graphs is None or self.graphs.cache is not self.cache:
             self.graphs = StepGraphs(self.model, self.cache, self.cache.n_slots - 1, self.cache.n_slots - 1,
                                      counted_elsewhere=lambda: self.gemms.tuning_seconds)
+        self._refresh_low(device)
         for d in self.drafters.values():
             if isinstance(d, ModelDrafter):  # before `start`, which seeds its sampling from them
                 d.set_params(params)
@@ -344,8 +350,7 @@ class RolloutEngine:
         self._pending = []
         run = self._run = _Run(params, device, max_nodes, free=list(range(n_slots - 1, -1, -1)),
                                bar=_progress(len(prompts) * params.n) if progress else None,
-                               was_training=self.model.training,
-                               autocast_copies=_reads_autocast_copies(self.model, device))
+                               was_training=self.model.training)
         for i, p in enumerate(prompts):
             for j in range(params.n):
                 run.queue.append(self._new_seq(keys[i], j, p, [], []))
@@ -401,8 +406,6 @@ class RolloutEngine:
         self._flush()
         if not self._keeps_cache():
             self.drop_cache()
-        elif run.autocast_copies:
-            self.graphs = None
         for d in self.drafters.values():
             d.stop()
         if run.bar is not None:
@@ -413,9 +416,10 @@ class RolloutEngine:
                 for s in run.done]
 
     def drop_cache(self) -> None:
-        """Free the KV cache and its graphs now, between calls: the next call allocates and
-        captures again (what `keep_cache=False` does after every call)."""
+        """Free the KV cache, its graphs and the weights' low-precision copies now, between calls:
+        the next call allocates and captures again (what `keep_cache=False` does after every call)."""
         self.cache = self.graphs = None
+        self._low, self._low_dtype = {}, None
 
     def forward_seconds(self, reps: int = 50) -> float:
         """Median seconds of a batch-1 decode step's forward alone, as the steps run it (their
@@ -550,7 +554,8 @@ class RolloutEngine:
         k = self.cache.k if self.cache is not None else None
         if k is None or not k.is_cuda:
             return False
-        held = 2 * k.nbytes + (self.graphs.logits_bytes() if self.graphs is not None else 0)
+        held = (2 * k.nbytes + (self.graphs.logits_bytes() if self.graphs is not None else 0)
+                + sum(t.nbytes for pair in self._low.values() for t in pair if t is not None))
         return held <= KEEP_CACHE_SHARE * torch.cuda.get_device_properties(k.device).total_memory
 
     def _built_for(self, device: torch.device) -> tuple:
@@ -589,9 +594,39 @@ class RolloutEngine:
             return self.drafters[self.fixed.drafter].max_nodes(self.fixed.depth, self.fixed.width)
         return max(self.policy.nodes(s) for s in self.policy.candidates())
 
+    @contextlib.contextmanager
     def _kernels(self):
-        """The steps' projections in their faster layouts (`TunedLinears`; on a CPU or a GPU)."""
-        return self.gemms.applied(self.model)
+        """The steps' projections in their faster layouts (`TunedLinears`; on a CPU or a GPU), by
+        the low-precision copies of the weights where there are (`_refresh_low`)."""
+        with self.gemms.applied(self.model, self._low), contextlib.ExitStack() as stack:
+            if self._low_dtype is not None:
+                stack.enter_context(torch.autocast(self.cache.k.device.type, dtype=self._low_dtype,
+                                                   cache_enabled=False))
+            yield
+
+    def _refresh_low(self, device: torch.device) -> None:
+        """Under autocast a forward casts the weights; autocast caches the casts of trainable fp32
+        ones until its context exits, so a graph captured in one call would read freed copies in
+        the next. With graphs, the engine keeps its own copy of each nn.Linear's weight and bias in
+        autocast's dtype, refreshed in place at every call (the cast autocast would make: the same
+        numbers), and runs its steps with autocast's cache off: the graphs read these copies and
+        outlive the call, and an optimizer step's update reaches them at the next call. Any other
+        weight an autocast op casts (a custom layer's) is cast afresh in every step, inside the
+        graph."""
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        if self.graphs is None or dtype is None or dtype == torch.float32:
+            self._low, self._low_dtype = {}, None
+            return
+        if not self._low:
+            self._low = {m: (torch.empty_like(m.weight, dtype=dtype),
+                             None if m.bias is None else torch.empty_like(m.bias, dtype=dtype))
+                         for m in self.model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32}
+        self._low_dtype = dtype
+        with torch.no_grad():
+            for m, (weight, bias) in self._low.items():
+                weight.copy_(m.weight)
+                if bias is not None:
+                    bias.copy_(m.bias)
 
     def _ensure_cache(self, n_slots: int, max_len: int, device: torch.device) -> None:
         c = self.cache
@@ -867,16 +902,6 @@ def tokens_per_seq_step(counts: dict[str, int]) -> float:
     """Tokens a sequence emitted per decode step, from `GenerationStats.decode_counts` (of one
     call, or summed over several): 1.0 without speculation, 0 before any step."""
     return counts["emitted"] / counts["seq_steps"] if counts["seq_steps"] else 0.0
-
-
-def _reads_autocast_copies(model: nn.Module, device: torch.device) -> bool:
-    """Whether forwards of `model` here read autocast's cached casts of its weights, which live
-    until the autocast context exits: autocast caches the casts of trainable leaf tensors only
-    (an fp32 actor generating in bf16, not a bf16 one or a frozen copy)."""
-    if not (torch.is_autocast_enabled(device.type) and torch.is_autocast_cache_enabled()):
-        return False
-    to = torch.get_autocast_dtype(device.type)
-    return any(p.requires_grad and p.is_floating_point() and p.dtype != to for p in model.parameters())
 
 
 def _storage(model: nn.Module) -> tuple:

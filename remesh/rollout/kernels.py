@@ -97,6 +97,7 @@ class TunedLinears:
 
     def __init__(self, reps: int = 3, force: bool | None = None):
         self.reps, self.force = reps, force
+        self._weights: dict[nn.Linear, tuple[Tensor, Tensor | None]] = {}  # `applied`'s, for its duration
         self.choices: dict[tuple, bool] = {}
         # seconds spent timing shapes: a step that timed one took that much longer than its kind
         # of step takes, and the engine takes it out of the step's time for its step-time model
@@ -105,7 +106,10 @@ class TunedLinears:
         self._layers: list[tuple[nn.Linear, functools.partial]] = []
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module) -> Iterator[None]:
+    def applied(self, model: nn.Module, weights: dict[nn.Linear, tuple[Tensor, Tensor | None]] | None = None
+                ) -> Iterator[None]:
+        """`weights`: a layer's (weight, bias) to multiply by instead of its own (the engine's
+        low-precision copies under autocast)."""
         # an instance attribute `forward` shadows nn.Linear.forward for the step's duration only:
         # a training forward on the same model after the call is untouched. The layers are found
         # once per model, and set through __dict__ (nn.Module.__setattr__'s checks cost ~1 ms a
@@ -113,18 +117,21 @@ class TunedLinears:
         if model is not self._model:
             self._model = model
             self._layers = [(m, functools.partial(self._forward, m)) for m in model.modules()
-                            if type(m) is nn.Linear and tunable(1, m.weight) and "forward" not in m.__dict__]
+                            if type(m) is nn.Linear and "forward" not in m.__dict__]
         layers = self._layers  # this model's, even if a nested context switches the cache
+        outer, self._weights = self._weights, weights or {}
         for m, forward in layers:
             m.__dict__["forward"] = forward
         try:
             yield
         finally:
+            self._weights = outer
             for m, _ in layers:
                 m.__dict__.pop("forward", None)
 
     def _forward(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        return self.linear(x, layer.weight, layer.bias)
+        weight, bias = self._weights.get(layer) or (layer.weight, layer.bias)
+        return self.linear(x, weight, bias)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """F.linear(x, weight, bias), in the faster layout where the shape is tuned."""
@@ -143,7 +150,7 @@ class TunedLinears:
     def _evictor(self, weight: Tensor) -> Callable[[], None] | None:
         """Reads the model's other tuned weights, twice the last-level cache's size of them, so
         that `weight` is read from memory next, as in a step; None if the model fits in cache."""
-        others = [m.weight for m, _ in self._layers if m.weight is not weight]
+        others = [m.weight for m, _ in self._layers if m.weight is not weight and tunable(1, m.weight)]
         cache = last_level_cache_bytes()
         if sum(w.nbytes for w in others) + weight.nbytes <= cache:
             return None
