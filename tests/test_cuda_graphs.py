@@ -221,20 +221,44 @@ def test_under_autocast_graph_steps_read_the_engines_own_low_precision_weights(m
         assert [r.response_ids for r in got] == [r.response_ids for r in want]
         torch.testing.assert_close(torch.tensor([x for r in got for x in r.logprobs]),
                                    torch.tensor([x for r in want for x in r.logprobs]), atol=2e-2, rtol=0)
-        assert kept.graphs is (graphs or kept.graphs) and kept._low_dtype == torch.bfloat16
+        assert kept.graphs is (graphs or kept.graphs) and kept._low_autocast == ("cpu", torch.bfloat16)
         graphs = kept.graphs
         assert torch.equal(kept._low[linear][0], linear.weight.to(torch.bfloat16))
         with torch.no_grad():  # an optimizer step's kind of update: in place
             for p in model.parameters():
                 p.mul_(0.9)
-    kept._low[linear][0].zero_()  # the steps' projections multiply by the copies
+    kept._low[linear][0].zero_()  # the steps' projections multiply by the copies, autocast caching nothing
     with torch.inference_mode(), kept._kernels():
-        assert not linear(torch.randn(2, linear.in_features)).any()
+        assert not linear(torch.randn(2, linear.in_features)).any() and not torch.is_autocast_cache_enabled()
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="generate again"):
         with torch.autocast("cpu", enabled=False):  # another autocast state than the call's
             kept.forward_seconds(reps=1)
     kept.generate(PROMPTS, params)  # out of autocast: the cache and graphs are rebuilt, without copies
     assert kept.graphs is not graphs and not kept._low
+
+
+def test_under_autocast_graphs_of_a_model_the_copies_cannot_cover_go_with_the_call(monkeypatch):
+    """A trainable fp32 weight outside exact nn.Linear layers (a tensor-parallel shard's) is
+    cast by autocast and cached until its context exits: such a model keeps autocast's cache
+    (casting afresh in every step would cost more), and its graphs go with the call."""
+    class ShardLike(torch.nn.Linear):
+        pass
+
+    _graphed(monkeypatch)
+    model = peaky_model("llama").eval()
+    wq = next(m for m in model.modules() if type(m) is torch.nn.Linear)
+    wq.__class__ = ShardLike
+    params = SamplingParams(max_new_tokens=6, n=2, seed=1, temperature=0.8)
+    kept = RolloutEngine(model, max_batch=4, calibrate=False, keep_cache=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kept.generate(PROMPTS, params)
+        want = RolloutEngine(model, max_batch=4, calibrate=False, cuda_graphs=False).generate(PROMPTS, params)
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    assert not kept._low and kept.graphs is None and kept.cache is not None
+    wq.requires_grad_(False)  # frozen: autocast casts it afresh in every forward, caching nothing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept.generate(PROMPTS, params)
+    assert kept._low and kept.graphs is not None
 
 
 def test_by_default_a_cpu_cache_goes_with_its_call(monkeypatch):
@@ -290,11 +314,15 @@ def test_kept_graphs_replay_the_weights_of_an_optimizer_step():
     # under autocast (an fp32 actor generating in bf16, the RL default on a GPU) graphs read
     # autocast's weight copies: after an optimizer step the log-probs must still be the new
     # weights', as teacher forcing in fp32 computes them (to bf16's precision)
+    graphs = None
     for _ in range(2):
         train_step()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = engine.generate(prompts, params)
         assert engine.graphs is not None and engine._low  # read the engine's bf16 copies, kept
+        if graphs is not None:  # the second call replays the first one's graphs
+            assert engine.graphs is graphs and graphs.captures == captures
+        graphs, captures = engine.graphs, engine.graphs.captures
         seqs = [r.prompt_ids + r.response_ids for r in got]
         with torch.no_grad():
             h = model(torch.tensor([t for q in seqs for t in q], device="cuda"),

@@ -272,8 +272,8 @@ def test_tuned_linears_compute_the_same_product_and_remember_each_shape():
             small(x)  # a small matrix: not tuned
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(one, ref[:1], rtol=1e-5, atol=1e-5)
-        assert list(tuned.choices) == [(16, 512, 128, torch.float32, "cpu", threads),
-                                       (1, 512, 128, torch.float32, "cpu", threads)]
+        assert list(tuned.choices) == [(16, 512, 128, torch.float32, torch.float32, "cpu", threads),
+                                       (1, 512, 128, torch.float32, torch.float32, "cpu", threads)]
         if force is not None:
             assert set(tuned.choices.values()) == {force}
         assert "forward" not in layer.__dict__  # restored after the call
@@ -353,7 +353,7 @@ def test_tuned_linears_on_a_gpu_time_outside_captures_only():
     tuned = TunedLinears()
     with torch.inference_mode(), tuned.applied(layer):
         out = layer(x)
-        assert list(tuned.choices) == [(8, 192, 576, torch.float32, "cuda", torch.get_num_threads())]
+        assert list(tuned.choices) == [(8, 192, 576, torch.float32, torch.float32, "cuda", torch.get_num_threads())]
         torch.testing.assert_close(out, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
         graph, y = torch.cuda.CUDAGraph(), torch.randn(4, 576, device="cuda")
         with torch.cuda.graph(graph):

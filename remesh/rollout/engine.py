@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from remesh.model.attention import AttnContext
+from remesh.model.llama import RMSNorm
 from remesh.rollout.adaptive import OFF, AdaptivePolicy, OverheadBudget, Strategy, levels_judged, parse_strategy
 from remesh.rollout.cuda_graphs import StepGraphs, bucket
 from remesh.rollout.drafters import Drafter, HistoryDrafter, ModelDrafter, NGramDrafter, SeqView
@@ -285,10 +286,13 @@ class RolloutEngine:
         self.choice_budget, self.trial_budget = OverheadBudget(half), OverheadBudget(half)
         self.cache = None
         self._cache_built_for: tuple = ()  # what the kept cache and graphs serve (`_built_for`)
-        # under autocast, with graphs: each nn.Linear's (weight, bias) in autocast's dtype, which
-        # the steps multiply by (`_refresh_low`), and that dtype
+        # under autocast, with graphs (`_refresh_low`): each nn.Linear's (weight, bias) in
+        # autocast's dtype, which the steps multiply by, and (device type, dtype) of that autocast;
+        # or, where such copies cannot cover the weights autocast caches, graphs that read its
+        # cache and so go with the call
         self._low: dict[nn.Linear, tuple[Tensor, Tensor | None]] = {}
-        self._low_dtype: torch.dtype | None = None
+        self._low_autocast: tuple[str, torch.dtype] | None = None
+        self._graphs_read_autocast_cache = False
         self.stats = GenerationStats()
         self._pending: list[_Seq] = []  # sequences that emitted tokens the open trials have not seen (`_flush`)
 
@@ -406,6 +410,8 @@ class RolloutEngine:
         self._flush()
         if not self._keeps_cache():
             self.drop_cache()
+        elif self._graphs_read_autocast_cache:
+            self.graphs = None
         for d in self.drafters.values():
             d.stop()
         if run.bar is not None:
@@ -419,7 +425,7 @@ class RolloutEngine:
         """Free the KV cache, its graphs and the weights' low-precision copies now, between calls:
         the next call allocates and captures again (what `keep_cache=False` does after every call)."""
         self.cache = self.graphs = None
-        self._low, self._low_dtype = {}, None
+        self._low, self._low_autocast = {}, None
 
     def forward_seconds(self, reps: int = 50) -> float:
         """Median seconds of a batch-1 decode step's forward alone, as the steps run it (their
@@ -599,9 +605,9 @@ class RolloutEngine:
         """The steps' projections in their faster layouts (`TunedLinears`; on a CPU or a GPU), by
         the low-precision copies of the weights where there are (`_refresh_low`)."""
         with self.gemms.applied(self.model, self._low), contextlib.ExitStack() as stack:
-            if self._low_dtype is not None:
-                stack.enter_context(torch.autocast(self.cache.k.device.type, dtype=self._low_dtype,
-                                                   cache_enabled=False))
+            if self._low_autocast is not None:
+                device_type, dtype = self._low_autocast
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, cache_enabled=False))
             yield
 
     def _refresh_low(self, device: torch.device) -> None:
@@ -610,18 +616,24 @@ class RolloutEngine:
         the next. With graphs, the engine keeps its own copy of each nn.Linear's weight and bias in
         autocast's dtype, refreshed in place at every call (the cast autocast would make: the same
         numbers), and runs its steps with autocast's cache off: the graphs read these copies and
-        outlive the call, and an optimizer step's update reaches them at the next call. Any other
-        weight an autocast op casts (a custom layer's) is cast afresh in every step, inside the
-        graph."""
+        outlive the call, and an optimizer step's update reaches them at the next call. A model
+        with trainable fp32 weights elsewhere (a tensor-parallel shard's) keeps autocast's cache:
+        casting those afresh in every step would cost more weight traffic than its captures, so
+        its graphs go with the call."""
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        self._graphs_read_autocast_cache = False
         if self.graphs is None or dtype is None or dtype == torch.float32:
-            self._low, self._low_dtype = {}, None
+            self._low, self._low_autocast = {}, None
+            return
+        if not _linear_copies_cover(self.model):
+            self._low, self._low_autocast = {}, None
+            self._graphs_read_autocast_cache = True
             return
         if not self._low:
             self._low = {m: (torch.empty_like(m.weight, dtype=dtype),
                              None if m.bias is None else torch.empty_like(m.bias, dtype=dtype))
                          for m in self.model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32}
-        self._low_dtype = dtype
+        self._low_autocast = (device.type, dtype)
         with torch.no_grad():
             for m, (weight, bias) in self._low.items():
                 weight.copy_(m.weight)
@@ -902,6 +914,17 @@ def tokens_per_seq_step(counts: dict[str, int]) -> float:
     """Tokens a sequence emitted per decode step, from `GenerationStats.decode_counts` (of one
     call, or summed over several): 1.0 without speculation, 0 before any step."""
     return counts["emitted"] / counts["seq_steps"] if counts["seq_steps"] else 0.0
+
+
+def _linear_copies_cover(model: nn.Module) -> bool:
+    """Whether every trainable fp32 weight that autocast may cast (and cache) is an exact
+    nn.Linear's, which the engine copies: the others here are embeddings' and norms', which
+    autocast does not cast."""
+    for m in model.modules():
+        if any(p.requires_grad and p.dtype == torch.float32 for p in m.parameters(recurse=False)):
+            if not (type(m) is nn.Linear or isinstance(m, (nn.Embedding, RMSNorm))):
+                return False
+    return True
 
 
 def _storage(model: nn.Module) -> tuple:

@@ -11,7 +11,7 @@ product taken as `(W @ x.T).T`:
 - GPU (H100, fp32 cuBLAS): SmolLM2-135M's key/value projection (576 -> 192) at 8-16 rows takes
   54 us as `x @ W.T` and 8 us transposed; 60 of them a step made a plain decode step of 8-16
   sequences 7.0-7.5 ms against 4.5 ms for one of 24 rows (bench/step_graphs.py, session 22).
-`TunedLinears` times both layouts the first time it meets a (rows, in, out, dtype, device,
+`TunedLinears` times both layouts the first time it meets a (rows, in, out, dtypes, device,
 threads) shape and keeps the faster. The two differ only in the kernels' floating-point rounding.
 """
 
@@ -137,7 +137,7 @@ class TunedLinears:
         """F.linear(x, weight, bias), in the faster layout where the shape is tuned."""
         if x.dim() != 2 or not tunable(x.shape[0], weight) or torch.is_grad_enabled():
             return F.linear(x, weight, bias)
-        key = (x.shape[0], *weight.shape, x.dtype, x.device.type, torch.get_num_threads())
+        key = (x.shape[0], *weight.shape, x.dtype, weight.dtype, x.device.type, torch.get_num_threads())
         transposed = self.choices.get(key)
         if transposed is None:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
