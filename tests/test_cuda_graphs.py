@@ -135,6 +135,25 @@ def _graphed(monkeypatch):
     monkeypatch.setattr(RolloutEngine, "_use_graphs", lambda self, device: self.cuda_graphs)
 
 
+def test_a_close_stand_ins_step_feeds_the_step_time_model_and_a_provisional_one_does_not(monkeypatch):
+    """A close stand-in serves its shape for dozens of steps, so its time is what choosing that
+    shape costs now; an eager step, or one on a far larger graph, comes a few uses before the
+    shape's capture and would teach the policy a time its steps will not take."""
+    _graphed(monkeypatch)
+    engine = RolloutEngine(tiny_model().eval(), spec="auto", max_batch=4, calibrate=False, keep_cache=True)
+    engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=2))
+    fed = []
+    monkeypatch.setattr(engine.policy.step_time, "observe", lambda tokens, seconds: fed.append(tokens))
+    graphs = engine.graphs
+    before = engine._setups()
+    graphs.stand_in_runs += 1  # what `route` counts for a step on a close stand-in
+    assert engine._observe_time(7, 0.01, before) == 0.0 and fed == [7]
+    before = engine._setups()
+    graphs.stand_in_runs += 1  # and for one on a far stand-in
+    graphs.provisional_runs += 1
+    assert engine._observe_time(9, 0.01, before) is None and fed == [7]
+
+
 @pytest.mark.parametrize("spec", ["off", "history:2x2", "model:2", "auto"])
 @pytest.mark.parametrize("draw_every_node", [False, True])
 def test_engine_outputs_do_not_change_with_graph_steps(monkeypatch, spec, draw_every_node):
