@@ -569,8 +569,7 @@ class RolloutEngine:
         graph replays the addresses of (a dtype change, a reallocation or another model moves
         them; an update in place, an optimizer step's, does not, and the graphs read the new
         values), and the autocast state, which sets the kernels and the cache's use."""
-        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
-        return _storage(self.model), autocast
+        return _storage(self.model), _autocast_dtype(device)
 
     def _use_graphs(self, device: torch.device) -> bool:
         return self.cuda_graphs and device.type == "cuda"
@@ -620,14 +619,11 @@ class RolloutEngine:
         with trainable fp32 weights elsewhere (a tensor-parallel shard's) keeps autocast's cache:
         casting those afresh in every step would cost more weight traffic than its captures, so
         its graphs go with the call."""
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        self._graphs_read_autocast_cache = False
-        if self.graphs is None or dtype is None or dtype == torch.float32:
+        dtype = _autocast_dtype(device)
+        copies = self.graphs is not None and dtype not in (None, torch.float32)
+        self._graphs_read_autocast_cache = copies and not _linear_copies_cover(self.model)
+        if not copies or self._graphs_read_autocast_cache:
             self._low, self._low_autocast = {}, None
-            return
-        if not _linear_copies_cover(self.model):
-            self._low, self._low_autocast = {}, None
-            self._graphs_read_autocast_cache = True
             return
         if not self._low:
             self._low = {m: (torch.empty_like(m.weight, dtype=dtype),
@@ -914,6 +910,11 @@ def tokens_per_seq_step(counts: dict[str, int]) -> float:
     """Tokens a sequence emitted per decode step, from `GenerationStats.decode_counts` (of one
     call, or summed over several): 1.0 without speculation, 0 before any step."""
     return counts["emitted"] / counts["seq_steps"] if counts["seq_steps"] else 0.0
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on `device`'s kind, None where it is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 def _linear_copies_cover(model: nn.Module) -> bool:
