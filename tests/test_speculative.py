@@ -933,12 +933,13 @@ def test_bookkeeping_every_strategy_pays_is_left_out_of_the_time_a_step_is_judge
     model = tiny_model().eval()
     engine = RolloutEngine(model, spec="auto", calibrate=False)
     catch_up = engine._catch_up
-    monkeypatch.setattr(engine, "_catch_up", lambda *a: time_module.sleep(0.05) or catch_up(*a))
+    # the bookkeeping's cost dwarfs a tiny model's step even on a loaded machine (where one took 0.1 s)
+    monkeypatch.setattr(engine, "_catch_up", lambda *a: time_module.sleep(0.3) or catch_up(*a))
     judged = []
     monkeypatch.setattr(engine.policy, "observe_step", lambda s, b, seconds: judged.append(seconds))
     engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))
-    assert judged and max(judged) < 0.04
-    assert min(s.seconds for s in engine.stats.steps) >= 0.05
+    assert judged and max(judged) < 0.25
+    assert min(s.seconds for s in engine.stats.steps) >= 0.3
 
 
 def test_one_time_setup_inside_a_step_is_taken_out_of_its_observed_time(monkeypatch):
