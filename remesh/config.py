@@ -5,8 +5,11 @@
 Overrides are applied to the raw YAML tree before anything is type-checked, so an
 override can supply a required field the file leaves out, and it can set a key
 inside an ``Optional[Sub] = None`` section (the section is created with its
-defaults). Override values are parsed with ``yaml.safe_load``: ``true``, ``null``,
-``[1, 2]``, ``{a: 1}`` work, and an empty value (``key=``) means null.
+defaults). Override values are parsed as YAML: ``true``, ``null``, ``[1, 2]``,
+``{a: 1}`` work, and an empty value (``key=``) means null.
+
+Only ``true`` and ``false`` are booleans (as in YAML 1.2; `load_yaml`): PyYAML's YAML 1.1
+would read ``spec: off`` or ``rollout.spec=off`` as False.
 
 PyYAML follows YAML 1.1, where a float needs a dot, so ``1e-5`` loads as the
 string ``'1e-5'``. Where a float is expected, a string that looks like a decimal
@@ -30,12 +33,28 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "config_to_dict", "dump_config"]
+__all__ = ["ConfigError", "load_config", "load_yaml", "config_to_dict", "dump_config", "require_at_least"]
 
 T = TypeVar("T")
 Key = tuple  # a dotted key as a tuple of str (field / dict key) and int (list index)
 
 _NUMERIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class _Loader12(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false, not on/off/yes/no/y/n."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader12.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader12.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str | typing.IO) -> Any:
+    """YAML as every remesh file and override is read: safe, and `off` is the string 'off'."""
+    return yaml.load(text, Loader=_Loader12)
 
 
 class ConfigError(ValueError):
@@ -56,6 +75,15 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
     for text in overrides:
         loader.apply_override(tree, text)
     return loader.build(cls, tree, (), base=None)
+
+
+def require_at_least(cfg: Any, minimum: float, *names: str) -> None:
+    """For a config's ``__post_init__``: each named field, unless None, is at least ``minimum``
+    (the loader prefixes the section and the place the value came from)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -79,7 +107,7 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
 def _read_yaml(place: str) -> dict:
     try:
         with open(place) as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except OSError as e:
         raise ConfigError(f"{place}: cannot read config file ({e.strerror or e})") from e
     except yaml.YAMLError as e:
@@ -125,7 +153,7 @@ class _Loader:
         if not sep or not all(path):
             raise ConfigError(f"{place}: expected 'dotted.key=value'")
         try:
-            value = yaml.safe_load(value_text)
+            value = load_yaml(value_text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{place}: cannot parse value ({getattr(e, 'problem', None) or e})") from e
         node = tree

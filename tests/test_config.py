@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import pytest
@@ -163,9 +164,42 @@ def test_wrong_types(tmp_path, base):
         assert msg.startswith(f"override '{override}': {expected}"), msg
 
 
-def test_yes_is_a_yaml_bool(base):
-    # Documented YAML 1.1 behaviour, not our coercion: 'yes' is already a bool when it reaches us.
-    assert load_config(Config, base, ["data.shuffle=yes"]).data.shuffle is True
+def test_only_true_and_false_are_booleans(tmp_path, base):
+    """YAML 1.2's booleans, not PyYAML's 1.1 on/off/yes/no: `spec: off` (speculation) stays a string."""
+    path = write(tmp_path, "data: {path: off}\nextra: [yes, no, on, True, false]\n", "bools.yaml")
+    cfg = load_config(Config, path, ["reward.model=off"])
+    assert (cfg.data.path, cfg.reward.model, cfg.extra) == ("off", "off", ["yes", "no", "on", True, False])
+    assert error(Config, base, ["data.shuffle=yes"]) == \
+        "override 'data.shuffle=yes': data.shuffle: expected bool, got str 'yes'"
+
+
+def test_run_configs_check_ranges_at_load_time():
+    """Values the run would only trip over after loading models and writing its output folder
+    (or accept, as a negative step count) fail when the config loads, naming section and field."""
+    from remesh.rl.config import RLConfig
+    from remesh.train.configs import SFTConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    grpo, sft = str(configs / "grpo.yaml"), str(configs / "sft_demo.yaml")
+
+    def rl_error(*overrides):
+        return error(RLConfig, grpo, overrides)
+
+    assert rl_error("rollout.top_p=1.5") == "override 'rollout.top_p=1.5': rollout: top_p must be in (0, 1], got 1.5"
+    assert rl_error("rollout.temperature=-1").endswith("rollout: temperature must be > 0 unless greedy, got -1.0")
+    assert rl_error("trainer.iterations=-2").endswith("trainer: iterations must be >= 1, got -2")
+    assert rl_error("trainer.prompts_per_iter=0").endswith("trainer: prompts_per_iter must be >= 1, got 0")
+    assert rl_error("trainer.nproc=0").endswith("trainer: nproc must be >= 1, got 0")
+    assert rl_error("kl.coef=-0.1").endswith("kl: coef must be >= 0, got -0.1")
+    assert rl_error("rollout.spec=ngram:3", "rollout.draft_model=self:3").endswith(
+        "rollout: a draft model is used by speculation 'auto' or 'model:K', not 'ngram:3' "
+        "(drop the draft model, or change the speculation)")
+    assert load_config(RLConfig, grpo, ["rollout.spec=off"]).rollout.spec == "off"
+    assert error(SFTConfig, sft, ["trainer.log_every=0"]).endswith(
+        "trainer: log_every must be >= 1, got 0")
+    assert error(SFTConfig, sft, ["trainer.max_steps=-3"]).endswith(
+        "trainer: max_steps must be >= 1, got -3")
+    assert error(SFTConfig, sft, ["data.max_len=-5"]).endswith("data: max_len must be >= 1, got -5")
 
 
 def test_literal_lists_choices(base):

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from remesh.config import load_yaml
 from remesh.planner.profile import HardwareProfile, LinkCost
 
 CLUSTERS_DIR = Path(__file__).resolve().parent / "clusters"
@@ -152,7 +153,7 @@ class Cluster:
             shipped = sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))
             raise ValueError(f"cluster {str(spec)!r}: no such file or shipped cluster (shipped: {', '.join(shipped)})")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = load_yaml(path.read_text())
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e})") from None
         cluster = cls.from_dict(data, str(path))

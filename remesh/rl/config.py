@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from remesh.config import require_at_least
 from remesh.train.configs import ModelConfig, OptimConfig
 
 ALGOS = ("ppo", "remax", "grpo", "rloo", "reinforce_pp")
@@ -28,8 +29,11 @@ class AlgoConfig:
     dr_grpo: bool = False  # GRPO without std scaling (use loss_agg=seq_mean_token_sum_norm with it)
 
     def __post_init__(self) -> None:
-        if self.ppo_epochs < 1 or self.mini_batches < 1:
-            raise ValueError("ppo_epochs and mini_batches must be >= 1")
+        require_at_least(self, 1, "ppo_epochs", "mini_batches")
+        require_at_least(self, 0, "clip_low", "clip_high", "value_clip", "remax_clip")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -39,6 +43,12 @@ class KLConfig:
     mode: Literal["reward", "loss"] = "reward"  # a per-token penalty in the reward, or a loss term
     target: float | None = None  # adaptive KL controller (Ziegler et al.) when set
     horizon: int = 10000
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 0, "coef")
+        require_at_least(self, 1, "horizon")
+        if self.target is not None and self.target <= 0:
+            raise ValueError(f"target must be positive (null: a fixed coef), got {self.target}")
 
 
 @dataclass
@@ -78,16 +88,22 @@ class RolloutConfig:
     migrate_transfer: Literal["auto", "cache", "recompute"] = "auto"
 
     def __post_init__(self) -> None:
-        from remesh.rollout.adaptive import parse_strategy
+        from remesh.rollout.adaptive import check_draft_model_used, parse_strategy
+        from remesh.rollout.drafters import self_draft_layers
+
+        from remesh.rollout.sampling import SamplingParams
 
         if self.migrate_every < 0:
             raise ValueError(f"rollout.migrate_every must be >= 0 (0: no migration), got {self.migrate_every}")
-
+        require_at_least(self, 1, "max_batch")
+        # the engine's own checks, at load time rather than in the first generate call
+        SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                       max_new_tokens=self.max_new_tokens, n=self.n_samples)
         if self.spec != "auto":
             parse_strategy(self.spec)
-        if self.draft_model is not None and self.draft_model.startswith("self:"):
-            if not self.draft_model[5:].isdigit() or int(self.draft_model[5:]) < 1:
-                raise ValueError(f"draft_model {self.draft_model!r}: expected self:N with N >= 1 layers")
+        if self.draft_model is not None:
+            self_draft_layers(self.draft_model)
+            check_draft_model_used(self.spec)
 
 
 @dataclass
@@ -95,6 +111,9 @@ class PromptDataConfig:
     train: str = "data/demo/prompts.jsonl"
     max_prompt_len: int = 128
     skip_bad_rows: bool = False
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "max_prompt_len")
 
 
 @dataclass
@@ -107,7 +126,7 @@ class RLTrainerConfig:
     # the samples of one prompt share one copy of it in the training and inference forwards
     share_prompts: bool = True
     save_every: int = 0  # iterations between checkpoints; 0: only the final actor
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # most recent step checkpoints kept on disk; 0: all
     resume: str | None = None  # checkpoint folder or "latest"
     mixed_precision: Literal["auto", "bf16", "off"] = "auto"
     device: str = "auto"
@@ -121,6 +140,13 @@ class RLTrainerConfig:
     # a data transfer, a reallocation) before the job fails: a hung rank cannot hang the job
     collective_timeout_s: float = 1800.0
     job_timeout_s: float | None = None  # stop a planned run on local processes after this long
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "iterations", "prompts_per_iter", "micro_batch_tokens", "nproc")
+        require_at_least(self, 0, "save_every", "keep_checkpoints", "show_samples")
+        for name in ("collective_timeout_s", "job_timeout_s"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass

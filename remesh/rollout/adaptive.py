@@ -67,6 +67,15 @@ def parse_strategy(text: str) -> Strategy:
     return Strategy(name, depth, width)
 
 
+def check_draft_model_used(spec: str) -> None:
+    """A draft model serves `auto` and `model:K[xW]` only: under another strategy it would be
+    loaded and never run."""
+    spec = spec.strip()
+    if spec != "auto" and parse_strategy(spec).drafter != "model":
+        raise ValueError(f"a draft model is used by speculation 'auto' or 'model:K', not {spec!r} "
+                         "(drop the draft model, or change the speculation)")
+
+
 class StepTimeModel:
     """Seconds of one verifier forward as a function of the tokens it processes.
 

@@ -309,17 +309,27 @@ def first_layers(model: nn.Module, n_layers: int) -> nn.Module:
     return draft
 
 
+def self_draft_layers(spec: str) -> int | None:
+    """N of a draft-model spec self:N, None for a checkpoint; ValueError for a malformed self:."""
+    if not spec.startswith("self:"):
+        return None
+    if not spec[5:].isdigit() or int(spec[5:]) < 1:
+        raise ValueError(f"draft model {spec!r}: expected self:N with N >= 1 layers, or a checkpoint")
+    return int(spec[5:])
+
+
 def load_draft_model(spec: str | None, policy: nn.Module, dtype: torch.dtype) -> nn.Module | None:
     """The "model" drafter's model from its spec: None, self:N (the policy's first N layers) or a
     checkpoint (HF folder, .gguf or "default"), loaded frozen next to the policy."""
     if spec is None:
         return None
-    if spec.startswith("self:"):  # shares the policy's weights, so it follows every update
-        return first_layers(policy, int(spec[5:]))
+    layers = self_draft_layers(spec)
+    if layers is not None:  # shares the policy's weights, so it follows every update
+        return first_layers(policy, layers)
     from remesh.checkpoint import load_hf, resolve_model_path
 
     device = next(policy.parameters()).device
-    return load_hf(resolve_model_path(spec), head="lm", dtype=dtype, device=device).requires_grad_(False)
+    return load_hf(resolve_model_path(spec, "draft model"), head="lm", dtype=dtype, device=device).requires_grad_(False)
 
 
 class ModelDrafter(Drafter):

@@ -8,12 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from remesh.config import require_at_least
+
 
 @dataclass
 class ModelConfig:
     path: str = "default"  # HF folder, .gguf file, or "default" (embedded SmolLM2-135M-Instruct)
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter (and optimizer state) dtype
     logprob_chunk_tokens: int = 0  # tokens per chunk of full-vocabulary logits; 0: 512 MiB of fp32 logits
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 0, "logprob_chunk_tokens")
 
 
 @dataclass
@@ -28,6 +33,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        require_at_least(self, 1, "max_prompt_len", "max_len")
         if self.max_prompt_len > self.max_len:
             raise ValueError(f"max_prompt_len ({self.max_prompt_len}) exceeds max_len ({self.max_len})")
 
@@ -49,6 +55,13 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.eps <= 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+        require_at_least(self, 0, "weight_decay", "warmup_steps", "grad_clip")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -61,7 +74,7 @@ class TrainerConfig:
     micro_batch_tokens: int = 4096  # token budget of one forward/backward; gradients accumulate over them
     eval_every: int = 50  # steps; 0 disables periodic eval (a final eval still runs)
     save_every: int = 0  # steps between checkpoints; 0: only the final model
-    keep_checkpoints: int = 2  # most recent step checkpoints kept on disk
+    keep_checkpoints: int = 2  # most recent step checkpoints kept on disk; 0: all
     log_every: int = 1
     resume: str | None = None  # a checkpoint folder, or "latest" in output_dir
     mixed_precision: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA when supported
@@ -71,9 +84,8 @@ class TrainerConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "micro_batch_tokens", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least(self, 1, "batch_size", "micro_batch_tokens", "epochs", "max_steps", "log_every")
+        require_at_least(self, 0, "eval_every", "save_every", "keep_checkpoints")
 
 
 @dataclass
