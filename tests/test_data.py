@@ -70,6 +70,11 @@ GOOD = {"prompt": "What is 2+2?", "response": "4"}
         ),
         ({"messages": [{"role": "user"}]}, r"x\.jsonl:3: field 'messages\[0\]\.content': missing"),
         ({"messages": "hi"}, r"x\.jsonl:3: field 'messages': expected a list"),
+        ({"prompt": "hi", "response": "a", "system": "be terse"},
+         r"x\.jsonl:3: field 'system': unknown field \(SFT rows have prompt, response, messages, meta; put other"),
+        ({"prompt": "hi", "respons": "a"}, r"x\.jsonl:3: field 'respons': unknown field \(did you mean 'response'\?"),
+        ({"messages": [{"role": "user", "content": "hi", "weight": 2}, {"role": "assistant", "content": "yo"}]},
+         r"x\.jsonl:3: field 'messages\[0\]\.weight': unknown field \(messages have role, content\)"),
     ],
 )
 def test_bad_row_names_file_line_field(tmp_path, tok, line, pattern):
@@ -78,6 +83,13 @@ def test_bad_row_names_file_line_field(tmp_path, tok, line, pattern):
     with pytest.raises(DataError, match=pattern) as e:
         sft(path, tok)
     assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_bad_json_column_is_on_its_line(tmp_path, tok):
+    """The column of a JSON error points into the line, not past its newline."""
+    path = write_jsonl(tmp_path / "x.jsonl", [GOOD, '{"prompt": "a" "response": "b"}'])
+    with pytest.raises(DataError, match=r"x\.jsonl:2: bad JSON: Expecting ',' delimiter at column 16$"):
+        sft(path, tok)
 
 
 def test_bad_row_is_found_before_anything_returns(tmp_path, tok):
@@ -273,6 +285,21 @@ def test_prompt_meta_and_answer(tmp_path, tok):
     (a, b), _ = load_prompt_dataset(write_jsonl(tmp_path / "x.jsonl", rows), tok, max_prompt_len=BIG)
     assert (a.answer, a.meta, a.prompt) == ("4", {"k": 1, "id": "q1"}, "2+2?")
     assert (b.answer, b.meta, b.source) == (None, {}, f"{tmp_path / 'x.jsonl'}:2")
+    # a key both at the top level and in meta, with different values: which one did the user mean?
+    rows = [{"prompt": "hi", "genre": "drama", "meta": {"genre": "comedy", "k": 1}}]
+    with pytest.raises(DataError, match=r"x2\.jsonl:1: field 'genre': given both at the top level \('drama'\)"):
+        load_prompt_dataset(write_jsonl(tmp_path / "x2.jsonl", rows), tok, max_prompt_len=BIG)
+
+
+def test_sft_and_preference_rows_keep_bookkeeping_under_meta(tmp_path, tok):
+    (ex,), _ = sft(write_jsonl(tmp_path / "s.jsonl", [{**GOOD, "meta": {"id": 7}}]), tok)
+    assert trained_text(tok, ex.input_ids, ex.loss_mask).startswith("4")
+    pair = {"prompt": "Pick one", "chosen": "good", "rejected": "bad"}
+    load_preference_dataset(write_jsonl(tmp_path / "p.jsonl", [{**pair, "meta": {"id": 7}}]), tok,
+                            max_prompt_len=BIG, max_len=BIG)
+    with pytest.raises(DataError, match=r"q\.jsonl:1: field 'margin': unknown field \(preference rows have prompt, "):
+        load_preference_dataset(write_jsonl(tmp_path / "q.jsonl", [{**pair, "margin": 2}]), tok,
+                                max_prompt_len=BIG, max_len=BIG)
 
 
 # ---------------------------------------------------------------- split_eval

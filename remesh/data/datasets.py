@@ -19,6 +19,7 @@ Tokenisation (see `_Renderer`):
 
 from __future__ import annotations
 
+import difflib
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -159,7 +160,7 @@ def _read_rows(path: Path) -> Iterator[tuple[str, str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    row: Any = json.loads(line)
+                    row: Any = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
                 except json.JSONDecodeError as e:
                     hint = " (files are read as JSON Lines: one object per line)" if lineno == 1 and line.strip() == "[" else ""
                     row = _RowError("bad JSON", None, f"bad JSON: {e.msg} at column {e.colno}{hint}")
@@ -195,6 +196,18 @@ def _load(path: str | Path, parse: Callable[[dict[str, Any], str], T], skip_bad_
 # ---------------------------------------------------------------- field validation
 
 
+def _known_fields(row: Mapping[str, Any], fields: tuple[str, ...], what: str, prefix: str = "") -> None:
+    """A field the loader would not read is an error, not silently dropped data (a `system`
+    next to prompt + response, a `margin` on a preference pair); `meta` holds bookkeeping."""
+    for key in row:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            keep = "; put other data under 'meta'" if "meta" in fields else ""
+            raise _RowError("unknown field", f"{prefix}{key}",
+                            f"unknown field ({hint}{what} have {', '.join(fields)}{keep})")
+
+
 def _str_field(row: Mapping[str, Any], key: str, name: str | None = None) -> str:
     """Required non-empty string. `name` is how the field is called in messages."""
     name = name or key
@@ -218,6 +231,7 @@ def _messages_field(row: Mapping[str, Any]) -> list[dict[str, str]]:
     for i, m in enumerate(msgs):
         if not isinstance(m, Mapping):
             raise _RowError("wrong type", f"messages[{i}]", f"expected an object with role and content, got {_type_name(m)}")
+        _known_fields(m, ("role", "content"), "messages", f"messages[{i}].")
         role = _str_field(m, "role", f"messages[{i}].role")
         if role not in ROLES:
             raise _RowError("bad role", f"messages[{i}].role", f"expected one of {', '.join(ROLES)}, got {role!r}")
@@ -231,7 +245,8 @@ def _check_prompt_len(n: int, max_prompt_len: int, name: str = "prompt") -> None
     if n > max_prompt_len:
         raise _RowError(
             "prompt too long", name,
-            f"prompt is {n} tokens, longer than max_prompt_len={max_prompt_len} (raise data.max_prompt_len or shorten it)",
+            f"prompt is {n} tokens, longer than max_prompt_len={max_prompt_len} (raise data.max_prompt_len, or "
+            "remesh generate's --max-prompt-len, or shorten it)",
             f"max_prompt_len={max_prompt_len}",
         )
 
@@ -361,7 +376,12 @@ def load_prompt_dataset(
             meta = {}
         elif not isinstance(meta, dict):
             raise _RowError("wrong type", "meta", f"expected an object, got {_type_name(meta)}")
-        meta = {**{k: v for k, v in row.items() if k not in ("prompt", "answer", "meta")}, **meta}
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "answer", "meta")}
+        for k in extra.keys() & meta.keys():
+            if extra[k] != meta[k]:
+                raise _RowError("conflicting fields", k, f"given both at the top level ({extra[k]!r}) and in meta "
+                                f"({meta[k]!r})")
+        meta = {**extra, **meta}
         ids = r.prompt(prompt)
         _check_prompt_len(len(ids), max_prompt_len)
         return PromptExample(ids, prompt, answer, meta, source)
@@ -378,6 +398,7 @@ def load_sft_dataset(
     r = _Renderer(tokenizer)
 
     def parse(row: dict[str, Any], source: str) -> SFTExample:
+        _known_fields(row, ("prompt", "response", "messages", "meta"), "SFT rows")
         if "messages" in row:
             if "prompt" in row or "response" in row:
                 raise _RowError("conflicting fields", "messages", "give either messages or prompt + response, not both")
@@ -405,6 +426,7 @@ def load_preference_dataset(
     r = _Renderer(tokenizer)
 
     def parse(row: dict[str, Any], source: str) -> PreferenceExample:
+        _known_fields(row, ("prompt", "chosen", "rejected", "meta"), "preference rows")
         prompt, chosen, rejected = (_str_field(row, k) for k in ("prompt", "chosen", "rejected"))
         if chosen == rejected:
             raise _RowError("chosen equals rejected", "rejected", "identical to 'chosen'")
