@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from remesh.config import ConfigError, load_config
+from remesh.config import ConfigError, load_config, load_yaml
 
 
 def _run_configs() -> dict[str, type]:
@@ -64,7 +64,7 @@ def _kind_of(config: str, overrides: list[str]) -> str:
         if not Path(config).is_file():
             raise ConfigError(f"{config}: no such config file")
         try:
-            raw = yaml.safe_load(Path(config).read_text()) or {}
+            raw = load_yaml(Path(config).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{config}: cannot read ({e.__class__.__name__})") from e
         kind = raw.get("kind") if isinstance(raw, dict) else None
@@ -79,10 +79,14 @@ def _convert(src: str, dst: str, dtype: str, shard_gb: float) -> None:
     from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
     from remesh.checkpoint.gguf import convert_gguf_to_hf
 
+    if not shard_gb > 0:
+        raise ConfigError(f"--shard-gb: must be positive, got {shard_gb}")
+    if Path(dst).exists() and not Path(dst).is_dir():
+        raise ConfigError(f"convert: destination {dst} is a file; give a folder")
     if src.endswith(".gguf") and dtype == "float32" and shard_gb >= 2:
         out = convert_gguf_to_hf(src, dst)
     else:
-        folder = resolve_model_path(src)
+        folder = resolve_model_path(src, "convert source")
         model = load_hf(folder)
         out = save_hf(model, dst, load_tokenizer(folder), max_shard_bytes=int(shard_gb * 1024**3),
                       dtype=getattr(torch, dtype))
@@ -110,10 +114,18 @@ def _plan(args: argparse.Namespace) -> None:
     from remesh.planner.profile import check_drift
     from remesh.rl.config import RLConfig
 
+    if _kind_of(args.config, args.overrides) != "rl":
+        raise ConfigError(f"{args.config}: remesh plan needs an RL config (kind: rl)")
+    if not args.budget > 0:
+        raise ConfigError(f"--budget: must be positive (seconds), got {args.budget}")
+    timeline = _figure_path(args.timeline, "--timeline")
     cfg = load_config(RLConfig, args.config, args.overrides)
     try:
         if args.cluster.startswith("local:"):
-            cluster = local_cluster(int(args.cluster.split(":", 1)[1]), device=cfg.trainer.device)
+            n = args.cluster.split(":", 1)[1]
+            if not n.isdigit() or int(n) < 1:
+                raise ValueError(f"local:N needs N >= 1 processes, got {args.cluster!r}")
+            cluster = local_cluster(int(n), device=cfg.trainer.device)
             check_drift(cluster.profile, cluster.profile.device)  # this machine's profile: still true?
         else:
             cluster = Cluster.load(args.cluster)
@@ -121,9 +133,24 @@ def _plan(args: argparse.Namespace) -> None:
         raise ConfigError(f"--cluster: {e}") from None
     result, _ = plan_for_config(cfg, cluster, budget_s=args.budget, seed=args.seed)
     print(report(result, cluster))
-    png = plot_timeline(result.best.timeline, args.timeline,
+    png = plot_timeline(result.best.timeline, timeline,
                         f"{cfg.algo.name} on {cluster.name}: {result.best.seconds:.2f} s per iteration (estimated)")
     print(f"\ntimeline: {png}")
+
+
+def _figure_path(path: str, option: str) -> Path:
+    """Where a figure goes: a file whose suffix matplotlib can write (none: .png)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name, e.g. {p / 'plan_timeline.png'}")
+    if not p.suffix:
+        return p.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if p.suffix[1:].lower() not in formats:
+        raise ConfigError(f"{option} {path}: cannot draw a {p.suffix} file (use one of {', '.join(sorted(formats))})")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="samples per prompt")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-batch", type=int, default=64)
+    g.add_argument("--max-prompt-len", type=int, default=512, help="longer prompts are an error (tokens)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto")
     pr = sub.add_parser("profile", help="measure this machine for the planner's estimator (JSON profile)")
@@ -187,7 +215,15 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides after an option (`remesh plan CONFIG --cluster X plan=colocated`) are left over
+    # by argparse, which takes positionals only before the options (intermixed parsing cannot
+    # go with subcommands)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from remesh.checkpoint.gguf import GGUFError
     from remesh.checkpoint.hf import CheckpointError
     from remesh.data import DataError

@@ -30,6 +30,36 @@ class GenerateArgs:
     device: str = "auto"
 
 
+def check_args(a: GenerateArgs) -> None:
+    """Everything that can be checked before the model loads and sampling starts: a mistake found
+    after it would lose the samples (ValueError naming the option)."""
+    from remesh.rollout.adaptive import check_draft_model_used, parse_strategy
+    from remesh.rollout.drafters import self_draft_layers
+    from remesh.rollout.sampling import SamplingParams
+
+    SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
+                   max_new_tokens=a.max_new_tokens, n=a.n)
+    if a.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {a.max_batch}")
+    if a.max_prompt_len < 1:
+        raise ValueError(f"--max-prompt-len must be >= 1, got {a.max_prompt_len}")
+    if a.spec.strip() != "auto":
+        parse_strategy(a.spec)
+    if a.draft_model is not None:
+        self_draft_layers(a.draft_model)
+        check_draft_model_used(a.spec)
+    out, prompts = Path(a.out), Path(a.prompts)
+    if out.is_dir():
+        raise ValueError(f"--out {a.out}: is a folder; give a file name, e.g. {out / 'generations.jsonl'}")
+    if out.exists() and prompts.exists() and out.resolve() == prompts.resolve():
+        raise ValueError(f"--out {a.out}: is the prompts file; the generations would overwrite it")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {a.out}: {parent} is a file, not a folder")
+            break
+
+
 def run_generate(a: GenerateArgs) -> dict:
     from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path
     from remesh.data.datasets import load_prompt_dataset
@@ -38,8 +68,9 @@ def run_generate(a: GenerateArgs) -> dict:
     from remesh.rollout.sampling import stop_token_ids
     from remesh.train.trainer import pick_device
 
-    device = pick_device(a.device)
-    folder = resolve_model_path(a.model)
+    check_args(a)
+    device = pick_device(a.device, "--device")
+    folder = resolve_model_path(a.model, "model")
     tokenizer = load_tokenizer(folder)
     model = load_hf(folder, head="lm", dtype=getattr(torch, a.dtype), device=device).requires_grad_(False)
     draft = load_draft_model(a.draft_model, model, getattr(torch, a.dtype))
@@ -51,13 +82,15 @@ def run_generate(a: GenerateArgs) -> dict:
     rollouts = engine.generate([p.prompt_ids for p in prompts], params, progress=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
+    partial = out.with_name(out.name + ".partial")  # renamed into place whole: a failed write keeps the old file
+    with open(partial, "w") as f:
         for r in rollouts:
             f.write(json.dumps({"prompt_index": r.prompt_index, "sample_index": r.sample_index,
                                 "prompt": prompts[r.prompt_index].prompt, "response": tokenizer.decode(
                                     r.response_ids, skip_special_tokens=True),
                                 "response_ids": r.response_ids, "logprobs": r.logprobs,
                                 "finish_reason": r.finish_reason}) + "\n")
+    partial.replace(out)
     st = engine.stats
     summary = st.summary()
     print(f"remesh: {st.sequences} sequences, {st.tokens} tokens in {st.seconds:.2f} s "

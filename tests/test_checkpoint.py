@@ -107,6 +107,35 @@ def test_hf_refuses_pickled_weights(tmp_path):
         load_hf(tmp_path)
 
 
+def test_unreadable_weight_files_are_named(tmp_path):
+    """A truncated safetensors file and a file that is not GGUF are errors naming the file, not
+    the reader library's traceback."""
+    from remesh.checkpoint.gguf import GGUFError
+
+    save_hf(tiny_model("llama"), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_hf(tmp_path)
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not gguf" * 16)
+    with pytest.raises(GGUFError, match=r"fake\.gguf: not a readable GGUF file"):
+        read_gguf(fake)
+    with pytest.raises(FileNotFoundError, match=r"^reward\.model: model path .* does not exist"):
+        resolve_model_path(str(tmp_path / "nowhere"), "reward.model")
+
+
+def test_convert_refuses_bad_options_before_reading(tmp_path, capsys):
+    from remesh.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--shard-gb", "0"]) == 2
+    assert "--shard-gb: must be positive" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "afile")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "no_such_model"])
 def test_hf_unknown_model_type(model_type, tmp_path):
     """A model_type outside llama/mistral/qwen2 (known to transformers or not) is a CheckpointError naming it."""

@@ -267,6 +267,23 @@ def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_pat
     assert len(checked) == 1
     assert main(["plan", str(config), "--cluster", "nowhere.yaml"]) == 2
     assert "no such file or shipped cluster" in capsys.readouterr().err
+    # refused before the search, each in one line naming the option; an override may follow options
+    for argv, expected in [(["--budget", "0"], "--budget: must be positive"),
+                           (["--timeline", str(tmp_path / "t.txt")], "cannot draw a .txt file"),
+                           (["--timeline", str(tmp_path)], "is a folder"),
+                           (["--cluster", "local:0"], "local:N needs N >= 1"),
+                           (["--cluster", "local:2", "trainer.iterations=0"], "iterations must be >= 1")]:
+        assert main(["plan", str(config), *argv]) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (argv, lines)
+    sft = tmp_path / "sft.yaml"
+    sft.write_text("kind: sft\n")
+    assert main(["plan", str(sft)]) == 2
+    assert "remesh plan needs an RL config" in capsys.readouterr().err
+    # a bad plan for a run: the plan's own message, one line, before any process starts
+    assert main(["train", str(config), "plan=actor_gen=zz"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "plan: actor_gen: layout 'zz'" in lines[0], lines
 
 
 def test_planned_run_passes_its_timeouts_to_the_processes(rl_workspace, monkeypatch):

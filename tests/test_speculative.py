@@ -767,6 +767,31 @@ def test_generate_command_writes_jsonl_and_summary(tmp_path, capsys):
     assert "unknown drafter 'model'" in capsys.readouterr().err
 
 
+def test_generate_checks_its_options_before_loading_the_model(tmp_path, capsys):
+    """A mistake found after sampling would lose the samples: each is refused before the model
+    loads (its path here does not exist), and no file is touched."""
+    from remesh.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["--out", str(prompts)], "is the prompts file; the generations would overwrite it"),
+        (["--out", str(tmp_path)], "is a folder; give a file name"),
+        (["--out", str(tmp_path / "afile" / "g.jsonl")], "afile is a file, not a folder"),
+        (["--spec", "off", "--draft-model", "self:2"], "a draft model is used by speculation 'auto' or 'model:K'"),
+        (["--draft-model", "self:x"], "expected self:N with N >= 1 layers"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--max-prompt-len", "0"], "--max-prompt-len must be >= 1"),
+        (["--device", "nowhere"], "--device: unknown device 'nowhere'"),
+    ]
+    for extra, expected in cases:
+        assert main(["generate", str(tmp_path / "no_model"), str(prompts), *extra]) == 2, extra
+        assert expected in capsys.readouterr().err, extra
+    assert prompts.read_text() == '{"prompt": "hi"}\n' and (tmp_path / "afile").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "p.jsonl"]
+
+
 def test_policy_corrects_its_predicted_step_times_by_the_steps_realised():
     policy = AdaptivePolicy(drafters={"ngram": 1}, depths=(2,), widths=(1,), explore_every=10**6)
     for t, s in [(1, 0.1), (3, 0.1), (64, 0.8)]:  # memory-bound at small batch: drafts look free

@@ -157,6 +157,8 @@ def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):
         (["sft", demo, f"model.path={workspace / 'model'}", f"data.train={tmp_path / 'missing.jsonl'}"],
          "missing.jsonl"),
         (["train", str(tmp_path / "absent.yaml")], "no such config file"),
+        (["sft", demo, "trainer.log_every=0"], "trainer: log_every must be >= 1, got 0"),
+        (["sft", demo, "trainer.device=nowhere"], "trainer.device: unknown device 'nowhere'"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

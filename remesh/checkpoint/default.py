@@ -56,15 +56,17 @@ def default_model_dir() -> Path:
     return target
 
 
-def resolve_model_path(path: str) -> Path:
+def resolve_model_path(path: str, option: str | None = None) -> Path:
     """A config's model path: "default" means the embedded SmolLM2; anything else is an HF folder
-    or a .gguf file (converted into the cache on first use)."""
+    or a .gguf file (converted into the cache on first use). Errors start with `option`, the
+    config key or flag the path came from."""
+    where = f"{option}: " if option else ""
     if path == DEFAULT_MODEL:
         return default_model_dir()
     p = Path(path).expanduser()
     if p.suffix == ".gguf":
         if not p.exists():
-            raise FileNotFoundError(f"model file {p} does not exist")
+            raise FileNotFoundError(f"{where}model file {p} does not exist")
         from remesh.checkpoint.gguf import convert_gguf_to_hf
 
         digest = hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]  # one cache folder per source file
@@ -73,7 +75,8 @@ def resolve_model_path(path: str) -> Path:
             convert_gguf_to_hf(p, target)
         return target
     if not p.exists():
-        raise FileNotFoundError(f"model path {p} does not exist (use 'default' for the embedded SmolLM2-135M)")
+        raise FileNotFoundError(f"{where}model path {p} does not exist (expected an HF folder, a .gguf file, or "
+                                "'default' for the embedded SmolLM2-135M)")
     if not (p / "config.json").exists():
-        raise FileNotFoundError(f"model path {p} is not an HF checkpoint folder (no config.json)")
+        raise FileNotFoundError(f"{where}model path {p} is not an HF checkpoint folder (no config.json)")
     return p

@@ -63,7 +63,10 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     path = Path(path)
     if not path.exists():
         raise GGUFError(f"{path}: no such file")
-    reader = gguf.GGUFReader(str(path))
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (ValueError, OSError) as e:  # "GGUF magic invalid" and the like name no file
+        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (llama, qwen2, mistral)")

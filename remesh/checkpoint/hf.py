@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -156,14 +156,17 @@ def read_hf_state(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     state: dict[str, Tensor] = {}
     for file in _safetensor_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                ours = hf_to_remesh_name(name)
-                if ours is None:
-                    raise CheckpointError(f"{file}: unexpected tensor {name!r}")
-                state[ours] = f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    ours = hf_to_remesh_name(name)
+                    if ours is None:
+                        raise CheckpointError(f"{file}: unexpected tensor {name!r}")
+                    state[ours] = f.get_tensor(name)
+        except SafetensorError as e:  # truncated or corrupt: the file, not a Rust traceback
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
     return state
 
 

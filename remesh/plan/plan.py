@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from remesh.config import load_yaml
 from remesh.dataflow.graph import DataflowGraph
 from remesh.model.llama import ModelArgs
 from remesh.plan.layout import Layout, ShardSpec, format_ranks, parse_ranks
@@ -64,7 +65,9 @@ def parse_plan(text: str, world_size: int | None = None) -> ExecutionPlan:
     for item in text.split():
         name, eq, spec = item.partition("=")
         if not eq or not name or not spec:
-            raise ValueError(f"plan item {item!r}: expected mfc=layout, e.g. actor_gen=d2t1@0-1")
+            close = difflib.get_close_matches(item, HEURISTICS + ("search",), n=1)
+            hint = f"; or did you mean the plan '{close[0]}'?" if close else ""
+            raise ValueError(f"plan item {item!r}: expected mfc=layout, e.g. actor_gen=d2t1@0-1{hint}")
         if name in layouts:
             raise ValueError(f"plan: {name} is given twice")
         try:
@@ -112,8 +115,10 @@ def plan_from_dict(d: Any, where: str = "plan") -> ExecutionPlan:
 
 def load_plan(path: str | Path) -> ExecutionPlan:
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"plan file {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     return plan_from_dict(data, where=str(path))

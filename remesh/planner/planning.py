@@ -25,7 +25,7 @@ def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_ma
     models = role_args(cfg, graph)
     if not cfg.reward.model:
         models.pop("reward", None)  # rule-based: no model
-    tok = load_tokenizer(resolve_model_path(cfg.actor.path))
+    tok = load_tokenizer(resolve_model_path(cfg.actor.path, "actor.path"))
     prompts = load_prompt_dataset(cfg.data.train, tok, max_prompt_len=cfg.data.max_prompt_len,
                                   skip_bad_rows=cfg.data.skip_bad_rows)[0]
     lengths = [len(p.prompt_ids) for p in prompts]

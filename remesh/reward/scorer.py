@@ -185,7 +185,7 @@ def load_learned_reward(path: str, device: torch.device | str = "cpu", dtype: to
     from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path
     from remesh.checkpoint.hf import load_hf_config
 
-    folder = resolve_model_path(path)
+    folder = resolve_model_path(path, "reward.model")
     if load_hf_config(folder).head != "value":
         raise RewardConfigError(f"reward.model {path!r} is a causal LM, not a reward model (no value head); "
                                 f"train one with `remesh rm` and point reward.model at its output")

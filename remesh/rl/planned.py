@@ -41,7 +41,7 @@ from torch import Tensor
 
 from remesh.checkpoint import load_hf, resolve_model_path, save_hf
 from remesh.checkpoint.hf import load_hf_config
-from remesh.config import config_to_dict, dump_config
+from remesh.config import ConfigError, config_to_dict, dump_config
 from remesh.dataflow.graph import EXTERNAL_INPUTS, MFC, DataflowGraph, graph_for
 from remesh.model.llama import ModelArgs, Transformer
 from remesh.plan.layout import Layout, ShardSpec
@@ -552,11 +552,12 @@ def _shards(model: Transformer, spec: ShardSpec) -> dict[str, Tensor]:
 def _role_source(cfg: RLConfig, role: str) -> tuple[str, str, torch.dtype]:
     """(checkpoint folder, head, dtype) a role's model starts from."""
     if role in ("actor", "ref"):
-        return str(resolve_model_path(cfg.actor.path)), "lm", getattr(torch, cfg.actor.dtype)
+        return str(resolve_model_path(cfg.actor.path, "actor.path")), "lm", getattr(torch, cfg.actor.dtype)
     if role == "critic":
         c = cfg.critic or cfg.actor
-        return str(resolve_model_path(c.path)), "value", getattr(torch, c.dtype)
-    return str(cfg.reward.model), "value", torch.float32
+        folder = resolve_model_path(c.path, "critic.path" if cfg.critic else "actor.path")
+        return str(folder), "value", getattr(torch, c.dtype)
+    return str(resolve_model_path(cfg.reward.model, "reward.model")), "value", torch.float32
 
 
 def role_args(cfg: RLConfig, graph: DataflowGraph) -> dict[str, ModelArgs]:
@@ -574,8 +575,12 @@ def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
     # on GPUs, what stays resident must fit a device (the CPU ranks share the host's memory)
     memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     zero = frozenset(role for role, o in (("actor", cfg.actor_optim), ("critic", cfg.critic_optim)) if o.zero)
-    return validate(resolve_plan(cfg.plan, graph, world_size), graph, role_args(cfg, graph), world_size,
-                    device_memory=memory, dtype=getattr(torch, cfg.actor.dtype), zero=zero)
+    args = role_args(cfg, graph)
+    try:
+        return validate(resolve_plan(cfg.plan, graph, world_size), graph, args, world_size,
+                        device_memory=memory, dtype=getattr(torch, cfg.actor.dtype), zero=zero)
+    except ValueError as e:  # the user's plan: a one-line error, not a traceback
+        raise ConfigError(str(e) if str(e).startswith("plan") else f"plan: {e}") from None
 
 
 def _planned_worker(rank: int, world: int, cfg: RLConfig, plan: ExecutionPlan) -> RLResult:
@@ -615,16 +620,16 @@ def resumed_plan(cfg: RLConfig, world: int) -> RLConfig:
     folder = resolve_resume(cfg.trainer.resume, Path(cfg.trainer.output_dir))
     saved = checkpoint_plan(folder)
     if saved is None:
-        raise ValueError(f"trainer.resume: {folder} was written by one process: resume it without a plan")
+        raise ConfigError(f"trainer.resume: {folder} was written by one process: resume it without a plan")
     if saved["world"] != world:
-        raise ValueError(f"trainer.resume: {folder} was written on {saved['world']} ranks, this job has {world}: "
+        raise ConfigError(f"trainer.resume: {folder} was written on {saved['world']} ranks, this job has {world}: "
                          f"resume it with trainer.nproc={saved['world']}")
     if cfg.plan == "search":
         print(f"remesh: resuming under the checkpoint's plan: {saved['plan']}", flush=True)
         return dataclasses.replace(cfg, plan=saved["plan"])
     mine = check_plan(cfg, world).one_line()
     if mine != saved["plan"]:
-        raise ValueError(f"trainer.resume: {folder} was written under the plan \"{saved['plan']}\", not \"{mine}\": "
+        raise ConfigError(f"trainer.resume: {folder} was written under the plan \"{saved['plan']}\", not \"{mine}\": "
                          f"resume it under its plan (plan: search takes it)")
     return cfg
 
@@ -668,7 +673,7 @@ def searched(cfg: RLConfig, world: int) -> RLConfig:
         cluster = local_cluster(world, device=cfg.trainer.device)
         check_drift(cluster.profile, cluster.profile.device)  # this machine's profile: still true?
     if cluster.world != world:
-        raise ValueError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
+        raise ConfigError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
     result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
     out = Path(cfg.trainer.output_dir)
     png = plot_timeline(result.best.timeline, out / "plan_timeline.png",

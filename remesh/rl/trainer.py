@@ -22,7 +22,7 @@ from remesh.algorithms import (AdaptiveKLController, AdvantageConfig, AdvantageI
                                policy_gradient_loss, ppo_policy_loss, token_rewards, value_loss)
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
 from remesh.checkpoint.hf import load_hf_config
-from remesh.config import config_to_dict, dump_config
+from remesh.config import ConfigError, config_to_dict, dump_config
 from remesh.data import PromptExample, load_prompt_dataset
 from remesh.dataflow.executor import OneProcessExecutor
 from remesh.dataflow.graph import MFC, graph_for
@@ -70,7 +70,7 @@ class RLTrainer:
         torch.manual_seed(tc.seed)
         # no KL term (coef 0, no adaptive target): no reference model in memory, no ref_inf call
         self.graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
-        self.initial = resolve_model_path(cfg.actor.path)
+        self.initial = resolve_model_path(cfg.actor.path, "actor.path")
         self.resume_dir = resolve_resume(tc.resume, self.out) if tc.resume else None
         self.tokenizer = load_tokenizer(self.initial)
         self._config_eos = load_hf_config(self.initial, "lm").extra.get("eos_token_id")
@@ -92,8 +92,9 @@ class RLTrainer:
         cfg = self.cfg
         dtype = getattr(torch, cfg.actor.dtype)
         if self.resume_dir is not None and (saved := checkpoint_plan(self.resume_dir)):
-            raise ValueError(f"trainer.resume: {self.resume_dir} was written under an execution plan on {saved['world']} "
-                             f"ranks: resume it under that plan (plan: \"{saved['plan']}\", trainer.nproc={saved['world']})")
+            raise ConfigError(f"trainer.resume: {self.resume_dir} was written under an execution plan on "
+                              f"{saved['world']} ranks: resume it under that plan (plan: \"{saved['plan']}\", "
+                              f"trainer.nproc={saved['world']})")
         self.actor = load_hf(self.resume_dir or self.initial, head="lm", dtype=dtype, device=self.device)
         self.engine = RolloutEngine(self.actor, spec=cfg.rollout.spec, max_batch=cfg.rollout.max_batch,
                                     keep_cache=cfg.rollout.keep_cache,
@@ -104,7 +105,8 @@ class RLTrainer:
         self.critic = None
         if "critic" in self.graph.roles:
             critic_cfg = cfg.critic or cfg.actor
-            source = role_folder(self.resume_dir, "critic") if self.resume_dir else resolve_model_path(critic_cfg.path)
+            source = role_folder(self.resume_dir, "critic") if self.resume_dir else resolve_model_path(
+                critic_cfg.path, "critic.path" if cfg.critic else "actor.path")
             self.critic = load_hf(source, head="value", dtype=getattr(torch, critic_cfg.dtype), device=self.device)
         self.reward_fn = build_reward_fn(cfg.reward, self.device)
         self.actor_opt = build_optimizer(self.actor, cfg.actor_optim)
@@ -495,6 +497,7 @@ def plot_reward_curve(metrics_file: Path, path: Path) -> Path:
 
 
 def train_rl(cfg: RLConfig) -> RLResult:
+    pick_device(cfg.trainer.device)  # a device this machine lacks fails here, before a plan search or processes
     if cfg.plan is not None:
         from remesh.rl.planned import train_planned
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
-from remesh.config import config_to_dict, dump_config
+from remesh.config import ConfigError, config_to_dict, dump_config
 from remesh.data import balanced_micro_batches, split_eval
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
@@ -58,10 +58,22 @@ class TrainResult:
     eval_metrics: dict[str, float]
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "trainer.device") -> torch.device:
+    """`name` as a device this machine has ("auto": cuda if available, else cpu); ConfigError
+    naming `option` otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{option}: unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{option}: {name!r}, but this machine has no CUDA device (torch {torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{option}: {name!r}, but this machine has {count} CUDA device(s)")
+    return device
 
 
 def autocast_context(mode: str, device: torch.device):
@@ -81,7 +93,7 @@ def run_training(cfg: Any, task: Task) -> TrainResult:
     torch.manual_seed(tc.seed)
 
     resume_dir = resolve_resume(tc.resume, out) if tc.resume else None
-    source = resume_dir or resolve_model_path(cfg.model.path)
+    source = resume_dir or resolve_model_path(cfg.model.path, "model.path")
     tokenizer = load_tokenizer(source)
     dtype = getattr(torch, cfg.model.dtype)
     model = load_hf(source, head=task.head, dtype=dtype, device=device)
