@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     from remesh.checkpoint.gguf import GGUFError
     from remesh.checkpoint.hf import CheckpointError
     from remesh.data import DataError
+    from remesh.planner.search import NoPlanFits
 
     try:
         if args.command in ("sft", "rm", "rl"):
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             _profile(args)
         elif args.command == "plan":
             _plan(args)
-    except (ConfigError, DataError, CheckpointError, GGUFError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, GGUFError, NoPlanFits, FileNotFoundError) as e:
         print(f"remesh: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -267,8 +267,12 @@ def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_pat
     assert len(checked) == 1
     assert main(["plan", str(config), "--cluster", "nowhere.yaml"]) == 2
     assert "no such file or shipped cluster" in capsys.readouterr().err
-    # refused before the search, each in one line naming the option; an override may follow options
+    # refused before the search, each in one line naming the option; an override may follow options;
+    # a cluster too small for any plan
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text("nodes: 1\ndevices_per_node: 2\ndevice_memory: 1000\nprofile: h100-datasheet\n")
     for argv, expected in [(["--budget", "0"], "--budget: must be positive"),
+                           (["--cluster", str(tiny), "--budget", "1"], "no execution plan fits 2 devices of"),
                            (["--timeline", str(tmp_path / "t.txt")], "cannot draw a .txt file"),
                            (["--timeline", str(tmp_path)], "is a folder"),
                            (["--cluster", "local:0"], "local:N needs N >= 1"),
