@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from remesh.config import ConfigError, load_config, load_yaml
+from remesh.config import ConfigError, check_output_file, load_config, load_yaml
 
 
 def _run_configs() -> dict[str, type]:
@@ -54,8 +54,8 @@ def _run(kind: str, config: str | None, overrides: list[str]) -> None:
     print(f"remesh: metrics      {result.metrics_file} (TensorBoard: {result.output_dir / 'tensorboard'})")
 
 
-def _kind_of(config: str, overrides: list[str]) -> str:
-    kinds = _run_configs()
+def _declared_kind(config: str, overrides: list[str]) -> str | None:
+    """The `kind` an override or the config file sets, if any."""
     kind = None
     for o in overrides:
         if o.startswith("kind="):
@@ -68,6 +68,12 @@ def _kind_of(config: str, overrides: list[str]) -> str:
         except (OSError, yaml.YAMLError) as e:
             raise ConfigError(f"{config}: cannot read ({e.__class__.__name__})") from e
         kind = raw.get("kind") if isinstance(raw, dict) else None
+    return kind
+
+
+def _kind_of(config: str, overrides: list[str]) -> str:
+    kinds = _run_configs()
+    kind = _declared_kind(config, overrides)
     if kind not in kinds:
         raise ConfigError(f"{config}: 'kind' must be one of {', '.join(kinds)} (got {kind!r})")
     return kind
@@ -114,7 +120,7 @@ def _plan(args: argparse.Namespace) -> None:
     from remesh.planner.profile import check_drift
     from remesh.rl.config import RLConfig
 
-    if _kind_of(args.config, args.overrides) != "rl":
+    if _declared_kind(args.config, args.overrides) not in (None, "rl"):  # an RL config may leave kind out
         raise ConfigError(f"{args.config}: remesh plan needs an RL config (kind: rl)")
     if not args.budget > 0:
         raise ConfigError(f"--budget: must be positive (seconds), got {args.budget}")
@@ -143,8 +149,7 @@ def _figure_path(path: str, option: str) -> Path:
     from matplotlib.backend_bases import FigureCanvasBase
 
     p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{option} {path}: is a folder; give a file name, e.g. {p / 'plan_timeline.png'}")
+    check_output_file(p, option)
     if not p.suffix:
         return p.with_suffix(".png")
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -220,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     # overrides after an option (`remesh plan CONFIG --cluster X plan=colocated`) are left over
     # by argparse, which takes positionals only before the options (intermixed parsing cannot
     # go with subcommands)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
@@ -243,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan":
             _plan(args)
     except (ConfigError, DataError, CheckpointError, GGUFError, NoPlanFits, FileNotFoundError) as e:
+        print(f"remesh: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave (a lost connection, a full disk...)
+            raise
         print(f"remesh: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -29,11 +29,13 @@ import os
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar, Union
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "load_yaml", "config_to_dict", "dump_config", "require_at_least"]
+__all__ = ["ConfigError", "FieldError", "load_config", "load_yaml", "config_to_dict", "dump_config",
+           "require_at_least", "check_output_file"]
 
 T = TypeVar("T")
 Key = tuple  # a dotted key as a tuple of str (field / dict key) and int (list index)
@@ -77,13 +79,36 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
     return loader.build(cls, tree, (), base=None)
 
 
+class FieldError(ValueError):
+    """One field's value is out of range (raised in ``__post_init__``): the loader blames the
+    file or override that set that field. A plain ValueError is about a combination of fields."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def require_at_least(cfg: Any, minimum: float, *names: str) -> None:
-    """For a config's ``__post_init__``: each named field, unless None, is at least ``minimum``
-    (the loader prefixes the section and the place the value came from)."""
+    """For a config's ``__post_init__``: each named field, unless None, is at least ``minimum``."""
     for name in names:
         value = getattr(cfg, name)
         if value is not None and value < minimum:
-            raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+            raise FieldError(name, f"{name} must be >= {minimum:g}, got {value}")
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """Before any work: ``path`` can become a file (it is not a folder, and no part of its
+    parent is a file), so that the work's result is not lost at the end (ConfigError)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise ConfigError(f"{option} {path}: cannot write in {parent}")
+            return
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -206,6 +231,8 @@ class _Loader:
             return cls(**kwargs)
         except ConfigError:
             raise
+        except FieldError as e:
+            raise self.error(path + (e.field,), f"{_dotted(path) or cls.__name__}: {e}") from e
         except ValueError as e:
             raise self.error(path, f"{_dotted(path) or cls.__name__}: {e}", section=True) from e
 

@@ -33,31 +33,33 @@ class GenerateArgs:
 def check_args(a: GenerateArgs) -> None:
     """Everything that can be checked before the model loads and sampling starts: a mistake found
     after it would lose the samples (ValueError naming the option)."""
-    from remesh.rollout.adaptive import check_draft_model_used, parse_strategy
+    from remesh.config import FieldError, check_output_file
+    from remesh.rollout.adaptive import check_speculation
     from remesh.rollout.drafters import self_draft_layers
     from remesh.rollout.sampling import SamplingParams
 
-    SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
-                   max_new_tokens=a.max_new_tokens, n=a.n)
+    try:
+        SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
+                       max_new_tokens=a.max_new_tokens, n=a.n)
+    except FieldError as e:
+        raise ValueError(f"--{e.field.replace('_', '-')}: {e}") from None
     if a.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {a.max_batch}")
     if a.max_prompt_len < 1:
         raise ValueError(f"--max-prompt-len must be >= 1, got {a.max_prompt_len}")
-    if a.spec.strip() != "auto":
-        parse_strategy(a.spec)
+    if wrong := check_speculation(a.spec, a.draft_model is not None):
+        raise ValueError(f"--{wrong[0].replace('_', '-')}: {wrong[1]}")
     if a.draft_model is not None:
-        self_draft_layers(a.draft_model)
-        check_draft_model_used(a.spec)
+        try:
+            layers = self_draft_layers(a.draft_model)
+        except ValueError as e:
+            raise ValueError(f"--draft-model: {e}") from None
+        if layers is None and a.draft_model != "default" and not Path(a.draft_model).exists():
+            raise ValueError(f"--draft-model: {a.draft_model} does not exist")
     out, prompts = Path(a.out), Path(a.prompts)
-    if out.is_dir():
-        raise ValueError(f"--out {a.out}: is a folder; give a file name, e.g. {out / 'generations.jsonl'}")
     if out.exists() and prompts.exists() and out.resolve() == prompts.resolve():
         raise ValueError(f"--out {a.out}: is the prompts file; the generations would overwrite it")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {a.out}: {parent} is a file, not a folder")
-            break
+    check_output_file(out, "--out")
 
 
 def run_generate(a: GenerateArgs) -> dict:
@@ -72,9 +74,11 @@ def run_generate(a: GenerateArgs) -> dict:
     device = pick_device(a.device, "--device")
     folder = resolve_model_path(a.model, "model")
     tokenizer = load_tokenizer(folder)
+    # the prompts (a bad row, a missing file) before the weights load
+    prompts, _ = load_prompt_dataset(a.prompts, tokenizer, max_prompt_len=a.max_prompt_len,
+                                     limit_option="--max-prompt-len")
     model = load_hf(folder, head="lm", dtype=getattr(torch, a.dtype), device=device).requires_grad_(False)
     draft = load_draft_model(a.draft_model, model, getattr(torch, a.dtype))
-    prompts, _ = load_prompt_dataset(a.prompts, tokenizer, max_prompt_len=a.max_prompt_len)
     stop = stop_token_ids(tokenizer.eos_token_id, model.args.extra.get("eos_token_id"))
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
                             max_new_tokens=a.max_new_tokens, n=a.n, seed=a.seed, stop_token_ids=stop)
@@ -82,15 +86,20 @@ def run_generate(a: GenerateArgs) -> dict:
     rollouts = engine.generate([p.prompt_ids for p in prompts], params, progress=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")  # renamed into place whole: a failed write keeps the old file
-    with open(partial, "w") as f:
-        for r in rollouts:
-            f.write(json.dumps({"prompt_index": r.prompt_index, "sample_index": r.sample_index,
-                                "prompt": prompts[r.prompt_index].prompt, "response": tokenizer.decode(
-                                    r.response_ids, skip_special_tokens=True),
-                                "response_ids": r.response_ids, "logprobs": r.logprobs,
-                                "finish_reason": r.finish_reason}) + "\n")
-    partial.replace(out)
+    # written whole, then renamed over the file (a symlink's target): a failed write keeps the old one
+    target = out.resolve()
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with open(partial, "w") as f:
+            for r in rollouts:
+                f.write(json.dumps({"prompt_index": r.prompt_index, "sample_index": r.sample_index,
+                                    "prompt": prompts[r.prompt_index].prompt, "response": tokenizer.decode(
+                                        r.response_ids, skip_special_tokens=True),
+                                    "response_ids": r.response_ids, "logprobs": r.logprobs,
+                                    "finish_reason": r.finish_reason}) + "\n")
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
     st = engine.stats
     summary = st.summary()
     print(f"remesh: {st.sequences} sequences, {st.tokens} tokens in {st.seconds:.2f} s "

@@ -173,7 +173,16 @@ def test_only_true_and_false_are_booleans(tmp_path, base):
         "override 'data.shuffle=yes': data.shuffle: expected bool, got str 'yes'"
 
 
-def test_run_configs_check_ranges_at_load_time():
+def test_pyyaml_itself_keeps_yaml_1_1():
+    """load_yaml's booleans are its own loader's: PyYAML's (which other libraries use) is untouched."""
+    import yaml
+
+    from remesh.config import load_yaml
+
+    assert yaml.safe_load("a: off") == {"a": False} and load_yaml("a: off") == {"a": "off"}
+
+
+def test_run_configs_check_ranges_at_load_time(tmp_path):
     """Values the run would only trip over after loading models and writing its output folder
     (or accept, as a negative step count) fail when the config loads, naming section and field."""
     from remesh.rl.config import RLConfig
@@ -195,6 +204,15 @@ def test_run_configs_check_ranges_at_load_time():
         "rollout: a draft model is used by speculation 'auto' or 'model:K', not 'ngram:3' "
         "(drop the draft model, or change the speculation)")
     assert load_config(RLConfig, grpo, ["rollout.spec=off"]).rollout.spec == "off"
+    assert rl_error("rollout.spec=ngarm:3").endswith("rollout: speculation 'ngarm:3': unknown drafter 'ngarm' "
+                                                     "(known: ngram, history, model)")
+    assert rl_error("rollout.spec=model:3").endswith("rollout: speculation 'model:3' needs a draft model")
+    # a one-field error blames whatever set that field, not the section's last override
+    assert rl_error("trainer.iterations=0", "trainer.device=cpu").startswith("override 'trainer.iterations=0':")
+    bad_file = tmp_path / "bad.yaml"
+    bad_file.write_text("kind: rl\nreward: {terms: [{name: length_penalty}]}\nrollout: {top_p: 1.5}\n")
+    msg = error(RLConfig, str(bad_file), ["rollout.max_new_tokens=32"])
+    assert msg.startswith(f"{bad_file}: rollout: top_p must be in (0, 1]"), msg
     assert error(SFTConfig, sft, ["trainer.log_every=0"]).endswith(
         "trainer: log_every must be >= 1, got 0")
     assert error(SFTConfig, sft, ["trainer.max_steps=-3"]).endswith(

@@ -206,6 +206,15 @@ def test_parquet(tmp_path, tok):
     (ex,), _ = sft(tmp_path / "m.parquet", tok)
     assert trained_text(tok, ex.input_ids, ex.loss_mask) == "hello<|im_end|>\n"
 
+    # every row has every column: a null is no value, not an unknown field or a conflict
+    pq.write_table(pa.table({"prompt": ["a", "b"], "response": ["x", "y"], "source": [None, None]}),
+                   tmp_path / "n.parquet")
+    assert len(sft(tmp_path / "n.parquet", tok)[0]) == 2
+    pq.write_table(pa.table({"prompt": ["a", "b"], "genre": ["drama", None], "meta": [None, {"genre": "comedy"}]}),
+                   tmp_path / "g.parquet")
+    examples, _ = load_prompt_dataset(tmp_path / "g.parquet", tok, max_prompt_len=BIG)
+    assert [e.meta["genre"] for e in examples] == ["drama", "comedy"]
+
 
 def test_corrupt_parquet(tmp_path, tok):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")

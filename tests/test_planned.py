@@ -258,7 +258,9 @@ def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_pat
     config = ws / "plan_cmd.yaml"
     import yaml
 
-    config.write_text(yaml.safe_dump(_config(ws, "ppo", "plan_cmd", **SECTIONS["ppo"])))
+    # an RL config may leave `kind` out
+    config.write_text(yaml.safe_dump({k: v for k, v in _config(ws, "ppo", "plan_cmd", **SECTIONS["ppo"]).items()
+                                      if k != "kind"}))
     png = tmp_path / "timeline.png"
     assert main(["plan", str(config), "--cluster", "local:4", "--budget", "1", "--timeline", str(png)]) == 0
     out = capsys.readouterr().out
@@ -275,6 +277,7 @@ def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_pat
                            (["--cluster", str(tiny), "--budget", "1"], "no execution plan fits 2 devices of"),
                            (["--timeline", str(tmp_path / "t.txt")], "cannot draw a .txt file"),
                            (["--timeline", str(tmp_path)], "is a folder"),
+                           (["--timeline", str(png / "t.png")], "timeline.png is a file, not a folder"),
                            (["--cluster", "local:0"], "local:N needs N >= 1"),
                            (["--cluster", "local:2", "trainer.iterations=0"], "iterations must be >= 1")]:
         assert main(["plan", str(config), *argv]) == 2, argv
@@ -285,7 +288,7 @@ def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_pat
     assert main(["plan", str(sft)]) == 2
     assert "remesh plan needs an RL config" in capsys.readouterr().err
     # a bad plan for a run: the plan's own message, one line, before any process starts
-    assert main(["train", str(config), "plan=actor_gen=zz"]) == 2
+    assert main(["rl", str(config), "plan=actor_gen=zz"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "plan: actor_gen: layout 'zz'" in lines[0], lines
 

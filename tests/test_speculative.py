@@ -764,7 +764,8 @@ def test_generate_command_writes_jsonl_and_summary(tmp_path, capsys):
     per_seq = float(printed.split(" per sequence: 1 without speculation")[0].rsplit(", ", 1)[1])
     assert 1.0 <= per_seq <= 3.0  # history:2x2 emits 1 to 3 tokens a sequence-step
     assert main(["generate", str(tmp_path / "model"), str(tmp_path / "p.jsonl"), "--spec", "model:3"]) == 2
-    assert "unknown drafter 'model'" in capsys.readouterr().err
+    assert "--spec: speculation 'model:3' needs a draft model" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_generate_checks_its_options_before_loading_the_model(tmp_path, capsys):
@@ -779,9 +780,12 @@ def test_generate_checks_its_options_before_loading_the_model(tmp_path, capsys):
         (["--out", str(prompts)], "is the prompts file; the generations would overwrite it"),
         (["--out", str(tmp_path)], "is a folder; give a file name"),
         (["--out", str(tmp_path / "afile" / "g.jsonl")], "afile is a file, not a folder"),
-        (["--spec", "off", "--draft-model", "self:2"], "a draft model is used by speculation 'auto' or 'model:K'"),
-        (["--draft-model", "self:x"], "expected self:N with N >= 1 layers"),
-        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--spec", "off", "--draft-model", "self:2"],
+         "--draft-model: a draft model is used by speculation 'auto' or 'model:K'"),
+        (["--draft-model", "self:x"], "--draft-model: draft model 'self:x': expected self:N with N >= 1 layers"),
+        (["--draft-model", str(tmp_path / "nowhere")], "nowhere does not exist"),
+        (["--spec", "ngarm:3"], "--spec: speculation 'ngarm:3': unknown drafter 'ngarm' (known: ngram, history"),
+        (["--top-p", "1.5"], "--top-p: top_p must be in (0, 1]"),
         (["--max-prompt-len", "0"], "--max-prompt-len must be >= 1"),
         (["--device", "nowhere"], "--device: unknown device 'nowhere'"),
     ]

@@ -198,9 +198,10 @@ def _load(path: str | Path, parse: Callable[[dict[str, Any], str], T], skip_bad_
 
 def _known_fields(row: Mapping[str, Any], fields: tuple[str, ...], what: str, prefix: str = "") -> None:
     """A field the loader would not read is an error, not silently dropped data (a `system`
-    next to prompt + response, a `margin` on a preference pair); `meta` holds bookkeeping."""
-    for key in row:
-        if key not in fields:
+    next to prompt + response, a `margin` on a preference pair); `meta` holds bookkeeping. A null
+    is no value (parquet gives every row every column)."""
+    for key, value in row.items():
+        if key not in fields and value is not None:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             keep = "; put other data under 'meta'" if "meta" in fields else ""
@@ -241,12 +242,12 @@ def _messages_field(row: Mapping[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def _check_prompt_len(n: int, max_prompt_len: int, name: str = "prompt") -> None:
+def _check_prompt_len(n: int, max_prompt_len: int, name: str = "prompt",
+                      option: str = "data.max_prompt_len") -> None:
     if n > max_prompt_len:
         raise _RowError(
             "prompt too long", name,
-            f"prompt is {n} tokens, longer than max_prompt_len={max_prompt_len} (raise data.max_prompt_len, or "
-            "remesh generate's --max-prompt-len, or shorten it)",
+            f"prompt is {n} tokens, longer than max_prompt_len={max_prompt_len} (raise {option} or shorten it)",
             f"max_prompt_len={max_prompt_len}",
         )
 
@@ -358,10 +359,12 @@ class _Renderer:
 
 
 def load_prompt_dataset(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int, skip_bad_rows: bool = False
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int, skip_bad_rows: bool = False,
+    limit_option: str = "data.max_prompt_len",
 ) -> tuple[list[PromptExample], SkipReport]:
     """Rows: `prompt` (str), optional `answer` (str or number, kept as str), optional `meta`
-    (object); any other keys are merged into meta."""
+    (object); any other keys are merged into meta. `limit_option`: how an error names the
+    setting that raises `max_prompt_len`."""
     r = _Renderer(tokenizer)
 
     def parse(row: dict[str, Any], source: str) -> PromptExample:
@@ -378,12 +381,12 @@ def load_prompt_dataset(
             raise _RowError("wrong type", "meta", f"expected an object, got {_type_name(meta)}")
         extra = {k: v for k, v in row.items() if k not in ("prompt", "answer", "meta")}
         for k in extra.keys() & meta.keys():
-            if extra[k] != meta[k]:
+            if extra[k] is not None and extra[k] != meta[k]:  # None: a parquet column this row leaves empty
                 raise _RowError("conflicting fields", k, f"given both at the top level ({extra[k]!r}) and in meta "
                                 f"({meta[k]!r})")
         meta = {**extra, **meta}
         ids = r.prompt(prompt)
-        _check_prompt_len(len(ids), max_prompt_len)
+        _check_prompt_len(len(ids), max_prompt_len, option=limit_option)
         return PromptExample(ids, prompt, answer, meta, source)
 
     return _load(path, parse, skip_bad_rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from remesh.config import require_at_least
+from remesh.config import FieldError, require_at_least
 from remesh.train.configs import ModelConfig, OptimConfig
 
 ALGOS = ("ppo", "remax", "grpo", "rloo", "reinforce_pp")
@@ -33,7 +33,7 @@ class AlgoConfig:
         require_at_least(self, 0, "clip_low", "clip_high", "value_clip", "remax_clip")
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise FieldError(name, f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -48,7 +48,7 @@ class KLConfig:
         require_at_least(self, 0, "coef")
         require_at_least(self, 1, "horizon")
         if self.target is not None and self.target <= 0:
-            raise ValueError(f"target must be positive (null: a fixed coef), got {self.target}")
+            raise FieldError("target", f"target must be positive (null: a fixed coef), got {self.target}")
 
 
 @dataclass
@@ -88,22 +88,28 @@ class RolloutConfig:
     migrate_transfer: Literal["auto", "cache", "recompute"] = "auto"
 
     def __post_init__(self) -> None:
-        from remesh.rollout.adaptive import check_draft_model_used, parse_strategy
+        from remesh.rollout.adaptive import check_speculation
         from remesh.rollout.drafters import self_draft_layers
-
         from remesh.rollout.sampling import SamplingParams
 
         if self.migrate_every < 0:
-            raise ValueError(f"rollout.migrate_every must be >= 0 (0: no migration), got {self.migrate_every}")
+            raise FieldError("migrate_every", f"migrate_every must be >= 0 (0: no migration), got {self.migrate_every}")
         require_at_least(self, 1, "max_batch")
-        # the engine's own checks, at load time rather than in the first generate call
-        SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                       max_new_tokens=self.max_new_tokens, n=self.n_samples)
-        if self.spec != "auto":
-            parse_strategy(self.spec)
+        # the engine's own checks, at load time rather than after the models load
+        try:
+            SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                           max_new_tokens=self.max_new_tokens, n=self.n_samples)
+        except FieldError as e:
+            if e.field != "n":
+                raise
+            raise FieldError("n_samples", f"n_samples must be >= 1, got {self.n_samples}") from None
         if self.draft_model is not None:
-            self_draft_layers(self.draft_model)
-            check_draft_model_used(self.spec)
+            try:
+                self_draft_layers(self.draft_model)
+            except ValueError as e:
+                raise FieldError("draft_model", str(e)) from None
+        if wrong := check_speculation(self.spec, self.draft_model is not None):
+            raise FieldError(*wrong)
 
 
 @dataclass
@@ -146,7 +152,7 @@ class RLTrainerConfig:
         require_at_least(self, 0, "save_every", "keep_checkpoints", "show_samples")
         for name in ("collective_timeout_s", "job_timeout_s"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise FieldError(name, f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -158,8 +164,7 @@ class PlannerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"planner.steps must be >= 1, got {self.steps}")
+        require_at_least(self, 1, "steps")
 
 
 @dataclass

@@ -67,13 +67,27 @@ def parse_strategy(text: str) -> Strategy:
     return Strategy(name, depth, width)
 
 
-def check_draft_model_used(spec: str) -> None:
-    """A draft model serves `auto` and `model:K[xW]` only: under another strategy it would be
-    loaded and never run."""
+DRAFTERS = ("ngram", "history", "model")  # what the engine builds; "model" needs a draft model
+
+
+def check_speculation(spec: str, draft_model: bool) -> tuple[str, str] | None:
+    """What the engine would refuse once the models are loaded, for a run's config or options:
+    None if `spec` and the presence of a draft model go together, else which of the two is
+    wrong ("spec" or "draft_model"), with ValueError's message. A draft model serves `auto` and
+    `model:K[xW]` only: under another strategy it would be loaded and never run."""
     spec = spec.strip()
-    if spec != "auto" and parse_strategy(spec).drafter != "model":
-        raise ValueError(f"a draft model is used by speculation 'auto' or 'model:K', not {spec!r} "
-                         "(drop the draft model, or change the speculation)")
+    try:
+        drafter = None if spec == "auto" else parse_strategy(spec).drafter
+    except ValueError as e:
+        return "spec", str(e)
+    if drafter is not None and drafter not in DRAFTERS:
+        return "spec", f"speculation {spec!r}: unknown drafter {drafter!r} (known: {', '.join(DRAFTERS)})"
+    if drafter == "model" and not draft_model:
+        return "spec", f"speculation {spec!r} needs a draft model"
+    if draft_model and spec != "auto" and drafter != "model":
+        return "draft_model", (f"a draft model is used by speculation 'auto' or 'model:K', not {spec!r} "
+                               "(drop the draft model, or change the speculation)")
+    return None
 
 
 class StepTimeModel:

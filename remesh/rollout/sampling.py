@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from remesh.config import FieldError
+
 
 @dataclass
 class SamplingParams:
@@ -28,15 +30,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 unless greedy, got {self.temperature}")
+            raise FieldError("temperature", f"temperature must be > 0 unless greedy, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise FieldError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+            raise FieldError("top_k", f"top_k must be >= 0 (0: off), got {self.top_k}")
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise FieldError("n", f"n must be >= 1, got {self.n}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise FieldError("max_new_tokens", f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 def stop_token_ids(tokenizer_eos: int | None, config_eos: int | list[int] | None) -> tuple[int, ...]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from remesh.config import require_at_least
+from remesh.config import FieldError, require_at_least
 
 
 @dataclass
@@ -32,7 +32,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise FieldError("eval_fraction", f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         require_at_least(self, 1, "max_prompt_len", "max_len")
         if self.max_prompt_len > self.max_len:
             raise ValueError(f"max_prompt_len ({self.max_prompt_len}) exceeds max_len ({self.max_len})")
@@ -54,14 +54,14 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise FieldError("lr", f"lr must be positive, got {self.lr}")
         if self.eps <= 0:
-            raise ValueError(f"eps must be positive, got {self.eps}")
+            raise FieldError("eps", f"eps must be positive, got {self.eps}")
         require_at_least(self, 0, "weight_decay", "warmup_steps", "grad_clip")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise FieldError("min_lr_ratio", f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+            raise FieldError("betas", f"betas must each be in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
