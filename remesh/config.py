@@ -35,7 +35,7 @@ from typing import Any, Literal, Sequence, TypeVar, Union
 import yaml
 
 __all__ = ["ConfigError", "FieldError", "load_config", "load_yaml", "config_to_dict", "dump_config",
-           "require_at_least", "check_output_file"]
+           "require_at_least", "require_positive", "check_output_file"]
 
 T = TypeVar("T")
 Key = tuple  # a dotted key as a tuple of str (field / dict key) and int (list index)
@@ -94,6 +94,14 @@ def require_at_least(cfg: Any, minimum: float, *names: str) -> None:
         value = getattr(cfg, name)
         if value is not None and value < minimum:
             raise FieldError(name, f"{name} must be >= {minimum:g}, got {value}")
+
+
+def require_positive(cfg: Any, *names: str) -> None:
+    """For a config's ``__post_init__``: each named field, unless None, is above 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise FieldError(name, f"{name} must be positive, got {value}")
 
 
 def check_output_file(path: str | os.PathLike, option: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from remesh.config import FieldError, require_at_least
+from remesh.config import FieldError, require_at_least, require_positive
 from remesh.train.configs import ModelConfig, OptimConfig
 
 ALGOS = ("ppo", "remax", "grpo", "rloo", "reinforce_pp")
@@ -150,9 +150,7 @@ class RLTrainerConfig:
     def __post_init__(self) -> None:
         require_at_least(self, 1, "iterations", "prompts_per_iter", "micro_batch_tokens", "nproc")
         require_at_least(self, 0, "save_every", "keep_checkpoints", "show_samples")
-        for name in ("collective_timeout_s", "job_timeout_s"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise FieldError(name, f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "collective_timeout_s", "job_timeout_s")
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from remesh.config import FieldError, require_at_least
+from remesh.config import FieldError, require_at_least, require_positive
 
 
 @dataclass
@@ -53,10 +53,7 @@ class OptimConfig:
     zero: bool = False
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise FieldError("lr", f"lr must be positive, got {self.lr}")
-        if self.eps <= 0:
-            raise FieldError("eps", f"eps must be positive, got {self.eps}")
+        require_positive(self, "lr", "eps")
         require_at_least(self, 0, "weight_decay", "warmup_steps", "grad_clip")
         if not 0 <= self.min_lr_ratio <= 1:
             raise FieldError("min_lr_ratio", f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
