@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/remesh rm configs/rm_demo.yaml
-	$(VENV)/bin/remesh train configs/remax_demo.yaml
+	$(VENV)/bin/remesh rm configs/rm_demo.yaml trainer.overwrite=true
+	$(VENV)/bin/remesh train configs/remax_demo.yaml trainer.overwrite=true
 	@echo "demo outputs: runs/demo/rm/final (reward model), runs/demo/remax/final (actor), runs/demo/remax/reward_curve.png, metrics.jsonl and tensorboard/ beside them"
 
 test: $(STAMP)

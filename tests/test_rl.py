@@ -163,8 +163,9 @@ def test_bad_rl_configs_name_the_problem(rl_workspace, tmp_path):
 
 
 def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
-    """Unknown key, wrong type, missing model path, missing reward function file or reward model:
-    `remesh train` exits 2 with one line naming the culprit, before any training."""
+    """Unknown key, wrong type, missing model path, missing reward function file or reward model, an
+    output folder holding another run: `remesh train` exits 2 with one line naming the culprit,
+    before any training."""
     from remesh.cli import main
 
     cfg = _config(rl_workspace, "remax", "cli", rollout={"n_samples": 1})
@@ -174,12 +175,19 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
     missing_rm = _config(rl_workspace, "remax", "cli", reward={"model": str(tmp_path / "no_rm"), "terms": []})
     (tmp_path / "fn.yaml").write_text(yaml.safe_dump(missing_fn))
     (tmp_path / "rm.yaml").write_text(yaml.safe_dump(missing_rm))
+    held = tmp_path / "held"
+    (held / "checkpoints" / "step_000001").mkdir(parents=True)
+    (held / "metrics.jsonl").write_text('{"step": 1}\n')
     cases = [
         (["train", str(good), "algo.nmae=ppo"], "did you mean 'algo.name'"),
         (["train", str(good), "rollout.temperature=hot"], "rollout.temperature: expected float"),
         (["train", str(good), f"actor.path={tmp_path / 'no_model'}"], "no_model"),
         (["train", str(tmp_path / "fn.yaml")], "absent.py"),
         (["train", str(tmp_path / "rm.yaml")], "no_rm"),
+        # a folder holding an earlier run, with or without a plan (the planned run's launcher checks)
+        (["train", str(good), f"trainer.output_dir={held}"], f"trainer.output_dir: {held} holds an earlier run"),
+        (["train", str(good), f"trainer.output_dir={held}", "plan=colocated", "trainer.nproc=2"],
+         f"trainer.output_dir: {held} holds an earlier run (metrics.jsonl, 1 step checkpoint)"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

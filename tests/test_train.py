@@ -145,6 +145,47 @@ def test_killed_run_resumes_bitwise(workspace):
     assert _losses(workspace / "killed" / "metrics.jsonl") == full  # exact float equality, every step
 
 
+def test_a_fresh_run_neither_mixes_with_nor_silently_replaces_an_earlier_one(workspace, capsys):
+    """A second fresh run into a folder holding a run is refused before any work, and the earlier
+    run is left as it was: before, its step checkpoints outnumbered the new run's, so
+    keep_checkpoints pruned each new one as it was written and resume=latest picked the old run.
+    trainer.overwrite=true replaces it: what the folder then holds is the new run's alone."""
+    from remesh.cli import main
+
+    out = workspace / "reused"
+
+    def run(steps: int, *extra: str) -> int:
+        return main(["sft", str(REPO / "configs/sft_demo.yaml"), *_overrides(
+            workspace, "reused", f"data.train={workspace / 'sft.jsonl'}", f"trainer.max_steps={steps}",
+            "trainer.epochs=5", "trainer.batch_size=8", "trainer.micro_batch_tokens=128", "trainer.eval_every=0",
+            "trainer.save_every=2", "trainer.keep_checkpoints=2", "trainer.tensorboard=false", *extra)])
+
+    assert run(8) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_000004", "step_000006"]
+    capsys.readouterr()
+
+    assert run(4) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"remesh: error: trainer.output_dir: {out} holds an earlier run (metrics.jsonl, 2 step checkpoints, "
+                   f"final/): continue it (trainer.resume=latest), write elsewhere (another trainer.output_dir), or "
+                   f"replace it (trainer.overwrite=true)"), err
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+    assert run(4, "trainer.overwrite=true") == 0
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_000002"]
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 4
+
+    # resuming continues the folder's run, as ever; overwrite and resume together is an error
+    assert main(["sft", str(REPO / "configs/sft_demo.yaml"), f"trainer.output_dir={out}", "trainer.resume=latest",
+                 "trainer.overwrite=true"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer: overwrite=true replaces the earlier run in output_dir, resume continues one" in err
+    (workspace / "a_file").write_text("not a folder")
+    assert main(["sft", str(REPO / "configs/sft_demo.yaml"), f"trainer.output_dir={workspace / 'a_file'}"]) == 2
+    assert f"trainer.output_dir: {workspace / 'a_file'} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):
     """Unknown key, wrong type, missing model path or data file: exit code 2 and one line naming it."""
     from remesh.cli import main

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from remesh.config import FieldError, require_at_least, require_positive
+from remesh.config import FieldError, check_overwrite, require_at_least, require_positive
 from remesh.train.configs import ModelConfig, OptimConfig
 
 ALGOS = ("ppo", "remax", "grpo", "rloo", "reinforce_pp")
@@ -134,6 +134,7 @@ class RLTrainerConfig:
     save_every: int = 0  # iterations between checkpoints; 0: only the final actor
     keep_checkpoints: int = 2  # most recent step checkpoints kept on disk; 0: all
     resume: str | None = None  # checkpoint folder or "latest"
+    overwrite: bool = False  # a fresh run into an output_dir holding an earlier run removes it (else: refused)
     mixed_precision: Literal["auto", "bf16", "off"] = "auto"
     device: str = "auto"
     tensorboard: bool = True
@@ -151,6 +152,7 @@ class RLTrainerConfig:
         require_at_least(self, 1, "iterations", "prompts_per_iter", "micro_batch_tokens", "nproc")
         require_at_least(self, 0, "save_every", "keep_checkpoints", "show_samples")
         require_positive(self, "collective_timeout_s", "job_timeout_s")
+        check_overwrite(self)
 
 
 @dataclass

@@ -9,6 +9,7 @@ a progress bar, checkpoints that resume exactly, a reward-curve PNG and samples 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,8 @@ from remesh.rollout.engine import tokens_per_seq_step
 from remesh.rollout.sampling import stop_token_ids
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
-from remesh.train.state import (STATE_DIR, checkpoint_plan, load_trainer_state, prune_checkpoints, resolve_resume,
-                                role_folder, save_trainer_state)
+from remesh.train.state import (STATE_DIR, checkpoint_plan, claim_output_dir, load_trainer_state, prune_checkpoints,
+                                resolve_resume, role_folder, save_trainer_state)
 from remesh.train.trainer import autocast_context, epoch_order, pick_device, tc_clip
 
 # which registered advantage estimator each algorithm uses
@@ -498,6 +499,8 @@ def plot_reward_curve(metrics_file: Path, path: Path) -> Path:
 
 def train_rl(cfg: RLConfig) -> RLResult:
     pick_device(cfg.trainer.device)  # a device this machine lacks fails here, before a plan search or processes
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 alone: the others wait for it to start
+        claim_output_dir(Path(cfg.trainer.output_dir), cfg.trainer.resume, cfg.trainer.overwrite)
     if cfg.plan is not None:
         from remesh.rl.planned import train_planned
 

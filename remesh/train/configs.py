@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from remesh.config import FieldError, require_at_least, require_positive
+from remesh.config import FieldError, check_overwrite, require_at_least, require_positive
 
 
 @dataclass
@@ -74,6 +74,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # most recent step checkpoints kept on disk; 0: all
     log_every: int = 1
     resume: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    overwrite: bool = False  # a fresh run into an output_dir holding an earlier run removes it (else: refused)
     mixed_precision: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA when supported
     device: str = "auto"  # auto: cuda if available, else cpu
     tensorboard: bool = True
@@ -83,6 +84,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         require_at_least(self, 1, "batch_size", "micro_batch_tokens", "epochs", "max_steps", "log_every")
         require_at_least(self, 0, "eval_every", "save_every", "keep_checkpoints")
+        check_overwrite(self)
 
 
 @dataclass

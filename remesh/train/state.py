@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from remesh.config import ConfigError
+
 STATE_DIR = "trainer_state"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -95,6 +97,50 @@ def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler
     scheduler.load_state_dict(meta["scheduler"])
     set_rng_state(load_file(str(folder / "rng.safetensors")), meta["rng"])
     return meta["progress"]
+
+
+# what runs write into their output folder: trainer.overwrite removes these names, and only these
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "tensorboard", "config.yaml", "plan.yaml", "plan_search.txt",
+               "plan_timeline.png", "reward_curve.png", "samples.json")
+
+
+def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Before any work: may a run write into `output_dir`? A fresh run into a folder holding an
+    earlier run would mix with it: the earlier run's step checkpoints outnumber the new ones, so
+    keep_checkpoints prunes each new one as it is written and `resume=latest` picks the old
+    run, and the earlier metrics are replaced. Such a folder is refused (ConfigError) unless the
+    run resumes, or `overwrite` has the earlier run's outputs (RUN_OUTPUTS only) removed."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"trainer.output_dir: {output_dir} is a file, not a folder")
+    held = earlier_run(output_dir)
+    if resume or not held:
+        return
+    if not overwrite:
+        raise ConfigError(f"trainer.output_dir: {output_dir} holds an earlier run ({', '.join(held)}): continue it "
+                          f"(trainer.resume=latest), write elsewhere (another trainer.output_dir), or replace it "
+                          f"(trainer.overwrite=true)")
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    print(f"remesh: trainer.overwrite: removed the earlier run in {output_dir} ({', '.join(held)})", flush=True)
+
+
+def earlier_run(output_dir: Path) -> list[str]:
+    """What `output_dir` holds of an earlier run: logged metrics, step checkpoints (whole or
+    torn), a final model."""
+    held = []
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        held.append("metrics.jsonl")
+    root = output_dir / "checkpoints"
+    if steps := sum(1 for p in root.iterdir() if _STEP_DIR.match(p.name)) if root.is_dir() else 0:
+        held.append(f"{steps} step checkpoint{'s' if steps > 1 else ''}")
+    if (output_dir / "final").exists():
+        held.append("final/")
+    return held
 
 
 def step_checkpoints(output_dir: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from remesh.config import ConfigError, config_to_dict, dump_config
 from remesh.data import balanced_micro_batches, split_eval
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
-from remesh.train.state import (STATE_DIR, load_trainer_state, prune_checkpoints, resolve_resume,
+from remesh.train.state import (STATE_DIR, claim_output_dir, load_trainer_state, prune_checkpoints, resolve_resume,
                                 save_trainer_state)
 
 
@@ -90,6 +90,7 @@ def run_training(cfg: Any, task: Task) -> TrainResult:
     tc = cfg.trainer
     device = pick_device(tc.device)
     out = Path(tc.output_dir)
+    claim_output_dir(out, tc.resume, tc.overwrite)
     torch.manual_seed(tc.seed)
 
     resume_dir = resolve_resume(tc.resume, out) if tc.resume else None
