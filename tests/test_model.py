@@ -153,6 +153,31 @@ def test_kv_cache_ragged_prefill_batched_decode(case, slots):
 
 
 @pytest.mark.parametrize("case", CACHE_CASES)
+def test_a_ragged_prefill_is_one_padded_call_where_padding_is_cheap(case, monkeypatch):
+    """Prompts of different lengths fill the cache in one SDPA call per layer, padded to the
+    longest, where padding at most quadruples the attention's work (3 x 9^2 = 243 <= 4 x (9 + 81 +
+    25)); else one call per prompt (9 x 30^2 = 8100 > 4 x (8 x 1 + 900)). Equal lengths batch
+    unpadded, and a mask that would grow too big (3 x 4096^2 > 2^24) is not built. Either way each
+    prompt's logits are its own full forward's."""
+    from remesh.model import attention
+
+    assert attention._pads_cheaply([3, 9, 5]) and not attention._pads_cheaply([1] * 8 + [30])
+    assert not attention._pads_cheaply([7, 7]) and not attention._pads_cheaply([4096, 4000, 4090])
+    calls = []
+    padded = attention._attend_padded
+    monkeypatch.setattr(attention, "_attend_padded", lambda *a: calls.append(1) or padded(*a))
+    model = cache_model(case)
+    for prompt_lens, pads in (([3, 9, 5], True), ([1] * 8 + [30], False)):
+        calls.clear()
+        seqs = [torch.randint(0, VOCAB, (n,)) for n in prompt_lens]
+        cache = model.new_kv_cache(n_slots=len(seqs), max_len=32)
+        out = step(model, cache, list(range(len(seqs))), [0] * len(seqs), seqs)
+        assert len(calls) == (model.args.n_layers if pads else 0)
+        for logits, seq in zip(out, seqs):
+            torch.testing.assert_close(logits, full_logits(model, seq), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
 def test_kv_cache_ragged_chunks_after_cached_prefixes(case):
     """Chunks of different lengths appended to cached prefixes of different lengths (a chunked
     prefill; a fill from position 0 takes the packed forward's path instead): logits equal each

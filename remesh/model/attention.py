@@ -10,7 +10,9 @@ Five paths, chosen per call:
   samples of one prompt packed after a single copy of it): such a sequence attends to all of
   its prefix's tokens, then causally to its own;
 - with a KV cache: each sequence appends its new tokens' keys/values to its cache slot, then
-  attends to its cached prefix plus its new tokens (prefill, decode and draft verification);
+  attends to its cached prefix plus its new tokens (prefill, decode and draft verification); a
+  prefill of prompts of different lengths is one SDPA call padded to the longest where that
+  padding is cheap (off a GPU's varlen kernel, one call per prompt per layer costs more);
 - a custom mask among the new tokens (tree drafts): every sequence then has the same number
   of new tokens and `mask[b, i, j]` says whether new token i may attend to new token j;
 - graph-safe decoding (`AttnContext.graph_safe`): the cache path with every per-step quantity
@@ -86,6 +88,7 @@ class AttnContext:
     _run_order: Tensor | None = None
     _slot_list: list[int] | None = None  # `slots` on the host: a ragged step reads them without a device sync
     _decode_mask: tuple[int, Tensor] | None = None  # (rep, mask) of `decode_mask`
+    _padded: tuple[Tensor, Tensor, Tensor] | None = None  # (rows, columns, mask) of `padded_layout`
     # graph-safe decoding: [B] cached tokens per sequence as a tensor (`cache_lens` is None), and
     # every sequence attends to the first `graph_context` cache positions, masked
     cache_lens_t: Tensor | None = None
@@ -161,6 +164,24 @@ class AttnContext:
             self._decode_mask = (rep, mask.repeat(1, 1, rep, 1) if rep > 1 and n > 1 else mask)
         return self._decode_mask[1]
 
+    def padded_layout(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The sequences as rows of a [B, longest] grid, for one SDPA call over all of them: each
+        packed token's row and column, and the [B, 1, longest, longest] mask, causal within each
+        row's own length (and its sliding window). Built once per forward, shared by every layer."""
+        if self._padded is None:
+            device, n = self.cu_seqlens.device, self.max_seqlen
+            lens = torch.tensor(self.seqlens, device=device)
+            rows = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device), lens,
+                                           output_size=self.num_tokens)
+            cols = torch.arange(self.num_tokens, device=device) - self.cu_seqlens[:-1].long()[rows]
+            pos = torch.arange(n, device=device)
+            allowed = pos[None, :] <= pos[:, None]
+            if self.sliding_window:
+                allowed &= pos[None, :] > pos[:, None] - self.sliding_window
+            # a padding query sees its row's real keys, so no row of the mask is empty
+            self._padded = (rows, cols, (allowed[None] & (pos < lens[:, None])[:, None, :])[:, None])
+        return self._padded
+
     @property
     def context_len(self) -> int:
         """Cache positions a cache step's attention covers: up to its longest sequence's end, or,
@@ -210,7 +231,7 @@ def _attend_fresh(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: floa
     window = ctx.sliding_window if ctx.sliding_window and ctx.max_seqlen > ctx.sliding_window else None
     # flash attention's kernels take fp16 and bf16 only: an fp32 forward on a GPU (the rollout
     # engine's default) goes through SDPA below
-    if q.is_cuda and _cuda_varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16):
+    if _varlen_applies(q):
         # and inputs whose last dimension is contiguous: a decode projection taken transposed
         # (rollout/kernels.py) gives a column-major view
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -230,6 +251,32 @@ def _attend_fresh(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: floa
         outs.append(_sdpa(q[None, sl], k[None, sl], v[None, sl], mask, scale, causal=mask is None)[0])
         start += n
     return torch.cat(outs)
+
+
+def _varlen_applies(q: Tensor) -> bool:
+    return q.is_cuda and _cuda_varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16)
+
+
+# A padded call (`_attend_padded`) is used where its padding at most quadruples the attention's
+# work, and its mask (which SDPA may widen to floats) stays small
+_PAD_WORK_MAX, _PAD_MASK_MAX = 4, 1 << 24
+
+
+def _pads_cheaply(seqlens: list[int]) -> bool:
+    """Whether sequences of these lengths (not all equal) go through one padded SDPA call."""
+    padded = len(seqlens) * max(seqlens) ** 2
+    return len(set(seqlens)) > 1 and padded <= min(_PAD_WORK_MAX * sum(n * n for n in seqlens), _PAD_MASK_MAX)
+
+
+def _attend_padded(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: float) -> Tensor:
+    """Sequences of different lengths in one SDPA call, padded to the longest (`padded_layout`)."""
+    rows, cols, mask = ctx.padded_layout()
+    b, n = len(ctx.seqlens), ctx.max_seqlen
+
+    def grid(x: Tensor) -> Tensor:
+        return x.new_zeros(b, n, *x.shape[1:]).index_put_((rows, cols), x)
+
+    return _sdpa(grid(q), grid(k), grid(v), mask, scale)[rows, cols]
 
 
 def _attend_prefixed(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: float) -> Tensor:
@@ -265,6 +312,8 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
         # a fill from position 0 (a prefill): the new tokens are each sequence's whole context, so
         # attention is the packed forward's (one varlen call on a GPU), with no reads of the cache
         # and none of the per-sequence calls below, each of which waits for the device (its slot)
+        if not _varlen_applies(q) and _pads_cheaply(ctx.seqlens):
+            return _attend_padded(q, k, v, ctx, scale)  # one call, not one per prompt per layer
         return _attend_fresh(q, k, v, ctx, scale)
     if len(set(ctx.seqlens)) == 1:
         # decode / draft verification: every sequence has n new tokens, contexts differ in length
