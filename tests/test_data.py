@@ -214,6 +214,15 @@ def test_parquet(tmp_path, tok):
                    tmp_path / "g.parquet")
     examples, _ = load_prompt_dataset(tmp_path / "g.parquet", tok, max_prompt_len=BIG)
     assert [e.meta["genre"] for e in examples] == ["drama", "comedy"]
+    # rows in either SFT form, in one file: each row's null columns are the other form's
+    pq.write_table(pa.table({"messages": [msgs[0], None], "prompt": [None, "hi"], "response": [None, "hello"]}),
+                   tmp_path / "mixed.parquet")
+    chat, plain = sft(tmp_path / "mixed.parquet", tok)[0]
+    assert trained_text(tok, chat.input_ids, chat.loss_mask) == "hello<|im_end|>\n"
+    assert trained_text(tok, plain.input_ids, plain.loss_mask) == "hello<|im_end|>\n"
+    pq.write_table(pa.table({"messages": [msgs[0]], "prompt": ["hi"]}), tmp_path / "both.parquet")
+    with pytest.raises(DataError, match=r"both\.parquet:row 1: field 'messages': give either messages or prompt"):
+        sft(tmp_path / "both.parquet", tok)
 
 
 def test_corrupt_parquet(tmp_path, tok):

@@ -402,8 +402,8 @@ def load_sft_dataset(
 
     def parse(row: dict[str, Any], source: str) -> SFTExample:
         _known_fields(row, ("prompt", "response", "messages", "meta"), "SFT rows")
-        if "messages" in row:
-            if "prompt" in row or "response" in row:
+        if row.get("messages") is not None:  # None: absent, or a parquet column this row leaves empty
+            if row.get("prompt") is not None or row.get("response") is not None:
                 raise _RowError("conflicting fields", "messages", "give either messages or prompt + response, not both")
             ids, mask = r.messages(_messages_field(row))
             if not any(mask):
