@@ -389,6 +389,8 @@ def test_local_cluster_on_a_gpu_machine_takes_its_gpus(tmp_path, monkeypatch):
     # a run whose trainer.device is cpu runs CPU processes there: so does its cluster
     cpu = local_cluster(2, device="cpu", profile="cpu-local")
     assert (cpu.backend, cpu.cores_per_node) == ("gloo", os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="a local cluster needs at least 1 process, got 0"):
+        local_cluster(0, device="cpu", profile="cpu-local")  # not a division by zero
 
 
 def test_drift_ratio_is_over_the_summed_reference_times():

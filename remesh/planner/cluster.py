@@ -174,6 +174,8 @@ def local_cluster(devices: int, profile: str | None = None, device_memory: float
 
     from remesh.planner.profile import local_profile
 
+    if devices < 1:
+        raise ValueError(f"a local cluster needs at least 1 process, got {devices}")
     gpu = torch.cuda.is_available() if device == "auto" else torch.device(device).type == "cuda"
     if gpu and devices > torch.cuda.device_count():  # one GPU per rank: a plan for more would not run
         raise ValueError(f"{devices} processes on GPUs, but this machine has {torch.cuda.device_count()} CUDA "
