@@ -152,29 +152,47 @@ def test_kv_cache_ragged_prefill_batched_decode(case, slots):
             torch.testing.assert_close(logits[0], ref[t], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("case", CACHE_CASES)
-def test_a_ragged_prefill_is_one_padded_call_where_padding_is_cheap(case, monkeypatch):
-    """Prompts of different lengths fill the cache in one SDPA call per layer, padded to the
-    longest, where padding at most quadruples the attention's work (3 x 9^2 = 243 <= 4 x (9 + 81 +
-    25)); else one call per prompt (9 x 30^2 = 8100 > 4 x (8 x 1 + 900)). Equal lengths batch
-    unpadded, and a mask that would grow too big (3 x 4096^2 > 2^24) is not built. Either way each
-    prompt's logits are its own full forward's."""
+def test_which_prefills_pad():
+    """On a GPU without the varlen kernel, prompts of different lengths fill the cache in one
+    padded SDPA call per layer where the padded square at most quadruples their causal triangles'
+    work: [3, 9, 5]: 3 x 9^2 = 243 <= 4 x (6 + 45 + 15) = 264; [1] x 8 + [30]: 9 x 30^2 = 8100 >
+    4 x (8 + 465); [8, 8, 8, 768]: 4 x 768^2 > 4 x (3 x 36 + 295,296). Equal lengths batch unpadded,
+    and scores of 3 x 9 heads x 4096^2 > 2^26 are not built. A CPU prefill never pads: a masked
+    call there computes blocks a causal one skips, and a call costs little."""
     from remesh.model import attention
 
-    assert attention._pads_cheaply([3, 9, 5]) and not attention._pads_cheaply([1] * 8 + [30])
-    assert not attention._pads_cheaply([7, 7]) and not attention._pads_cheaply([4096, 4000, 4090])
+    assert attention._pads_cheaply([3, 9, 5], heads=4)
+    assert not attention._pads_cheaply([1] * 8 + [30], heads=4)
+    assert not attention._pads_cheaply([8, 8, 8, 768], heads=4)
+    assert not attention._pads_cheaply([7, 7], heads=4)
+    assert not attention._pads_cheaply([4096, 4000, 4090], heads=9)
+    assert not attention._pads_prefill(torch.zeros(17, 4, 8), [3, 9, 5])
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_a_padded_prefill_gives_each_prompt_its_own_logits(case, monkeypatch):
+    """The padded prefill (forced here, on the CPU), then batched decode steps: every prompt's
+    logits are its full forward's, with GQA and a sliding window (whose padding queries would see
+    no key without the mask's fallback), one padded call per layer."""
+    from remesh.model import attention
+
     calls = []
     padded = attention._attend_padded
+    monkeypatch.setattr(attention, "_pads_prefill", lambda q, seqlens: True)
     monkeypatch.setattr(attention, "_attend_padded", lambda *a: calls.append(1) or padded(*a))
     model = cache_model(case)
-    for prompt_lens, pads in (([3, 9, 5], True), ([1] * 8 + [30], False)):
-        calls.clear()
-        seqs = [torch.randint(0, VOCAB, (n,)) for n in prompt_lens]
-        cache = model.new_kv_cache(n_slots=len(seqs), max_len=32)
-        out = step(model, cache, list(range(len(seqs))), [0] * len(seqs), seqs)
-        assert len(calls) == (model.args.n_layers if pads else 0)
-        for logits, seq in zip(out, seqs):
-            torch.testing.assert_close(logits, full_logits(model, seq), atol=1e-5, rtol=0)
+    prompt_lens, n_decode = [3, 9, 1, 5], 3
+    seqs = [torch.randint(0, VOCAB, (n + n_decode,)) for n in prompt_lens]
+    cache = model.new_kv_cache(n_slots=4, max_len=16)
+    prefill = step(model, cache, [0, 1, 2, 3], [0] * 4, [s[:n] for s, n in zip(seqs, prompt_lens)])
+    assert len(calls) == model.args.n_layers
+    for logits, s, n in zip(prefill, seqs, prompt_lens):
+        torch.testing.assert_close(logits, full_logits(model, s)[:n], atol=1e-5, rtol=0)
+    for i in range(n_decode):
+        lens = [n + i for n in prompt_lens]
+        out = step(model, cache, [0, 1, 2, 3], lens, [s[t:t + 1] for s, t in zip(seqs, lens)])
+        for logits, s, t in zip(out, seqs, lens):
+            torch.testing.assert_close(logits[0], full_logits(model, s)[t], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("case", CACHE_CASES)

@@ -1,7 +1,8 @@
 """Attention over packed variable-length sequences, with an optional slot-based KV cache.
 
 A batch is the concatenation of B sequences ("packed"): tokens have shape [T] and an
-`AttnContext` says where each sequence starts (`cu_seqlens`). No compute is spent on padding.
+`AttnContext` says where each sequence starts (`cu_seqlens`). No compute is spent on padding,
+except in one GPU prefill case below, where padding costs less than the calls it saves.
 
 Five paths, chosen per call:
 - fresh sequences, no cache: causal attention within each sequence (flash varlen on CUDA,
@@ -10,9 +11,9 @@ Five paths, chosen per call:
   samples of one prompt packed after a single copy of it): such a sequence attends to all of
   its prefix's tokens, then causally to its own;
 - with a KV cache: each sequence appends its new tokens' keys/values to its cache slot, then
-  attends to its cached prefix plus its new tokens (prefill, decode and draft verification); a
-  prefill of prompts of different lengths is one SDPA call padded to the longest where that
-  padding is cheap (off a GPU's varlen kernel, one call per prompt per layer costs more);
+  attends to its cached prefix plus its new tokens (prefill, decode and draft verification); on
+  a GPU without the varlen kernel (fp32), a prefill of prompts of different lengths is one SDPA
+  call padded to the longest where that padding is cheap;
 - a custom mask among the new tokens (tree drafts): every sequence then has the same number
   of new tokens and `mask[b, i, j]` says whether new token i may attend to new token j;
 - graph-safe decoding (`AttnContext.graph_safe`): the cache path with every per-step quantity
@@ -178,8 +179,11 @@ class AttnContext:
             allowed = pos[None, :] <= pos[:, None]
             if self.sliding_window:
                 allowed &= pos[None, :] > pos[:, None] - self.sliding_window
-            # a padding query sees its row's real keys, so no row of the mask is empty
-            self._padded = (rows, cols, (allowed[None] & (pos < lens[:, None])[:, None, :])[:, None])
+            real = pos < lens[:, None]  # [B, n]
+            # a padding query (its output is dropped) sees every real key of its row, so that no
+            # row of the mask is empty (which some kernels turn into NaNs)
+            mask = torch.where(real[:, :, None], allowed[None], True) & real[:, None, :]
+            self._padded = (rows, cols, mask[:, None])
         return self._padded
 
     @property
@@ -257,15 +261,23 @@ def _varlen_applies(q: Tensor) -> bool:
     return q.is_cuda and _cuda_varlen_attn is not None and q.dtype in (torch.float16, torch.bfloat16)
 
 
-# A padded call (`_attend_padded`) is used where its padding at most quadruples the attention's
-# work, and its mask (which SDPA may widen to floats) stays small
-_PAD_WORK_MAX, _PAD_MASK_MAX = 4, 1 << 24
+# On a GPU without the varlen kernel (fp32), one SDPA call per prompt per layer costs a prefill far
+# more in launches than padding does in work: prompts of different lengths go through one padded
+# call (`_attend_padded`) where its masked square at most quadruples their causal triangles' work,
+# and its scores (which SDPA's math kernel materialises, [B, heads, n, n]) stay under 2^26. Off a
+# GPU a call costs little, and a masked call computes blocks that a causal one skips: per prompt.
+_PAD_WORK_MAX, _PAD_SCORES_MAX = 4, 1 << 26
 
 
-def _pads_cheaply(seqlens: list[int]) -> bool:
+def _pads_prefill(q: Tensor, seqlens: list[int]) -> bool:
+    return q.is_cuda and not _varlen_applies(q) and _pads_cheaply(seqlens, q.shape[1])
+
+
+def _pads_cheaply(seqlens: list[int], heads: int) -> bool:
     """Whether sequences of these lengths (not all equal) go through one padded SDPA call."""
-    padded = len(seqlens) * max(seqlens) ** 2
-    return len(set(seqlens)) > 1 and padded <= min(_PAD_WORK_MAX * sum(n * n for n in seqlens), _PAD_MASK_MAX)
+    b, n = len(seqlens), max(seqlens)
+    causal_work = sum(m * (m + 1) // 2 for m in seqlens)
+    return len(set(seqlens)) > 1 and b * n * n <= _PAD_WORK_MAX * causal_work and b * heads * n * n <= _PAD_SCORES_MAX
 
 
 def _attend_padded(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, scale: float) -> Tensor:
@@ -312,7 +324,7 @@ def _attend_with_cache(q: Tensor, k: Tensor, v: Tensor, ctx: AttnContext, layer_
         # a fill from position 0 (a prefill): the new tokens are each sequence's whole context, so
         # attention is the packed forward's (one varlen call on a GPU), with no reads of the cache
         # and none of the per-sequence calls below, each of which waits for the device (its slot)
-        if not _varlen_applies(q) and _pads_cheaply(ctx.seqlens):
+        if _pads_prefill(q, ctx.seqlens):
             return _attend_padded(q, k, v, ctx, scale)  # one call, not one per prompt per layer
         return _attend_fresh(q, k, v, ctx, scale)
     if len(set(ctx.seqlens)) == 1:
