@@ -104,13 +104,6 @@ def require_positive(cfg: Any, *names: str) -> None:
             raise FieldError(name, f"{name} must be positive, got {value}")
 
 
-def check_overwrite(trainer: Any) -> None:
-    """For a trainer config's ``__post_init__``: a run either continues its folder or replaces it."""
-    if trainer.overwrite and trainer.resume:
-        raise FieldError("overwrite", "overwrite=true replaces the earlier run in output_dir, resume continues one: "
-                                      "set one of them")
-
-
 def check_output_file(path: str | os.PathLike, option: str) -> None:
     """Before any work: ``path`` can become a file (it is not a folder, and no part of its
     parent is a file), so that the work's result is not lost at the end (ConfigError)."""

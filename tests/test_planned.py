@@ -147,6 +147,7 @@ def test_planned_run_resumes_from_its_checkpoint(rl_workspace, algo):
 
     cfg["plan"] = RESUME_PLANS[algo].replace("actor_gen=d2@0-1", "actor_gen=d1@0").replace("actor_gen=d1@0 actor_greedy=d1@1",
                                                                                           "actor_gen=d1@1 actor_greedy=d1@0")
+    cfg["trainer"]["output_dir"] = str(ws / f"{algo}_other_plan")  # (into the resumed run's folder: refused first)
     with pytest.raises(ValueError, match="was written under the plan .* not .*resume it under its plan"):
         train_rl(_load(ws, cfg, f"{algo}_other_plan"))
     cfg["plan"] = None

@@ -188,8 +188,14 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
         (["train", str(good), f"trainer.output_dir={held}"], f"trainer.output_dir: {held} holds an earlier run"),
         (["train", str(good), f"trainer.output_dir={held}", "plan=colocated", "trainer.nproc=2"],
          f"trainer.output_dir: {held} holds an earlier run (metrics.jsonl, 1 step checkpoint)"),
+        # with trainer.overwrite, a run that fails its checks removes nothing (checked below)
+        (["train", str(tmp_path / "fn.yaml"), f"trainer.output_dir={held}", "trainer.overwrite=true"], "absent.py"),
+        (["train", str(good), f"trainer.output_dir={held}", "trainer.overwrite=true", "plan=actor_gen=zz",
+          "trainer.nproc=2"], "plan"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
         lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(lines) == 1 and expected in lines[0], (argv, lines)
+    assert sorted(str(p.relative_to(held)) for p in held.rglob("*")) == ["checkpoints", "checkpoints/step_000001",
+                                                                          "metrics.jsonl"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,7 +150,8 @@ def test_a_fresh_run_neither_mixes_with_nor_silently_replaces_an_earlier_one(wor
     """A second fresh run into a folder holding a run is refused before any work, and the earlier
     run is left as it was: before, its step checkpoints outnumbered the new run's, so
     keep_checkpoints pruned each new one as it was written and resume=latest picked the old run.
-    trainer.overwrite=true replaces it: what the folder then holds is the new run's alone."""
+    trainer.overwrite=true replaces it, at the run's first write: a run that fails its checks
+    first removes nothing. The folder then holds the new run's outputs alone."""
     from remesh.cli import main
 
     out = workspace / "reused"
@@ -160,27 +162,40 @@ def test_a_fresh_run_neither_mixes_with_nor_silently_replaces_an_earlier_one(wor
             "trainer.epochs=5", "trainer.batch_size=8", "trainer.micro_batch_tokens=128", "trainer.eval_every=0",
             "trainer.save_every=2", "trainer.keep_checkpoints=2", "trainer.tensorboard=false", *extra)])
 
+    def files() -> dict:
+        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
     assert run(8) == 0
-    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    before = files()
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_000004", "step_000006"]
     capsys.readouterr()
 
     assert run(4) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"remesh: error: trainer.output_dir: {out} holds an earlier run (metrics.jsonl, 2 step checkpoints, "
-                   f"final/): continue it (trainer.resume=latest), write elsewhere (another trainer.output_dir), or "
+                   f"final/): continue it (trainer.resume=latest), write elsewhere (another trainer.output_dir) or "
                    f"replace it (trainer.overwrite=true)"), err
-    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert run(4, "trainer.overwrite=true", f"data.train={workspace / 'absent.jsonl'}") == 2
+    assert "absent.jsonl" in capsys.readouterr().err
+    assert files() == before
 
     assert run(4, "trainer.overwrite=true") == 0
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_000002"]
     assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) == 4
 
-    # resuming continues the folder's run, as ever; overwrite and resume together is an error
-    assert main(["sft", str(REPO / "configs/sft_demo.yaml"), f"trainer.output_dir={out}", "trainer.resume=latest",
-                 "trainer.overwrite=true"]) == 2
+    # a run without step checkpoints cannot be continued: the error does not suggest it
+    shutil.rmtree(out / "checkpoints")
+    assert run(4) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "holds an earlier run (metrics.jsonl, final/): write elsewhere (another trainer.output_dir) or replace it "
+        "(trainer.overwrite=true)")
+    # resuming from another folder's checkpoint into this one would mix two runs as well
+    assert run(4, f"trainer.resume={workspace / 'elsewhere' / 'checkpoints' / 'step_000004'}") == 2
+    assert f"{out} holds another run (metrics.jsonl, final/): write elsewhere" in capsys.readouterr().err
+    # continuing this folder's run and removing it contradict each other
+    assert run(4, "trainer.resume=latest", "trainer.overwrite=true") == 2
     err = capsys.readouterr().err
-    assert "trainer: overwrite=true replaces the earlier run in output_dir, resume continues one" in err
+    assert "trainer.overwrite=true would remove the run that trainer.resume=latest continues: set one of them" in err
     (workspace / "a_file").write_text("not a folder")
     assert main(["sft", str(REPO / "configs/sft_demo.yaml"), f"trainer.output_dir={workspace / 'a_file'}"]) == 2
     assert f"trainer.output_dir: {workspace / 'a_file'} is a file, not a folder" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from remesh.config import FieldError, check_overwrite, require_at_least, require_positive
+from remesh.config import FieldError, require_at_least, require_positive
 from remesh.train.configs import ModelConfig, OptimConfig
 
 ALGOS = ("ppo", "remax", "grpo", "rloo", "reinforce_pp")
@@ -152,7 +152,6 @@ class RLTrainerConfig:
         require_at_least(self, 1, "iterations", "prompts_per_iter", "micro_batch_tokens", "nproc")
         require_at_least(self, 0, "save_every", "keep_checkpoints", "show_samples")
         require_positive(self, "collective_timeout_s", "job_timeout_s")
-        check_overwrite(self)
 
 
 @dataclass

@@ -62,7 +62,8 @@ from remesh.runtime.realloc import ReallocStats, reallocate
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
 from remesh.train.state import (STATE_DIR, checkpoint_plan, checkpoint_progress, load_trainer_state, prune_checkpoints,
-                                resolve_resume, role_folder, save_planned_state, save_trainer_state)
+                                replace_earlier_run, resolve_resume, role_folder, save_planned_state,
+                                save_trainer_state)
 from remesh.train.trainer import pick_device, tc_clip
 
 _RESPONSE_KEYS = ("responses", "greedy_responses")
@@ -499,6 +500,8 @@ class PlannedRLTrainer(RLTrainer):
         lead = self.rank == 0
         logger = bar = None
         if lead:
+            if tc.overwrite:
+                replace_earlier_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.out / "config.yaml")
             (self.out / "plan.yaml").write_text(self.plan.to_yaml())
@@ -676,6 +679,8 @@ def searched(cfg: RLConfig, world: int) -> RLConfig:
         raise ConfigError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
     result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
     out = Path(cfg.trainer.output_dir)
+    if cfg.trainer.overwrite:
+        replace_earlier_run(out)
     png = plot_timeline(result.best.timeline, out / "plan_timeline.png",
                         f"searched plan, estimated {result.best.seconds:.2f} s per iteration")
     (out / "plan_search.txt").write_text(report(result, cluster) + "\n")

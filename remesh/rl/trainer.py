@@ -38,7 +38,7 @@ from remesh.rollout.sampling import stop_token_ids
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
 from remesh.train.state import (STATE_DIR, checkpoint_plan, claim_output_dir, load_trainer_state, prune_checkpoints,
-                                resolve_resume, role_folder, save_trainer_state)
+                                replace_earlier_run, resolve_resume, role_folder, save_trainer_state)
 from remesh.train.trainer import autocast_context, epoch_order, pick_device, tc_clip
 
 # which registered advantage estimator each algorithm uses
@@ -410,6 +410,8 @@ class RLTrainer:
 
     def fit(self) -> RLResult:
         tc = self.cfg.trainer
+        if tc.overwrite:
+            replace_earlier_run(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         dump_config(self.cfg, self.out / "config.yaml")
         logger = MetricsLogger(self.out, tc.tensorboard, tc.wandb_project, config_to_dict(self.cfg),
@@ -499,7 +501,7 @@ def plot_reward_curve(metrics_file: Path, path: Path) -> Path:
 
 def train_rl(cfg: RLConfig) -> RLResult:
     pick_device(cfg.trainer.device)  # a device this machine lacks fails here, before a plan search or processes
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 alone: the others wait for it to start
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 (which writes the outputs) alone
         claim_output_dir(Path(cfg.trainer.output_dir), cfg.trainer.resume, cfg.trainer.overwrite)
     if cfg.plan is not None:
         from remesh.rl.planned import train_planned

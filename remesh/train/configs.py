@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from remesh.config import FieldError, check_overwrite, require_at_least, require_positive
+from remesh.config import FieldError, require_at_least, require_positive
 
 
 @dataclass
@@ -84,7 +84,6 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         require_at_least(self, 1, "batch_size", "micro_batch_tokens", "epochs", "max_steps", "log_every")
         require_at_least(self, 0, "eval_every", "save_every", "keep_checkpoints")
-        check_overwrite(self)
 
 
 @dataclass

@@ -99,26 +99,42 @@ def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler
     return meta["progress"]
 
 
-# what runs write into their output folder: trainer.overwrite removes these names, and only these
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "tensorboard", "config.yaml", "plan.yaml", "plan_search.txt",
+# what runs write into their output folder and `replace_earlier_run` removes (config.yaml, which
+# every run rewrites as it starts, is left: the name may be the user's own)
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "tensorboard", "plan.yaml", "plan_search.txt",
                "plan_timeline.png", "reward_curve.png", "samples.json")
 
 
 def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Before any work: may a run write into `output_dir`? A fresh run into a folder holding an
-    earlier run would mix with it: the earlier run's step checkpoints outnumber the new ones, so
-    keep_checkpoints prunes each new one as it is written and `resume=latest` picks the old
-    run, and the earlier metrics are replaced. Such a folder is refused (ConfigError) unless the
-    run resumes, or `overwrite` has the earlier run's outputs (RUN_OUTPUTS only) removed."""
+    """Before any work: may a run write into `output_dir` (ConfigError if not)? A fresh run into
+    a folder holding an earlier run would mix with it: the earlier run's step checkpoints
+    outnumber the new ones, so keep_checkpoints prunes each new one as it is written and
+    `resume=latest` picks the old run, and the earlier metrics are replaced. Such a folder is
+    refused unless the run continues that run (resumes from a checkpoint of this folder), or
+    `overwrite` is set: the run then calls `replace_earlier_run` before its first write, once the
+    rest of its config has been checked."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"trainer.output_dir: {output_dir} is a file, not a folder")
-    held = earlier_run(output_dir)
-    if resume or not held:
+    if resume == "latest" or (resume and output_dir.resolve() in Path(resume).resolve().parents):
+        if overwrite:
+            raise ConfigError(f"trainer.overwrite=true would remove the run that trainer.resume={resume} continues: "
+                              f"set one of them")
         return
-    if not overwrite:
-        raise ConfigError(f"trainer.output_dir: {output_dir} holds an earlier run ({', '.join(held)}): continue it "
-                          f"(trainer.resume=latest), write elsewhere (another trainer.output_dir), or replace it "
-                          f"(trainer.overwrite=true)")
+    held = earlier_run(output_dir)
+    if held and not overwrite:
+        fixes = ["write elsewhere (another trainer.output_dir)", "replace it (trainer.overwrite=true)"]
+        if step_checkpoints(output_dir) and not resume:
+            fixes.insert(0, "continue it (trainer.resume=latest)")
+        raise ConfigError(f"trainer.output_dir: {output_dir} holds {'another' if resume else 'an earlier'} run "
+                          f"({', '.join(held)}): {', '.join(fixes[:-1])} or {fixes[-1]}")
+
+
+def replace_earlier_run(output_dir: Path) -> None:
+    """`trainer.overwrite`: remove an earlier run's outputs (RUN_OUTPUTS only) from `output_dir`,
+    if it holds one. Called at a run's first write, so a run that fails its checks first removes
+    nothing; a no-op once done (a planned run's search writes before its processes start)."""
+    if not (held := earlier_run(output_dir)):
+        return
     for name in RUN_OUTPUTS:
         path = output_dir / name
         if path.is_dir() and not path.is_symlink():

@@ -26,8 +26,8 @@ from remesh.config import ConfigError, config_to_dict, dump_config
 from remesh.data import balanced_micro_batches, split_eval
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
-from remesh.train.state import (STATE_DIR, claim_output_dir, load_trainer_state, prune_checkpoints, resolve_resume,
-                                save_trainer_state)
+from remesh.train.state import (STATE_DIR, claim_output_dir, load_trainer_state, prune_checkpoints,
+                                replace_earlier_run, resolve_resume, save_trainer_state)
 
 
 class Task(Protocol):
@@ -120,6 +120,8 @@ def run_training(cfg: Any, task: Task) -> TrainResult:
         start = load_trainer_state(resume_dir / STATE_DIR, optimizer, scheduler)["step"]
         print(f"remesh: resumed from {resume_dir} at step {start}")
 
+    if tc.overwrite:
+        replace_earlier_run(out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     logger = MetricsLogger(out, tc.tensorboard, tc.wandb_project, config_to_dict(cfg),
