@@ -220,6 +220,23 @@ def test_run_configs_check_ranges_at_load_time(tmp_path):
     assert error(SFTConfig, sft, ["data.max_len=-5"]).endswith("data: max_len must be >= 1, got -5")
 
 
+def test_a_wandb_project_without_wandb_fails_at_load_time(monkeypatch):
+    """Found at load time, not by the metrics logger after the run has removed an earlier run
+    (trainer.overwrite) and started writing."""
+    import importlib.util
+
+    from remesh.rl.config import RLConfig
+    from remesh.train.configs import SFTConfig
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for cls, path in ((SFTConfig, "sft_demo.yaml"), (RLConfig, "grpo.yaml")):
+        assert error(cls, str(configs / path), ["trainer.wandb_project=demo"]) == (
+            "override 'trainer.wandb_project=demo': trainer: wandb_project is set but wandb is not installed: "
+            "pip install wandb")
+
+
 def test_literal_lists_choices(base):
     msg = error(Config, base, ["optim.kind=adam"])
     assert msg == "override 'optim.kind=adam': optim.kind: expected one of 'adamw', 'sgd', got str 'adam'"

@@ -110,6 +110,32 @@ def test_pipeline_stages_give_the_one_process_metrics(rl_workspace):
             assert abs(ra[k] - rb[k]) <= ATOL + RTOL * abs(ra[k]), (k, ra[k], rb[k])
 
 
+@pytest.mark.timeout(300)
+def test_overwrite_keeps_the_earlier_run_until_every_rank_has_set_up(rl_workspace, tmp_path):
+    """trainer.overwrite removes an earlier run at the first write, once every rank has set up:
+    here the reward model's weights (truncated: the launcher's checks read only its config) fail
+    to load on rank 1, the only reward rank, while rank 0 has set up and waits; nothing is removed."""
+    from remesh.checkpoint import load_tokenizer, save_hf
+    from remesh.runtime.launch import DistributedJobError
+    from tests.models import tiny_model
+
+    ws = rl_workspace
+    tok = load_tokenizer(ws / "model")
+    save_hf(tiny_model("llama", seed=3, head="value", vocab_size=len(tok), n_layers=2, dim=64), tmp_path / "rm", tok)
+    weights = tmp_path / "rm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    held = tmp_path / "held"
+    (held / "final").mkdir(parents=True)
+    (held / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = _config(ws, "remax", "held", rollout={"n_samples": 1})
+    cfg["reward"] = {"model": str(tmp_path / "rm")}
+    cfg["trainer"].update(output_dir=str(held), overwrite=True, iterations=1, nproc=2)
+    cfg["plan"] = "actor_gen=d1@0 actor_greedy=d1@1 rew_inf=d1@1 actor_train=d2@0-1"
+    with pytest.raises(DistributedJobError, match="rank 1 raised"):
+        train_rl(_load(ws, cfg, "held"))
+    assert sorted(str(p.relative_to(held)) for p in held.rglob("*")) == ["final", "metrics.jsonl"]
+
+
 RESUME_PLANS = {  # two ranks: tensor-parallel training with PPO's critic; ReMax with ZeRO-1 over dp=2
     "ppo": "actor_gen=d2@0-1 ref_inf=d1@0 rew_inf=d1@1 critic_inf=d2@0-1 actor_train=d1t2@0-1 critic_train=d1t2@0-1",
     "remax": "actor_gen=d1@0 actor_greedy=d1@1 ref_inf=d2@0-1 rew_inf=d2@0-1 actor_train=d2@0-1",
@@ -232,15 +258,19 @@ def test_torchrun_search_error_reaches_every_rank(rl_workspace):
 @pytest.mark.timeout(300)
 def test_plan_search_then_run(rl_workspace):
     """`plan: search` plans for this machine as trainer.nproc processes, then runs the plan, and
-    leaves the search report and the timeline chart in the output folder."""
+    leaves the search report and the timeline chart in the output folder (written with the run's
+    other outputs, after trainer.overwrite has replaced an earlier run, which left them alone)."""
     ws = rl_workspace
+    out = ws / "searched"
+    (out / "checkpoints" / "step_000009").mkdir(parents=True)  # an earlier run's
+    (out / "metrics.jsonl").write_text('{"step": 9}\n')
     cfg = _config(ws, "grpo", "searched")
-    cfg["trainer"].update(iterations=1, nproc=2)
+    cfg["trainer"].update(iterations=1, nproc=2, overwrite=True)
     cfg["plan"] = "search"
     cfg["planner"] = {"steps": 300}
     result = train_rl(_load(ws, cfg, "searched"))
-    assert len(read_metrics(result.metrics_file)) == 1
-    out = ws / "searched"
+    assert [r["step"] for r in read_metrics(result.metrics_file)] == [1]
+    assert not (out / "checkpoints").exists()
     assert (out / "plan_timeline.png").stat().st_size > 0
     report = (out / "plan_search.txt").read_text()
     assert "plan (one line):" in report and "colocated" in report

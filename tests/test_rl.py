@@ -190,6 +190,8 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
          f"trainer.output_dir: {held} holds an earlier run (metrics.jsonl, 1 step checkpoint)"),
         # with trainer.overwrite, a run that fails its checks removes nothing (checked below)
         (["train", str(tmp_path / "fn.yaml"), f"trainer.output_dir={held}", "trainer.overwrite=true"], "absent.py"),
+        (["train", str(tmp_path / "fn.yaml"), f"trainer.output_dir={held}", "trainer.overwrite=true",
+          "plan=search", "trainer.nproc=2"], "absent.py"),  # before the search and its processes
         (["train", str(good), f"trainer.output_dir={held}", "trainer.overwrite=true", "plan=actor_gen=zz",
           "trainer.nproc=2"], "plan"),
     ]

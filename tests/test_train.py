@@ -201,6 +201,24 @@ def test_a_fresh_run_neither_mixes_with_nor_silently_replaces_an_earlier_one(wor
     assert f"trainer.output_dir: {workspace / 'a_file'} is a file, not a folder" in capsys.readouterr().err
 
 
+def test_a_resume_from_the_folders_own_checkpoints_is_its_own_run(tmp_path):
+    """Resuming from a checkpoint of output_dir continues its run, written as the path is or with
+    links resolved (a checkpoints/ that is a symlink elsewhere), relative or absolute; a folder
+    holding a run refuses a resume from elsewhere."""
+    from remesh.config import ConfigError
+    from remesh.train.state import claim_output_dir
+
+    out, store = tmp_path / "out", tmp_path / "disk2"
+    (store / "step_000002").mkdir(parents=True)
+    out.mkdir()
+    (out / "checkpoints").symlink_to(store)
+    (out / "metrics.jsonl").write_text('{"step": 2}\n')
+    for resume in (out / "checkpoints" / "step_000002", out, Path(os.path.relpath(out / "checkpoints" / "step_000002"))):
+        claim_output_dir(out, str(resume), overwrite=False)
+    with pytest.raises(ConfigError, match="holds another run"):
+        claim_output_dir(out, str(tmp_path / "other" / "step_000002"), overwrite=False)
+
+
 def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):
     """Unknown key, wrong type, missing model path or data file: exit code 2 and one line naming it."""
     from remesh.cli import main

@@ -203,6 +203,12 @@ def same_tokenizer(a: Any, b: Any) -> bool:
             and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))
 
 
+def rule_reward(terms: list[Any]) -> RuleReward:
+    """The rule terms of a reward config (``name`` / ``weight`` / ``args``) built: user files
+    imported and arguments checked (RewardConfigError)."""
+    return RuleReward([RewardTerm(t.name, float(t.weight), dict(t.args or {})) for t in terms])
+
+
 def build_reward_fn(cfg: Any, device: torch.device | str = "cpu", *, dtype: torch.dtype = torch.float32,
                     micro_batch_tokens: int = 4096, policy_tokenizer: Any = None,
                     model: nn.Module | None = None) -> RewardFn:
@@ -224,8 +230,7 @@ def build_reward_fn(cfg: Any, device: torch.device | str = "cpu", *, dtype: torc
         retok = policy_tokenizer is not None and not same_tokenizer(policy_tokenizer, learned.tokenizer)
         parts.append(LearnedRewardFn(learned, micro_batch_tokens, retokenize=retok))
     if terms:
-        parts.append(RuleRewardFn(RuleReward([RewardTerm(t.name, float(t.weight), dict(t.args or {}))
-                                              for t in terms])))
+        parts.append(RuleRewardFn(rule_reward(terms)))
     if not parts:
         raise RewardConfigError("set reward.model (a reward-model folder) and/or reward.terms (rule-based rewards)")
     return parts[0] if len(parts) == 1 else SumRewardFn(parts)

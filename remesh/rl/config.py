@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from remesh.config import FieldError, require_at_least, require_positive
-from remesh.train.configs import ModelConfig, OptimConfig
+from remesh.train.configs import ModelConfig, OptimConfig, check_wandb
 
 ALGOS = ("ppo", "remax", "grpo", "rloo", "reinforce_pp")
 
@@ -152,6 +152,7 @@ class RLTrainerConfig:
         require_at_least(self, 1, "iterations", "prompts_per_iter", "micro_batch_tokens", "nproc")
         require_at_least(self, 0, "save_every", "keep_checkpoints", "show_samples")
         require_positive(self, "collective_timeout_s", "job_timeout_s")
+        check_wandb(self)
 
 
 @dataclass

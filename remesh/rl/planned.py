@@ -32,8 +32,9 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ from remesh.model.llama import ModelArgs, Transformer
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
 from remesh.reward import build_reward_fn
+from remesh.reward.scorer import rule_reward
 from remesh.rl.batch import PackedMicroBatch, Responses, packed_tokens, prompt_groups
 from remesh.rl.config import RLConfig
 from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics, speculation_metrics
@@ -66,14 +68,19 @@ from remesh.train.state import (STATE_DIR, checkpoint_plan, checkpoint_progress,
                                 save_trainer_state)
 from remesh.train.trainer import pick_device, tc_clip
 
+if TYPE_CHECKING:
+    from remesh.planner.simulate import Timeline
+
 _RESPONSE_KEYS = ("responses", "greedy_responses")
 _TOKEN_KEYS = ("behaviour_logp", "ref_logp", "values")  # per response token
 _SCALAR_KEYS = ("scores", "greedy_scores")  # per sample
 
 
 class PlannedRLTrainer(RLTrainer):
-    def __init__(self, cfg: RLConfig, plan: ExecutionPlan):
-        """`plan`: validated by `check_plan` for this world size."""
+    def __init__(self, cfg: RLConfig, plan: ExecutionPlan, search: SearchOutputs | None = None):
+        """`plan`: validated by `check_plan` for this world size; `search`: the report and
+        timeline of the search that found it, which rank 0 writes with the run's outputs."""
+        self.search = search
         if not dist.is_initialized():
             raise RuntimeError("a planned run needs torch.distributed: start it with torchrun or `remesh train ... "
                                "trainer.nproc=N`")
@@ -499,12 +506,17 @@ class PlannedRLTrainer(RLTrainer):
         tc = self.cfg.trainer
         lead = self.rank == 0
         logger = bar = None
+        # every rank has set up (built its models, its reward function) before rank 0 removes an
+        # earlier run (trainer.overwrite) or writes anything: a rank that failed leaves it as it was
+        dist.barrier()
         if lead:
             if tc.overwrite:
                 replace_earlier_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.out / "config.yaml")
             (self.out / "plan.yaml").write_text(self.plan.to_yaml())
+            if self.search is not None:
+                self.search.write(self.out)
             print(f"remesh: plan on {self.world} ranks: {self.plan.one_line()}", flush=True)
             for note in self._notes:
                 print(f"remesh: {note}", flush=True)
@@ -586,14 +598,17 @@ def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
         raise ConfigError(str(e) if str(e).startswith("plan") else f"plan: {e}") from None
 
 
-def _planned_worker(rank: int, world: int, cfg: RLConfig, plan: ExecutionPlan) -> RLResult:
-    return PlannedRLTrainer(cfg, plan).fit()
+def _planned_worker(rank: int, world: int, cfg: RLConfig, plan: ExecutionPlan,
+                   search: SearchOutputs | None) -> RLResult:
+    return PlannedRLTrainer(cfg, plan, search if rank == 0 else None).fit()
 
 
 def train_planned(cfg: RLConfig) -> RLResult:
     """Under torchrun: this process's part of the job. Otherwise: `trainer.nproc` local
     processes (gloo on CPU), started here; rank 0's result is returned."""
     world = int(os.environ.get("WORLD_SIZE", cfg.trainer.nproc))
+    if cfg.reward.terms:  # user reward files and term arguments: one error here, not one per reward rank
+        rule_reward(cfg.reward.terms)
     if cfg.trainer.resume:
         cfg = resumed_plan(cfg, world)
     if "WORLD_SIZE" in os.environ:
@@ -601,16 +616,18 @@ def train_planned(cfg: RLConfig) -> RLResult:
         plan = None if cfg.plan == "search" else check_plan(cfg, world)
         init_distributed(default_backend(pick_device(cfg.trainer.device)), cfg.trainer.collective_timeout_s)
         try:
+            search = None
             if plan is None:
-                cfg = _searched_by_rank0(cfg, world)
+                cfg, search = _searched_by_rank0(cfg, world)
                 plan = check_plan(cfg, world)
-            return PlannedRLTrainer(cfg, plan).fit()
+            return PlannedRLTrainer(cfg, plan, search).fit()
         finally:
             dist.destroy_process_group()
+    search = None
     if cfg.plan == "search":
-        cfg = searched(cfg, world)
+        cfg, search = searched(cfg, world)
     plan = check_plan(cfg, world)
-    return spawn(_planned_worker, world, args=(cfg, plan), timeout_s=cfg.trainer.job_timeout_s,
+    return spawn(_planned_worker, world, args=(cfg, plan, search), timeout_s=cfg.trainer.job_timeout_s,
                  collective_timeout_s=cfg.trainer.collective_timeout_s)[0]
 
 
@@ -637,7 +654,7 @@ def resumed_plan(cfg: RLConfig, world: int) -> RLConfig:
     return cfg
 
 
-def _searched_by_rank0(cfg: RLConfig, world: int) -> RLConfig:
+def _searched_by_rank0(cfg: RLConfig, world: int) -> tuple[RLConfig, SearchOutputs | None]:
     """Rank 0 searches and sends every rank its plan, or its error (so that no rank waits for a
     plan that will not come): nodes whose caches hold different profiles would otherwise find
     different plans, and a job whose ranks run different plans hangs."""
@@ -645,9 +662,11 @@ def _searched_by_rank0(cfg: RLConfig, world: int) -> RLConfig:
     import pickle
 
     outcome: list[Any] = [None]
+    outputs = None
     if dist.get_rank() == 0:
         try:
-            outcome[0] = searched(cfg, world).plan
+            found, outputs = searched(cfg, world)
+            outcome[0] = found.plan
         except Exception as e:
             try:
                 pickle.dumps(e)
@@ -657,16 +676,31 @@ def _searched_by_rank0(cfg: RLConfig, world: int) -> RLConfig:
     dist.broadcast_object_list(outcome, src=0)
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
-    return dataclasses.replace(cfg, plan=outcome[0])
+    return dataclasses.replace(cfg, plan=outcome[0]), outputs
 
 
-def searched(cfg: RLConfig, world: int) -> RLConfig:
+@dataclass
+class SearchOutputs:
+    """What a plan search leaves in the run's folder: written by rank 0 with the run's other
+    outputs (after `trainer.overwrite` has removed an earlier run's), not when the search ends."""
+    report: str
+    timeline: Timeline
+    title: str
+
+    def write(self, out: Path) -> Path:
+        from remesh.planner.planning import plot_timeline
+
+        (out / "plan_search.txt").write_text(self.report + "\n")
+        return plot_timeline(self.timeline, out / "plan_timeline.png", self.title)
+
+
+def searched(cfg: RLConfig, world: int) -> tuple[RLConfig, SearchOutputs]:
     """`cfg` with `plan: search` replaced by the plan the planner finds for `planner.cluster`
-    (default: this machine as `world` local processes); its timeline goes to the output folder."""
+    (default: this machine as `world` local processes), and the search's report and timeline."""
     import dataclasses
 
     from remesh.planner.cluster import Cluster, local_cluster
-    from remesh.planner.planning import plan_for_config, plot_timeline, report
+    from remesh.planner.planning import plan_for_config, report
     from remesh.planner.profile import check_drift
 
     p = cfg.planner
@@ -678,14 +712,10 @@ def searched(cfg: RLConfig, world: int) -> RLConfig:
     if cluster.world != world:
         raise ConfigError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
     result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
-    out = Path(cfg.trainer.output_dir)
-    if cfg.trainer.overwrite:
-        replace_earlier_run(out)
-    png = plot_timeline(result.best.timeline, out / "plan_timeline.png",
-                        f"searched plan, estimated {result.best.seconds:.2f} s per iteration")
-    (out / "plan_search.txt").write_text(report(result, cluster) + "\n")
     print(f"remesh: plan search ({result.distinct} plans estimated): {result.best.plan.one_line()} "
           f"(estimated {result.best.seconds:.2f} s per iteration; "
-          + ", ".join(f"{k} {e.seconds:.2f} s" for k, e in result.heuristics.items() if e) + f"); timeline {png}",
-          flush=True)
-    return dataclasses.replace(cfg, plan=result.best.plan.one_line())
+          + ", ".join(f"{k} {e.seconds:.2f} s" for k, e in result.heuristics.items() if e)
+          + f"); timeline {Path(cfg.trainer.output_dir) / 'plan_timeline.png'}", flush=True)
+    outputs = SearchOutputs(report(result, cluster), result.best.timeline,
+                            f"searched plan, estimated {result.best.seconds:.2f} s per iteration")
+    return dataclasses.replace(cfg, plan=result.best.plan.one_line()), outputs

@@ -5,8 +5,9 @@ Every run config has a `kind`, which `remesh train CONFIG` uses to pick the trai
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from remesh.config import FieldError, require_at_least, require_positive
 
@@ -61,6 +62,13 @@ class OptimConfig:
             raise FieldError("betas", f"betas must each be in [0, 1), got {list(self.betas)}")
 
 
+def check_wandb(trainer: Any) -> None:
+    """For a trainer config's ``__post_init__``: a W&B project needs wandb (an optional extra),
+    known at load time rather than once the run has started writing."""
+    if trainer.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise FieldError("wandb_project", "wandb_project is set but wandb is not installed: pip install wandb")
+
+
 @dataclass
 class TrainerConfig:
     output_dir: str = "runs/sft"
@@ -84,6 +92,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         require_at_least(self, 1, "batch_size", "micro_batch_tokens", "epochs", "max_steps", "log_every")
         require_at_least(self, 0, "eval_every", "save_every", "keep_checkpoints")
+        check_wandb(self)
 
 
 @dataclass

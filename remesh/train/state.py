@@ -107,15 +107,15 @@ RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "tensorboard", "plan.yam
 
 def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
     """Before any work: may a run write into `output_dir` (ConfigError if not)? A fresh run into
-    a folder holding an earlier run would mix with it: the earlier run's step checkpoints
-    outnumber the new ones, so keep_checkpoints prunes each new one as it is written and
-    `resume=latest` picks the old run, and the earlier metrics are replaced. Such a folder is
-    refused unless the run continues that run (resumes from a checkpoint of this folder), or
-    `overwrite` is set: the run then calls `replace_earlier_run` before its first write, once the
-    rest of its config has been checked."""
+    a folder holding an earlier run would mix with it: the earlier run's step checkpoints have
+    higher step numbers than the new ones, so keep_checkpoints prunes each new one as it is
+    written and `resume=latest` picks the old run, and the earlier metrics are replaced. Such a
+    folder is refused unless the run continues that run (resumes from a checkpoint of this
+    folder), or `overwrite` is set: the run then calls `replace_earlier_run` before its first
+    write, once its config has been checked and its models built."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"trainer.output_dir: {output_dir} is a file, not a folder")
-    if resume == "latest" or (resume and output_dir.resolve() in Path(resume).resolve().parents):
+    if resume == "latest" or (resume and _inside(Path(resume), output_dir)):
         if overwrite:
             raise ConfigError(f"trainer.overwrite=true would remove the run that trainer.resume={resume} continues: "
                               f"set one of them")
@@ -129,10 +129,17 @@ def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
                           f"({', '.join(held)}): {', '.join(fixes[:-1])} or {fixes[-1]}")
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it, as written or with links resolved (a
+    symlinked checkpoints/ stays the folder's own)."""
+    return (Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+            or path.resolve().is_relative_to(folder.resolve()))
+
+
 def replace_earlier_run(output_dir: Path) -> None:
     """`trainer.overwrite`: remove an earlier run's outputs (RUN_OUTPUTS only) from `output_dir`,
-    if it holds one. Called at a run's first write, so a run that fails its checks first removes
-    nothing; a no-op once done (a planned run's search writes before its processes start)."""
+    if it holds one. Called at a run's first write, after its models (and, under a plan, every
+    rank's) are built, so that a run that fails before removes nothing."""
     if not (held := earlier_run(output_dir)):
         return
     for name in RUN_OUTPUTS:
