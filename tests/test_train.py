@@ -213,7 +213,8 @@ def test_a_resume_from_the_folders_own_checkpoints_is_its_own_run(tmp_path):
     out.mkdir()
     (out / "checkpoints").symlink_to(store)
     (out / "metrics.jsonl").write_text('{"step": 2}\n')
-    for resume in (out / "checkpoints" / "step_000002", out, Path(os.path.relpath(out / "checkpoints" / "step_000002"))):
+    own = out / "checkpoints" / "step_000002"
+    for resume in (own, out, Path(os.path.relpath(own))):
         claim_output_dir(out, str(resume), overwrite=False)
     with pytest.raises(ConfigError, match="holds another run"):
         claim_output_dir(out, str(tmp_path / "other" / "step_000002"), overwrite=False)
