@@ -175,11 +175,8 @@ class AttnContext:
             rows = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device), lens,
                                            output_size=self.num_tokens)
             cols = torch.arange(self.num_tokens, device=device) - self.cu_seqlens[:-1].long()[rows]
-            pos = torch.arange(n, device=device)
-            allowed = pos[None, :] <= pos[:, None]
-            if self.sliding_window:
-                allowed &= pos[None, :] > pos[:, None] - self.sliding_window
-            real = pos < lens[:, None]  # [B, n]
+            allowed = _window_mask(n, n, self.sliding_window or n, device)  # causal, within the window
+            real = torch.arange(n, device=device) < lens[:, None]  # [B, n]
             # a padding query (its output is dropped) sees every real key of its row, so that no
             # row of the mask is empty (which some kernels turn into NaNs)
             mask = torch.where(real[:, :, None], allowed[None], True) & real[:, None, :]

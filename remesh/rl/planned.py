@@ -42,7 +42,7 @@ from torch import Tensor
 
 from remesh.checkpoint import load_hf, resolve_model_path, save_hf
 from remesh.checkpoint.hf import load_hf_config
-from remesh.config import ConfigError, config_to_dict, dump_config
+from remesh.config import ConfigError, config_to_dict
 from remesh.dataflow.graph import EXTERNAL_INPUTS, MFC, DataflowGraph, graph_for
 from remesh.model.llama import ModelArgs, Transformer
 from remesh.plan.layout import Layout, ShardSpec
@@ -63,9 +63,8 @@ from remesh.runtime.pipeline import MicroBatch, PipelineModel, PipelineStage, sy
 from remesh.runtime.realloc import ReallocStats, reallocate
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
-from remesh.train.state import (STATE_DIR, checkpoint_plan, checkpoint_progress, load_trainer_state, prune_checkpoints,
-                                replace_earlier_run, resolve_resume, role_folder, save_planned_state,
-                                save_trainer_state)
+from remesh.train.state import (STATE_DIR, begin_outputs, checkpoint_plan, checkpoint_progress, load_trainer_state,
+                                prune_checkpoints, resolve_resume, role_folder, save_planned_state, save_trainer_state)
 from remesh.train.trainer import pick_device, tc_clip
 
 if TYPE_CHECKING:
@@ -510,10 +509,7 @@ class PlannedRLTrainer(RLTrainer):
         # earlier run (trainer.overwrite) or writes anything: a rank that failed leaves it as it was
         dist.barrier()
         if lead:
-            if tc.overwrite:
-                replace_earlier_run(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(self.cfg, self.out / "config.yaml")
+            begin_outputs(self.out, self.cfg, tc.overwrite)
             (self.out / "plan.yaml").write_text(self.plan.to_yaml())
             if self.search is not None:
                 self.search.write(self.out)

@@ -23,7 +23,7 @@ from remesh.algorithms import (AdaptiveKLController, AdvantageConfig, AdvantageI
                                policy_gradient_loss, ppo_policy_loss, token_rewards, value_loss)
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
 from remesh.checkpoint.hf import load_hf_config
-from remesh.config import ConfigError, config_to_dict, dump_config
+from remesh.config import ConfigError, config_to_dict
 from remesh.data import PromptExample, load_prompt_dataset
 from remesh.dataflow.executor import OneProcessExecutor
 from remesh.dataflow.graph import MFC, graph_for
@@ -37,8 +37,8 @@ from remesh.rollout.engine import tokens_per_seq_step
 from remesh.rollout.sampling import stop_token_ids
 from remesh.train.metrics import MetricsLogger, read_metrics
 from remesh.train.optim import build_optimizer, build_scheduler
-from remesh.train.state import (STATE_DIR, checkpoint_plan, claim_output_dir, load_trainer_state, prune_checkpoints,
-                                replace_earlier_run, resolve_resume, role_folder, save_trainer_state)
+from remesh.train.state import (STATE_DIR, begin_outputs, checkpoint_plan, claim_output_dir, load_trainer_state,
+                                prune_checkpoints, resolve_resume, role_folder, save_trainer_state)
 from remesh.train.trainer import autocast_context, epoch_order, pick_device, tc_clip
 
 # which registered advantage estimator each algorithm uses
@@ -410,10 +410,7 @@ class RLTrainer:
 
     def fit(self) -> RLResult:
         tc = self.cfg.trainer
-        if tc.overwrite:
-            replace_earlier_run(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.out / "config.yaml")
+        begin_outputs(self.out, self.cfg, tc.overwrite)
         logger = MetricsLogger(self.out, tc.tensorboard, tc.wandb_project, config_to_dict(self.cfg),
                                resume_step=self.start if self.resume_dir is not None else None)
         shown = self.prompts[:tc.show_samples]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from remesh.config import ConfigError
+from remesh.config import ConfigError, dump_config
 
 STATE_DIR = "trainer_state"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -99,7 +99,7 @@ def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler
     return meta["progress"]
 
 
-# what runs write into their output folder and `replace_earlier_run` removes (config.yaml, which
+# what runs write into their output folder and `begin_outputs` removes (config.yaml, which
 # every run rewrites as it starts, is left: the name may be the user's own)
 RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "tensorboard", "plan.yaml", "plan_search.txt",
                "plan_timeline.png", "reward_curve.png", "samples.json")
@@ -111,8 +111,8 @@ def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
     higher step numbers than the new ones, so keep_checkpoints prunes each new one as it is
     written and `resume=latest` picks the old run, and the earlier metrics are replaced. Such a
     folder is refused unless the run continues that run (resumes from a checkpoint of this
-    folder), or `overwrite` is set: the run then calls `replace_earlier_run` before its first
-    write, once its config has been checked and its models built."""
+    folder), or `overwrite` is set: the run's first write (`begin_outputs`, once its config has
+    been checked and its models built) then removes the earlier run."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"trainer.output_dir: {output_dir} is a file, not a folder")
     if resume == "latest" or (resume and _inside(Path(resume), output_dir)):
@@ -136,10 +136,18 @@ def _inside(path: Path, folder: Path) -> bool:
             or path.resolve().is_relative_to(folder.resolve()))
 
 
-def replace_earlier_run(output_dir: Path) -> None:
-    """`trainer.overwrite`: remove an earlier run's outputs (RUN_OUTPUTS only) from `output_dir`,
-    if it holds one. Called at a run's first write, after its models (and, under a plan, every
-    rank's) are built, so that a run that fails before removes nothing."""
+def begin_outputs(output_dir: Path, cfg: Any, overwrite: bool) -> None:
+    """A run's first write into `output_dir`: with `overwrite` (`trainer.overwrite`), an earlier
+    run's outputs removed (RUN_OUTPUTS only); the folder made, and the run's config saved as
+    config.yaml. Called after the run's models (under a plan, every rank's) are built, so that a
+    run that fails before removes nothing."""
+    if overwrite:
+        _remove_earlier_run(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, output_dir / "config.yaml")
+
+
+def _remove_earlier_run(output_dir: Path) -> None:
     if not (held := earlier_run(output_dir)):
         return
     for name in RUN_OUTPUTS:

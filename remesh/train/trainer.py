@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
-from remesh.config import ConfigError, config_to_dict, dump_config
+from remesh.config import ConfigError, config_to_dict
 from remesh.data import balanced_micro_batches, split_eval
 from remesh.train.metrics import MetricsLogger
 from remesh.train.optim import build_optimizer, build_scheduler
-from remesh.train.state import (STATE_DIR, claim_output_dir, load_trainer_state, prune_checkpoints,
-                                replace_earlier_run, resolve_resume, save_trainer_state)
+from remesh.train.state import (STATE_DIR, begin_outputs, claim_output_dir, load_trainer_state, prune_checkpoints,
+                                resolve_resume, save_trainer_state)
 
 
 class Task(Protocol):
@@ -120,10 +120,7 @@ def run_training(cfg: Any, task: Task) -> TrainResult:
         start = load_trainer_state(resume_dir / STATE_DIR, optimizer, scheduler)["step"]
         print(f"remesh: resumed from {resume_dir} at step {start}")
 
-    if tc.overwrite:
-        replace_earlier_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    begin_outputs(out, cfg, tc.overwrite)
     logger = MetricsLogger(out, tc.tensorboard, tc.wandb_project, config_to_dict(cfg),
                            resume_step=start if resume_dir is not None else None)
     amp = autocast_context(tc.mixed_precision, device)
