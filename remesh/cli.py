@@ -17,9 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
-from remesh.config import ConfigError, check_output_file, load_config, load_yaml
+from remesh.config import ConfigError, check_output_file, load_config, read_yaml
 
 
 def _run_configs() -> dict[str, type]:
@@ -63,11 +61,7 @@ def _declared_kind(config: str, overrides: list[str]) -> str | None:
     if kind is None:
         if not Path(config).is_file():
             raise ConfigError(f"{config}: no such config file")
-        try:
-            raw = load_yaml(Path(config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"{config}: cannot read ({e.__class__.__name__})") from e
-        kind = raw.get("kind") if isinstance(raw, dict) else None
+        kind = read_yaml(config).get("kind")
     return kind
 
 

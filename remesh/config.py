@@ -72,7 +72,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: Sequenc
     place = os.fspath(path) if path is not None else "<no config file>"
     tree: dict = {}
     if path is not None:
-        tree = _read_yaml(place)
+        tree = read_yaml(place)
     loader = _Loader(place)
     for text in overrides:
         loader.apply_override(tree, text)
@@ -137,12 +137,16 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> None:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
 
 
-def _read_yaml(place: str) -> dict:
+def read_yaml(place: str) -> dict:
+    """A config file's top-level mapping ({} for an empty file); ConfigError naming the file (and line)."""
     try:
         with open(place) as f:
             data = load_yaml(f)
     except OSError as e:
         raise ConfigError(f"{place}: cannot read config file ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{place}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r})") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{place}:{mark.line + 1}" if mark is not None else place

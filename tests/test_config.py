@@ -270,6 +270,9 @@ def test_file_errors(tmp_path):
     bad = write(tmp_path, "data:\n  path: p\n bad: [\n", "bad.yaml")
     assert error(Config, bad).startswith(f"{bad}:3: invalid YAML")
     assert "top level must be a mapping" in error(Config, write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("data: {path: p}\n# caf\u00e9\n".encode("latin-1"))
+    assert error(Config, str(latin1)) == f"{latin1}:2: not UTF-8 text (byte b'\\xe9')"
 
 
 def test_multiline_post_init_message_is_one_line():

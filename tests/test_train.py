@@ -225,6 +225,8 @@ def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):
     from remesh.cli import main
 
     demo = str(REPO / "configs/sft_demo.yaml")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("kind: sft\nmodel:\n  path: a: b\n")
     cases = [
         (["sft", demo, "optim.lrr=1"], "did you mean 'optim.lr'"),
         (["sft", demo, "optim.lr=fast"], "optim.lr: expected float"),
@@ -232,6 +234,8 @@ def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):
         (["sft", demo, f"model.path={workspace / 'model'}", f"data.train={tmp_path / 'missing.jsonl'}"],
          "missing.jsonl"),
         (["train", str(tmp_path / "absent.yaml")], "no such config file"),
+        # `train` reads the file for its kind first: the same message, with the line
+        (["train", str(bad_yaml)], "bad.yaml:3: invalid YAML"),
         (["sft", demo, "trainer.log_every=0"], "trainer: log_every must be >= 1, got 0"),
         (["sft", demo, "trainer.device=nowhere"], "trainer.device: unknown device 'nowhere'"),
     ]
