@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -306,10 +307,14 @@ class _Loader:
             raise mismatch()
         if tp is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str) and _NUMERIC.fullmatch(value):  # YAML 1.1's '1e-5' (see module doc)
-                return float(value)
-            raise mismatch()
+                number = float(value)
+            elif isinstance(value, str) and _NUMERIC.fullmatch(value):  # YAML 1.1's '1e-5' (see module doc)
+                number = float(value)
+            else:
+                raise mismatch()
+            if not math.isfinite(number):  # .inf / .nan pass every range check and train into NaN weights
+                raise mismatch("a finite number")
+            return number
         if tp is str:
             if isinstance(value, str):
                 return value

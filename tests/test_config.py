@@ -195,8 +195,11 @@ def test_run_configs_check_ranges_at_load_time(tmp_path):
         return error(RLConfig, grpo, overrides)
 
     assert rl_error("rollout.top_p=1.5") == "override 'rollout.top_p=1.5': rollout: top_p must be in (0, 1], got 1.5"
-    assert rl_error("rollout.temperature=-1").endswith("rollout: temperature must be > 0 unless greedy, got -1.0")
+    assert rl_error("rollout.temperature=-1").endswith("rollout: temperature must be > 0 and finite unless greedy, got -1.0")
     assert rl_error("trainer.iterations=-2").endswith("trainer: iterations must be >= 1, got -2")
+    # .inf and .nan pass every range check (nan >= 0 is False, but so is nan < 0): refused as numbers
+    assert rl_error("actor_optim.lr=.inf").endswith("actor_optim.lr: expected a finite number, got float inf")
+    assert rl_error("kl.coef=.nan").endswith("kl.coef: expected a finite number, got float nan")
     assert rl_error("trainer.prompts_per_iter=0").endswith("trainer: prompts_per_iter must be >= 1, got 0")
     assert rl_error("trainer.nproc=0").endswith("trainer: nproc must be >= 1, got 0")
     assert rl_error("kl.coef=-0.1").endswith("kl: coef must be >= 0, got -0.1")

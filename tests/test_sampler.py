@@ -67,7 +67,8 @@ def test_target_logprobs_temperature_and_greedy():
 
 
 def test_sampling_params_validation():
-    for kw, field in [(dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"),
+    for kw, field in [(dict(temperature=0.0), "temperature"), (dict(temperature=float("inf")), "temperature"),
+                      (dict(temperature=float("nan")), "temperature"), (dict(top_p=0.0), "top_p"),
                       (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(n=0), "n"),
                       (dict(max_new_tokens=0), "max_new_tokens")]:
         with pytest.raises(ValueError, match=field):

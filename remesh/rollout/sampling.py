@@ -8,6 +8,7 @@ log-prob it returns is the behaviour log-prob of the drawn token; speculative de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
-        if not self.greedy and not self.temperature > 0:
-            raise FieldError("temperature", f"temperature must be > 0 unless greedy, got {self.temperature}")
+        if not self.greedy and not 0 < self.temperature < math.inf:  # inf: the uniform distribution
+            raise FieldError("temperature", f"temperature must be > 0 and finite unless greedy, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise FieldError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
