@@ -78,7 +78,7 @@ def run_generate(a: GenerateArgs) -> dict:
     prompts, _ = load_prompt_dataset(a.prompts, tokenizer, max_prompt_len=a.max_prompt_len,
                                      limit_option="--max-prompt-len")
     model = load_hf(folder, head="lm", dtype=getattr(torch, a.dtype), device=device).requires_grad_(False)
-    draft = load_draft_model(a.draft_model, model, getattr(torch, a.dtype))
+    draft = load_draft_model(a.draft_model, model, getattr(torch, a.dtype), "--draft-model")
     stop = stop_token_ids(tokenizer.eos_token_id, model.args.extra.get("eos_token_id"))
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, greedy=a.greedy,
                             max_new_tokens=a.max_new_tokens, n=a.n, seed=a.seed, stop_token_ids=stop)

@@ -203,6 +203,13 @@ def test_run_configs_check_ranges_at_load_time(tmp_path):
     assert rl_error("trainer.prompts_per_iter=0").endswith("trainer: prompts_per_iter must be >= 1, got 0")
     assert rl_error("trainer.nproc=0").endswith("trainer: nproc must be >= 1, got 0")
     assert rl_error("kl.coef=-0.1").endswith("kl: coef must be >= 0, got -0.1")
+    assert rl_error("trainer.micro_batch_tokens=100", "rollout.max_new_tokens=40").endswith(
+        "trainer.micro_batch_tokens: 100 cannot hold a sequence of data.max_prompt_len + rollout.max_new_tokens = "
+        f"{load_config(RLConfig, grpo).data.max_prompt_len + 40} tokens: raise it to at least "
+        f"{load_config(RLConfig, grpo).data.max_prompt_len + 40}")
+    assert rl_error("plan=colocated", "rollout.draft_model=self:3").endswith(
+        "rollout.draft_model: the model drafter runs in one-process runs only, not under a plan (plan: colocated); "
+        "drop it, or the plan")
     assert rl_error("rollout.spec=ngram:3", "rollout.draft_model=self:3").endswith(
         "rollout: a draft model is used by speculation 'auto' or 'model:K', not 'ngram:3' "
         "(drop the draft model, or change the speculation)")

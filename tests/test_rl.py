@@ -173,7 +173,9 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
     good.write_text(yaml.safe_dump(cfg))
     missing_fn = _config(rl_workspace, "remax", "cli", reward={"terms": [{"name": f"{tmp_path}/absent.py:score"}]})
     missing_rm = _config(rl_workspace, "remax", "cli", reward={"model": str(tmp_path / "no_rm"), "terms": []})
+    no_answers = _config(rl_workspace, "remax", "cli", rollout={"n_samples": 1}, reward={"terms": [{"name": "exact_answer"}]})
     (tmp_path / "fn.yaml").write_text(yaml.safe_dump(missing_fn))
+    (tmp_path / "exact.yaml").write_text(yaml.safe_dump(no_answers))
     (tmp_path / "rm.yaml").write_text(yaml.safe_dump(missing_rm))
     held = tmp_path / "held"
     (held / "checkpoints" / "step_000001").mkdir(parents=True)
@@ -194,6 +196,11 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
           "plan=search", "trainer.nproc=2"], "absent.py"),  # before the search and its processes
         (["train", str(good), f"trainer.output_dir={held}", "trainer.overwrite=true", "plan=actor_gen=zz",
           "trainer.nproc=2"], "plan"),
+        # prompts that the reward cannot score (exact_answer without answers): when they load, not after a rollout
+        (["train", str(tmp_path / "exact.yaml"), f"trainer.output_dir={held}", "trainer.overwrite=true"],
+         "prompts.jsonl:1: reward term 'exact_answer' cannot score it: the row has no reference 'answer'"),
+        (["train", str(tmp_path / "exact.yaml"), f"trainer.output_dir={held}", "trainer.overwrite=true",
+          "plan=colocated", "trainer.nproc=2"], "prompts.jsonl:1: reward term 'exact_answer' cannot score it"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

@@ -765,6 +765,10 @@ def test_generate_command_writes_jsonl_and_summary(tmp_path, capsys):
     assert 1.0 <= per_seq <= 3.0  # history:2x2 emits 1 to 3 tokens a sequence-step
     assert main(["generate", str(tmp_path / "model"), str(tmp_path / "p.jsonl"), "--spec", "model:3"]) == 2
     assert "--spec: speculation 'model:3' needs a draft model" in capsys.readouterr().err
+    # more layers than the policy has: known once it loads, and still one line naming the option
+    assert main(["generate", str(tmp_path / "model"), str(tmp_path / "p.jsonl"), "--spec", "model:3",
+                 "--draft-model", "self:99"]) == 2
+    assert "--draft-model: self:99: a self-draft needs 1 <= n_layers <" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.partial"))
 
 

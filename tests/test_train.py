@@ -178,6 +178,10 @@ def test_a_fresh_run_neither_mixes_with_nor_silently_replaces_an_earlier_one(wor
     assert run(4, "trainer.overwrite=true", f"data.train={workspace / 'absent.jsonl'}") == 2
     assert "absent.jsonl" in capsys.readouterr().err
     assert files() == before
+    # an example longer than a micro-batch: found once the data loads, before the first write
+    assert run(4, "trainer.overwrite=true", "trainer.micro_batch_tokens=8") == 2
+    assert "trainer.micro_batch_tokens: 8 cannot hold the longest example (" in capsys.readouterr().err
+    assert files() == before
 
     assert run(4, "trainer.overwrite=true") == 0
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_000002"]

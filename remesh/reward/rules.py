@@ -171,6 +171,23 @@ def _reasoning_gym_scorer(name: str) -> Callable[..., float]:
 # ---------------------------------------------------------------- built-ins
 
 
+NO_REFERENCE = "the row has no reference 'answer' (and meta holds no reasoning-gym entry)"
+
+
+ROW_CHECKED_TERMS = frozenset({"exact_answer"})  # built-ins that need something of every prompt row
+
+
+def why_unscorable(term: str, prompt: str, answer: str | None, meta: dict) -> str | None:
+    """Why the built-in `term` could not score any response to this prompt row (None: it can),
+    so that a prompts file is refused when it loads, not after a rollout."""
+    if term not in ROW_CHECKED_TERMS:
+        return None
+    try:
+        return None if reasoning_gym_entry(prompt, answer, meta) is not None or answer is not None else NO_REFERENCE
+    except ValueError as e:  # a malformed reasoning-gym entry
+        return str(e)
+
+
 def exact_answer(prompt: str, response: str, answer: str | None, meta: dict) -> float:
     """1.0 if the response's final answer equals the reference, else 0.0.
 
@@ -191,7 +208,7 @@ def exact_answer(prompt: str, response: str, answer: str | None, meta: dict) -> 
         extracted = extract_answer(response, numeric=isinstance(ref, str) and parse_number(ref) is not None)
         return float(_reasoning_gym_scorer(name)(answer=extracted, entry=entry))
     if answer is None:
-        raise ValueError("the row has no reference 'answer' (and meta holds no reasoning-gym entry)")
+        raise ValueError(NO_REFERENCE)
     answer = str(answer)
     extracted = extract_answer(response, numeric=parse_number(answer) is not None)
     return 1.0 if answers_match(extracted, answer) else 0.0

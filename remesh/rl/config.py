@@ -192,3 +192,12 @@ class RLConfig:
     def __post_init__(self) -> None:
         if self.algo.name in ("grpo", "rloo") and self.rollout.n_samples < 2:
             raise ValueError(f"{self.algo.name} needs rollout.n_samples >= 2 (the group size)")
+        longest = self.data.max_prompt_len + self.rollout.max_new_tokens
+        if longest > self.trainer.micro_batch_tokens:  # else found at the first training call, after a rollout
+            raise ValueError(f"trainer.micro_batch_tokens: {self.trainer.micro_batch_tokens} cannot hold a sequence of "
+                             f"data.max_prompt_len + rollout.max_new_tokens = {longest} tokens: raise it to at least "
+                             f"{longest}")
+        if self.plan is not None and self.rollout.draft_model is not None:
+            # a draft model would have to run on the generation mesh's ranks in step with the policy
+            raise ValueError("rollout.draft_model: the model drafter runs in one-process runs only, not under a "
+                             f"plan (plan: {self.plan}); drop it, or the plan")

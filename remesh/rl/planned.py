@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from remesh.checkpoint import load_hf, resolve_model_path, save_hf
+from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
 from remesh.checkpoint.hf import load_hf_config
 from remesh.config import ConfigError, config_to_dict
 from remesh.dataflow.graph import EXTERNAL_INPUTS, MFC, DataflowGraph, graph_for
@@ -48,10 +48,11 @@ from remesh.model.llama import ModelArgs, Transformer
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
 from remesh.reward import build_reward_fn
+from remesh.reward.rules import ROW_CHECKED_TERMS
 from remesh.reward.scorer import rule_reward
 from remesh.rl.batch import PackedMicroBatch, Responses, packed_tokens, prompt_groups
 from remesh.rl.config import RLConfig
-from remesh.rl.trainer import RLResult, RLTrainer, plot_reward_curve, rollout_metrics, speculation_metrics
+from remesh.rl.trainer import RLResult, RLTrainer, load_prompts, plot_reward_curve, rollout_metrics, speculation_metrics
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.runtime.data import balance_by_tokens, balance_units, holder_rank, object_device, redistribute
 from remesh.runtime.grads import clip_grad_norm, sync_gradients
@@ -605,6 +606,8 @@ def train_planned(cfg: RLConfig) -> RLResult:
     world = int(os.environ.get("WORLD_SIZE", cfg.trainer.nproc))
     if cfg.reward.terms:  # user reward files and term arguments: one error here, not one per reward rank
         rule_reward(cfg.reward.terms)
+    if any(t.name in ROW_CHECKED_TERMS for t in cfg.reward.terms):  # and the prompt rows they need
+        load_prompts(cfg, load_tokenizer(resolve_model_path(cfg.actor.path, "actor.path")))
     if cfg.trainer.resume:
         cfg = resumed_plan(cfg, world)
     if "WORLD_SIZE" in os.environ:

@@ -24,10 +24,11 @@ from remesh.algorithms import (AdaptiveKLController, AdvantageConfig, AdvantageI
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
 from remesh.checkpoint.hf import load_hf_config
 from remesh.config import ConfigError, config_to_dict
-from remesh.data import PromptExample, load_prompt_dataset
+from remesh.data import DataError, PromptExample, load_prompt_dataset
 from remesh.dataflow.executor import OneProcessExecutor
 from remesh.dataflow.graph import MFC, graph_for
 from remesh.reward import build_reward_fn
+from remesh.reward.rules import why_unscorable
 from remesh.rl.batch import (PackedMicroBatch, Responses, forward_packed, logprobs_head, micro_batches, pack_micro_batch,
                              values_head)
 from remesh.rl.config import RLConfig
@@ -55,6 +56,21 @@ class RLResult:
     iterations: int
 
 
+def load_prompts(cfg: RLConfig, tokenizer: Any) -> list[PromptExample]:
+    """The run's prompt rows (`data`), each one that the reward's terms can score: a row they
+    cannot (exact_answer without a reference answer) is a DataError naming it when the file
+    loads, not after the first rollout."""
+    prompts, report = load_prompt_dataset(cfg.data.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                                          skip_bad_rows=cfg.data.skip_bad_rows)
+    if report.skipped:
+        print(f"remesh: {report.summary()}")
+    for term in cfg.reward.terms:
+        for p in prompts:
+            if (why := why_unscorable(term.name, p.prompt, p.answer, p.meta)) is not None:
+                raise DataError(f"{p.source}: reward term {term.name!r} cannot score it: {why}")
+    return prompts
+
+
 class RLTrainer:
     def __init__(self, cfg: RLConfig):
         self._setup_common(cfg)
@@ -75,10 +91,7 @@ class RLTrainer:
         self.resume_dir = resolve_resume(tc.resume, self.out) if tc.resume else None
         self.tokenizer = load_tokenizer(self.initial)
         self._config_eos = load_hf_config(self.initial, "lm").extra.get("eos_token_id")
-        self.prompts, report = load_prompt_dataset(cfg.data.train, self.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                                                   skip_bad_rows=cfg.data.skip_bad_rows)
-        if report.skipped:
-            print(f"remesh: {report.summary()}")
+        self.prompts = load_prompts(cfg, self.tokenizer)
         self.steps_per_iter = cfg.algo.ppo_epochs * cfg.algo.mini_batches
         self.total_steps = tc.iterations * self.steps_per_iter
         k = cfg.kl
@@ -99,7 +112,8 @@ class RLTrainer:
         self.actor = load_hf(self.resume_dir or self.initial, head="lm", dtype=dtype, device=self.device)
         self.engine = RolloutEngine(self.actor, spec=cfg.rollout.spec, max_batch=cfg.rollout.max_batch,
                                     keep_cache=cfg.rollout.keep_cache,
-                                    draft_model=load_draft_model(cfg.rollout.draft_model, self.actor, dtype))
+                                    draft_model=load_draft_model(cfg.rollout.draft_model, self.actor, dtype,
+                                                                  "rollout.draft_model"))
         self.ref = None
         if "ref" in self.graph.roles:
             self.ref = load_hf(self.initial, head="lm", dtype=dtype, device=self.device).requires_grad_(False).eval()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from remesh.config import ConfigError
 from remesh.model.attention import AttnContext
 from remesh.rollout.sampling import SamplingParams, target_logprobs
 from remesh.rollout.speculative import Draft
@@ -318,18 +319,23 @@ def self_draft_layers(spec: str) -> int | None:
     return int(spec[5:])
 
 
-def load_draft_model(spec: str | None, policy: nn.Module, dtype: torch.dtype) -> nn.Module | None:
+def load_draft_model(spec: str | None, policy: nn.Module, dtype: torch.dtype,
+                     option: str = "draft model") -> nn.Module | None:
     """The "model" drafter's model from its spec: None, self:N (the policy's first N layers) or a
-    checkpoint (HF folder, .gguf or "default"), loaded frozen next to the policy."""
+    checkpoint (HF folder, .gguf or "default"), loaded frozen next to the policy. Errors start
+    with `option`, the config key or flag the spec came from."""
     if spec is None:
         return None
     layers = self_draft_layers(spec)
     if layers is not None:  # shares the policy's weights, so it follows every update
-        return first_layers(policy, layers)
+        try:
+            return first_layers(policy, layers)
+        except ValueError as e:  # N beyond the policy's layers: known only now
+            raise ConfigError(f"{option}: {spec}: {e}") from None
     from remesh.checkpoint import load_hf, resolve_model_path
 
     device = next(policy.parameters()).device
-    return load_hf(resolve_model_path(spec, "draft model"), head="lm", dtype=dtype, device=device).requires_grad_(False)
+    return load_hf(resolve_model_path(spec, option), head="lm", dtype=dtype, device=device).requires_grad_(False)
 
 
 class ModelDrafter(Drafter):

@@ -108,6 +108,13 @@ def run_training(cfg: Any, task: Task) -> TrainResult:
             print(f"remesh: {eval_report.summary()}")
     else:
         train, eval_set = split_eval(train, cfg.data.eval_fraction, tc.seed)
+    # an example that no micro-batch holds would stop the run at its first step, after the output
+    # folder (and, under overwrite, the earlier run) has gone
+    longest = max(map(task.length, [*train, *eval_set]), default=0)
+    if longest > tc.micro_batch_tokens:
+        raise ConfigError(f"trainer.micro_batch_tokens: {tc.micro_batch_tokens} cannot hold the longest example "
+                          f"({longest} tokens{' as a pair' if task.head == 'value' else ''}): raise it to at "
+                          f"least {longest}, or lower data.max_len")
 
     steps_per_epoch = math.ceil(len(train) / tc.batch_size)
     total = steps_per_epoch * tc.epochs
