@@ -10,14 +10,19 @@ position. A point-mass draft token x is accepted with probability p(x), so:
   next positions (along the sampled path: an approximation) tokens per step;
 - a draft model q (here the policy's first N layers, `--spec model:K --draft-model self:N`)
   has its sampled token accepted with probability sum_x min(p(x), q(x)).
+- `--bf16-draft`: the same for a bf16 copy of the whole (fp32) policy, a draft nearly as good
+  as the target; what it would cost is its plain decode step at batch 1 against the policy's
+  (the engine's own steps, median, the two interleaved), as a draft step is such a step.
 Compare with the acceptance the drafters reach in bench/rollout.py.
 
     python bench/acceptance_ceiling.py [--model default|PATH] [--batch 16] [--max-new-tokens 128]
                                        [--temperature 1.0] [--length-mix] [--self-layers 10,20,25,28]
+                                       [--bf16-draft]
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 from pathlib import Path
@@ -55,6 +60,20 @@ def oracle_chain(max_p: list[float], depth: int) -> list[float]:
     return out
 
 
+def step_ratio(draft: torch.nn.Module, model: torch.nn.Module, prompt: list[int], params: SamplingParams,
+               rounds: int = 4) -> float:
+    """Median plain decode step of `draft` over `model`'s, one prompt, each in its own engine
+    (its kernel layouts tuned in a first, untimed call), calls interleaved."""
+    engines = [RolloutEngine(m, max_batch=1, spec="off") for m in (draft, model)]
+    steps: list[list[float]] = [[], []]
+    for r in range(rounds + 1):
+        for i, e in enumerate(engines):
+            e.generate([prompt], params)
+            if r:
+                steps[i] += [s.seconds for s in e.stats.steps]
+    return statistics.median(steps[0]) / statistics.median(steps[1])
+
+
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], lambda p: (
         p.add_argument("--model", default="default"),
@@ -62,7 +81,8 @@ def main() -> None:
         p.add_argument("--max-new-tokens", type=int, default=128),
         p.add_argument("--temperature", type=float, default=1.0),
         p.add_argument("--length-mix", action="store_true"),
-        p.add_argument("--self-layers", default="10,20,25,28")))
+        p.add_argument("--self-layers", default="10,20,25,28"),
+        p.add_argument("--bf16-draft", action="store_true")))
     folder = resolve_model_path(args.model)
     tok = load_tokenizer(folder)
     model = load_hf(folder, head="lm").requires_grad_(False).eval()
@@ -72,10 +92,12 @@ def main() -> None:
     rollouts = RolloutEngine(model, max_batch=args.batch, spec="off").generate(
         demo_prompts(tok, length_mix=args.length_mix)[:args.batch], params)
     self_layers = [int(x) for x in args.self_layers.split(",") if x]
-    drafts = {n: first_layers(model, n) for n in self_layers}
+    drafts = {f"self:{n}": first_layers(model, n) for n in self_layers}
+    if args.bf16_draft:
+        drafts["bf16"] = copy.deepcopy(model).to(torch.bfloat16)
     max_p, top2, top4, chain = [], [], [], []
-    sampled_accept: dict[int, list[float]] = {n: [] for n in self_layers}
-    argmax_accept: dict[int, list[float]] = {n: [] for n in self_layers}
+    sampled_accept: dict[str, list[float]] = {n: [] for n in drafts}
+    argmax_accept: dict[str, list[float]] = {n: [] for n in drafts}
     with torch.inference_mode():
         for r in rollouts:
             p = response_probs(model, r.prompt_ids, r.response_ids, params)
@@ -85,7 +107,7 @@ def main() -> None:
             top4 += top.sum(-1).tolist()
             chain += oracle_chain(top[:, 0].tolist(), CHAIN_DEPTH)
             for n, d in drafts.items():
-                q = response_probs(d, r.prompt_ids, r.response_ids, params)
+                q = response_probs(d, r.prompt_ids, r.response_ids, params).float()
                 sampled_accept[n] += torch.minimum(p, q).sum(-1).tolist()
                 argmax_accept[n] += p.gather(1, q.argmax(-1, keepdim=True)).squeeze(1).tolist()
     mean = statistics.mean
@@ -94,8 +116,8 @@ def main() -> None:
                 f"oracle_chain{CHAIN_DEPTH}_tokens_per_step": round(1 + mean(chain), 3)}
     rows = [["target argmax (best point mass)", mean(max_p)], ["target top-2 tree root", mean(top2)],
             ["target top-4 tree root", mean(top4)]]
-    rows += [[f"self:{n} sampled (sum min(p, q))", mean(sampled_accept[n])] for n in self_layers]
-    rows += [[f"self:{n} argmax", mean(argmax_accept[n])] for n in self_layers]
+    rows += [[f"{n} sampled (sum min(p, q))", mean(sampled_accept[n])] for n in drafts]
+    rows += [[f"{n} argmax", mean(argmax_accept[n])] for n in drafts]
     print_table(["first draft token", "acceptance"], rows)
     print(f"an oracle argmax chain of depth {CHAIN_DEPTH}: at most {1 + mean(chain):.2f} tokens per step "
           f"(plain decoding: 1), over {len(max_p)} positions", flush=True)
@@ -103,9 +125,15 @@ def main() -> None:
                "self_draft_sampled_acceptance": {n: round(mean(v), 3) for n, v in sampled_accept.items()},
                "self_draft_argmax_acceptance": {n: round(mean(v), 3) for n, v in argmax_accept.items()},
                "response_len_median": statistics.median(len(r.response_ids) for r in rollouts)}
+    if args.bf16_draft:
+        longest = max(rollouts, key=lambda r: len(r.response_ids))
+        details["bf16_step_vs_fp32_step"] = step_ratio(drafts["bf16"], model, longest.prompt_ids, params)
+        print(f"a bf16 copy's decode step at batch 1 takes {details['bf16_step_vs_fp32_step']:.2f} of the fp32 "
+              "policy's", flush=True)
     name = ("acceptance_ceiling" + ("_lengthmix" if args.length_mix else "")
             + ("" if args.temperature == 1.0 else f"_T{args.temperature:g}")
-            + ("" if args.model == "default" else f"_{Path(args.model).name}"))
+            + ("" if args.model == "default" else f"_{Path(args.model).name}")
+            + ("_bf16draft" if args.bf16_draft else ""))
     finish(name, headline, details, model=args.model, batch=args.batch, max_new_tokens=args.max_new_tokens,
            temperature=args.temperature, length_mix=args.length_mix)
 
