@@ -73,7 +73,7 @@ def _kind_of(config: str, overrides: list[str]) -> str:
     return kind
 
 
-def _convert(src: str, dst: str, dtype: str, shard_gb: float) -> None:
+def _convert(src: str, dst: str, dtype: str, shard_gb: float, overwrite: bool = False) -> None:
     import torch
 
     from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
@@ -83,6 +83,8 @@ def _convert(src: str, dst: str, dtype: str, shard_gb: float) -> None:
         raise ConfigError(f"--shard-gb: must be positive, got {shard_gb}")
     if Path(dst).exists() and not Path(dst).is_dir():
         raise ConfigError(f"convert: destination {dst} is a file; give a folder")
+    if Path(dst).is_dir() and any(Path(dst).iterdir()) and not overwrite:  # its files would be replaced
+        raise ConfigError(f"convert: destination {dst} is not empty; give a new folder, or --overwrite to write into it")
     if src.endswith(".gguf") and dtype == "float32" and shard_gb >= 2:
         out = convert_gguf_to_hf(src, dst)
     else:
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument("--shard-gb", type=float, default=2.0, help="max safetensors shard size in GiB")
+    c.add_argument("--overwrite", action="store_true", help="write into a destination folder that holds files")
     g = sub.add_parser("generate", help="sample responses with the rollout engine (speculative decoding)")
     g.add_argument("model", help="HF folder, .gguf file or 'default'")
     g.add_argument("prompts", help="JSONL file with a 'prompt' field per row")
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             _run(_kind_of(args.config, args.overrides), args.config, args.overrides)
         elif args.command == "convert":
-            _convert(args.src, args.dst, args.dtype, args.shard_gb)
+            _convert(args.src, args.dst, args.dtype, args.shard_gb, args.overwrite)
         elif args.command == "generate":
             _generate(args)
         elif args.command == "profile":

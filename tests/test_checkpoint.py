@@ -134,6 +134,12 @@ def test_convert_refuses_bad_options_before_reading(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "afile")]) == 2
     assert "is a file; give a folder" in capsys.readouterr().err
     assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "out").exists()
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "config.json").write_text("mine")
+    assert main(["convert", str(tmp_path / "nowhere"), str(held)]) == 2
+    assert f"convert: destination {held} is not empty; give a new folder, or --overwrite" in capsys.readouterr().err
+    assert (held / "config.json").read_text() == "mine"
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "no_such_model"])

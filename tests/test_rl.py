@@ -173,7 +173,8 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
     good.write_text(yaml.safe_dump(cfg))
     missing_fn = _config(rl_workspace, "remax", "cli", reward={"terms": [{"name": f"{tmp_path}/absent.py:score"}]})
     missing_rm = _config(rl_workspace, "remax", "cli", reward={"model": str(tmp_path / "no_rm"), "terms": []})
-    no_answers = _config(rl_workspace, "remax", "cli", rollout={"n_samples": 1}, reward={"terms": [{"name": "exact_answer"}]})
+    no_answers = _config(rl_workspace, "remax", "cli", rollout={"n_samples": 1},
+                         reward={"terms": [{"name": "exact_answer"}]})
     (tmp_path / "fn.yaml").write_text(yaml.safe_dump(missing_fn))
     (tmp_path / "exact.yaml").write_text(yaml.safe_dump(no_answers))
     (tmp_path / "rm.yaml").write_text(yaml.safe_dump(missing_rm))
