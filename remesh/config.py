@@ -45,7 +45,20 @@ _NUMERIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class _Loader12(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans: only true/false, not on/off/yes/no/y/n."""
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false, not on/off/yes/no/y/n;
+    and, as YAML 1.2 requires, a key given twice in one mapping is an error (PyYAML keeps the
+    last silently: a second `lr:` further down a file would win unseen)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may be overridden, as YAML's merge keys allow
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _BOOL = "tag:yaml.org,2002:bool"

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional
 
 import pytest
 
-from remesh.config import ConfigError, config_to_dict, dump_config, load_config
+from remesh.config import ConfigError, config_to_dict, dump_config, load_config, load_yaml
 
 
 @dataclass
@@ -280,6 +280,9 @@ def test_file_errors(tmp_path):
     bad = write(tmp_path, "data:\n  path: p\n bad: [\n", "bad.yaml")
     assert error(Config, bad).startswith(f"{bad}:3: invalid YAML")
     assert "top level must be a mapping" in error(Config, write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+    twice = write(tmp_path, "data: {path: p}\noptim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "twice.yaml")
+    assert error(Config, twice) == f"{twice}:4: invalid YAML (key 'lr' given twice)"
+    assert load_yaml("base: &b {x: 1, y: 2}\nz: {<<: *b, x: 5}\n")["z"] == {"x": 5, "y": 2}  # merge keys still override
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("data: {path: p}\n# caf\u00e9\n".encode("latin-1"))
     assert error(Config, str(latin1)) == f"{latin1}:2: not UTF-8 text (byte b'\\xe9')"
