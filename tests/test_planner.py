@@ -273,6 +273,10 @@ def test_cluster_spec_errors(tmp_path):
         load("nodes: 1\ndevices_per_node: 2\ndevice_memory: 8GB\nprofile: nowhere\n")
     with pytest.raises(ValueError, match="no such file or shipped cluster"):
         Cluster.load(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"c\.yaml:3: invalid YAML"):
+        load("nodes: 1\ndevices_per_node: [2\n")
+    with pytest.raises(ValueError, match=f"{tmp_path}: cannot read config file"):  # a folder
+        Cluster.load(tmp_path)
     assert parse_bytes("1.5GiB", "x") == 1.5 * 2**30 and parse_bytes("24GB", "x") == 24e9
 
 

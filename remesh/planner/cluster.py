@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from remesh.config import load_yaml
+from remesh.config import read_yaml
 from remesh.planner.profile import HardwareProfile, LinkCost
 
 CLUSTERS_DIR = Path(__file__).resolve().parent / "clusters"
@@ -152,10 +150,7 @@ class Cluster:
         if not path.exists():
             shipped = sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))
             raise ValueError(f"cluster {str(spec)!r}: no such file or shipped cluster (shipped: {', '.join(shipped)})")
-        try:
-            data = load_yaml(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        data = read_yaml(str(path))  # a folder, bad bytes or bad YAML: an error naming the file (and line)
         cluster = cls.from_dict(data, str(path))
         if "name" not in data:
             cluster.name = path.stem
