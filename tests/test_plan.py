@@ -64,6 +64,9 @@ def test_plan_yaml_errors_name_the_field(tmp_path):
     f.write_text("mfcs: {actor_gen: d3@0-1}\n")
     with pytest.raises(ValueError, match=rf"{f}.mfcs.actor_gen: .*d3 x t1 x p1 = 3 ranks"):
         load_plan(f)
+    f.write_text("world_size: 2\nmfcs: {actor_gen: [d2\n")
+    with pytest.raises(ValueError, match=rf"{f}:3: invalid YAML"):  # read as config files are: the line
+        load_plan(f)
 
 
 def _ppo_models(**kw):

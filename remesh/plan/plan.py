@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from remesh.config import load_yaml
+from remesh.config import read_yaml
 from remesh.dataflow.graph import DataflowGraph
 from remesh.model.llama import ModelArgs
 from remesh.plan.layout import Layout, ShardSpec, format_ranks, parse_ranks
@@ -117,11 +117,7 @@ def load_plan(path: str | Path) -> ExecutionPlan:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"plan file {path}: no such file")
-    try:
-        data = load_yaml(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    return plan_from_dict(data, where=str(path))
+    return plan_from_dict(read_yaml(str(path)), where=str(path))  # bad bytes or YAML: the file and line
 
 
 def heuristic_plan(name: str, graph: DataflowGraph, world_size: int, tp: int = 1, pp: int = 1) -> ExecutionPlan:
