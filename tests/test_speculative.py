@@ -580,6 +580,57 @@ def test_step_time_model_never_predicts_more_tokens_faster():
     assert m.predict(20) == pytest.approx((0.13 + 0.125 + 0.12 + 0.11) / 4)
 
 
+def test_step_time_model_drops_a_stale_point_between_fresh_ones():
+    """A count not observed in the last `max_age` observations goes where fresher counts lie on
+    both sides (interpolated from them); below or above every fresh count it stays."""
+    m = StepTimeModel(max_age=3)
+    for t, s in [(1, 0.1), (16, 0.9), (32, 0.4), (64, 0.8)]:
+        m.observe(t, s)
+    assert m.predict(16) == pytest.approx(0.65)  # 0.9 and 0.4 pooled (`_fitted`)
+    for t, s in [(8, 0.2), (32, 0.4), (8, 0.2)]:  # 1 and 16 now stale: 16 lies between 8 and 32
+        m.observe(t, s)
+    assert [t for t, _ in m.points()] == [1, 8, 32, 64]
+    assert m.predict(16) == pytest.approx(0.2 + 0.2 * 8 / 24)
+    assert StepTimeModel(max_age=None).max_age is None  # kept forever, as before
+
+
+def run_policy_at_64(max_age: int | None, steps: int = 40) -> list[Strategy]:
+    """A policy whose plain step at 64 tokens was measured at twice its time (a passing load),
+    then steps on a quiet device at 64 live sequences, plain steps at 32 between them. A one-token
+    draft at 64 is verified over 128 tokens, whose point the drafting steps refresh and which the
+    stale 64 pools with: drafting looks no dearer than decoding plainly, at 10% acceptance."""
+    def device(tokens: int) -> float:
+        return 0.03 + 0.003 * tokens
+
+    policy = AdaptivePolicy(drafters={"history": 1}, depths=(1,), widths=(1,), explore_every=10 ** 9,
+                            step_time=StepTimeModel(max_age=max_age),
+                            acceptance=AcceptanceStats(prior=0.1, prior_weight=0.0))
+    for t in (1, 2, 4, 8, 16, 32, 64, 128):
+        policy.step_time.observe(t, device(t) * (2 if t == 64 else 1))
+    chosen = []
+    for _ in range(steps):
+        for batch in (64, 32):
+            s = policy.choose(batch)
+            tokens = batch * (1 + policy.nodes(s))
+            policy.step_time.observe(tokens, device(tokens))
+            policy.observe_step(s, batch, device(tokens))
+            if batch == 64:
+                chosen.append(s)
+    return chosen
+
+
+def test_a_plain_step_measured_slow_is_not_believed_forever():
+    """Kept forever, the stale point keeps the policy drafting at 64 at a loss (plain steps at 64,
+    the only ones that would correct it, never come); once it is `max_age` observations old it
+    is interpolated from fresh points, plain decoding wins, and its next step refreshes it."""
+    kept = run_policy_at_64(max_age=None)
+    assert set(kept) == {Strategy("history", 1, 1)}
+    aged = run_policy_at_64(max_age=16)
+    assert aged[0] == Strategy("history", 1, 1)
+    first_plain = aged.index(OFF)
+    assert first_plain <= 9 and set(aged[first_plain:]) == {OFF}
+
+
 def test_expected_accepted_tokens():
     s = AcceptanceStats(prior=0.5, prior_weight=0.0, min_rate=0.0)
     for accepted in (2, 2, 1, 0):  # depth-3 drafts

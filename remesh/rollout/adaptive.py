@@ -99,13 +99,25 @@ class StepTimeModel:
     not a moving average: one step stalled by the machine (here a 4x outlier now and then)
     would otherwise make its size look slow for many steps, and speculation fast by contrast.
     The medians are made non-decreasing in the tokens before use (`_fitted`).
+
+    A token count not observed in the last `max_age` observations is dropped where fresher ones
+    lie on both sides, and predicted from them like any count never observed. Only a step of
+    that many tokens refreshes its point, and the policy's own choice can stop those steps: a
+    plain step's point at B live sequences measured slow by a passing load made drafting at B
+    look no dearer than decoding plainly, since the draft's point at 2B tokens, refreshed by the
+    drafting steps, was pooled with it (`_fitted`); the policy then drafted at B, and no plain
+    step at B came to correct it (simulated, batch 64 draining, a step 30 ms + 3 ms a token: 7-28%
+    lost in every later call, where expiring points recover after two calls).
     """
 
-    def __init__(self, window: int = 5):
+    def __init__(self, window: int = 5, max_age: int | None = 256):
         self.window = window
+        self.max_age = max_age
         self._t: list[int] = []
         self._s: list[float] = []  # the median of _obs at each token count
         self._obs: list[list[float]] = []
+        self._seen: list[int] = []  # `_clock` at each token count's last observation
+        self._clock = 0  # observations so far
         self._fit: list[float] | None = None  # `_fitted`, until the next observation
 
     def _fitted(self) -> list[float]:
@@ -125,16 +137,35 @@ class StepTimeModel:
         return self._fit
 
     def observe(self, tokens: int, seconds: float) -> None:
+        self._clock += 1
         i = bisect.bisect_left(self._t, tokens)
         if i == len(self._t) or self._t[i] != tokens:
             self._t.insert(i, tokens)
             self._s.insert(i, seconds)
             self._obs.insert(i, [])
+            self._seen.insert(i, 0)
         obs = self._obs[i]
         obs.append(seconds)
         del obs[:-self.window]
         self._s[i] = statistics.median(obs)
+        self._seen[i] = self._clock
         self._fit = None
+        if self.max_age is not None:
+            self._drop_stale()
+
+    def _drop_stale(self) -> None:
+        """Forget the token counts not observed in the last `max_age` observations that lie
+        between fresher ones: they are interpolated from those. Stale points below or above every
+        fresh one stay: they are all there is to go on there (a short call's steps, or a tail of
+        few tokens, would otherwise leave a large batch extrapolated from a flat slope)."""
+        fresh = [i for i, seen in enumerate(self._seen) if self._clock - seen <= self.max_age]
+        if len(fresh) < 2:
+            return
+        keep = [i for i in range(len(self._t)) if i <= fresh[0] or i >= fresh[-1] or i in fresh]
+        if len(keep) < len(self._t):
+            for name in ("_t", "_s", "_obs", "_seen"):
+                kept = getattr(self, name)
+                setattr(self, name, [kept[i] for i in keep])
 
     def points(self) -> list[tuple[int, float]]:
         """(tokens, seconds) pairs: what another rank needs to predict with this model."""
