@@ -106,8 +106,7 @@ class StepTimeModel:
     plain step's point at B live sequences measured slow by a passing load made drafting at B
     look no dearer than decoding plainly, since the draft's point at 2B tokens, refreshed by the
     drafting steps, was pooled with it (`_fitted`); the policy then drafted at B, and no plain
-    step at B came to correct it (simulated, batch 64 draining, a step 30 ms + 3 ms a token: 7-28%
-    lost in every later call, where expiring points recover after two calls).
+    step at B came to correct it, for good (tests: test_a_plain_step_measured_slow_is_not_believed_forever).
     """
 
     def __init__(self, window: int = 5, max_age: int | None = 256):
