@@ -235,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command in ("sft", "rm", "rl"):
+            if args.config and (declared := _declared_kind(args.config, args.overrides)) in _run_configs().keys() - {args.command}:
+                # else the other kind's first key is reported unknown, which hides the mix-up
+                raise ConfigError(f"{args.config}: a kind: {declared} config; run it with `remesh {declared}` "
+                                  f"(or `remesh train`), not `remesh {args.command}`")
             _run(args.command, args.config, args.overrides)
         elif args.command == "train":
             _run(_kind_of(args.config, args.overrides), args.config, args.overrides)

@@ -242,6 +242,9 @@ def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):
         (["train", str(bad_yaml)], "bad.yaml:3: invalid YAML"),
         (["sft", demo, "trainer.log_every=0"], "trainer: log_every must be >= 1, got 0"),
         (["sft", demo, "trainer.device=nowhere"], "trainer.device: unknown device 'nowhere'"),
+        # another kind's config under a kind's command: named, not its first key as unknown
+        (["rl", demo], "sft_demo.yaml: a kind: sft config; run it with `remesh sft` (or `remesh train`), not `remesh rl`"),
+        (["rm", str(REPO / "configs/grpo.yaml")], "a kind: rl config; run it with `remesh rl`"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv
