@@ -75,6 +75,8 @@ GOOD = {"prompt": "What is 2+2?", "response": "4"}
         ({"prompt": "hi", "respons": "a"}, r"x\.jsonl:3: field 'respons': unknown field \(did you mean 'response'\?"),
         ({"messages": [{"role": "user", "content": "hi", "weight": 2}, {"role": "assistant", "content": "yo"}]},
          r"x\.jsonl:3: field 'messages\[0\]\.weight': unknown field \(messages have role, content\)"),
+        ('{"prompt": "hi", "response": "a", "response": "b"}',
+         r"x\.jsonl:3: field 'response': given twice in one object \(JSON would keep the last silently\)"),
     ],
 )
 def test_bad_row_names_file_line_field(tmp_path, tok, line, pattern):
@@ -107,6 +109,9 @@ def test_file_level_errors(tmp_path, tok):
         sft(tmp_path / "x.csv", tok)
     with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
         sft(tmp_path / "nope.jsonl", tok)
+    (tmp_path / "rows.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"rows\.jsonl: is a folder; expected a \.jsonl, \.json or \.parquet file$"):
+        sft(tmp_path / "rows.jsonl", tok)
 
 
 def test_prompt_too_long(tmp_path, tok):

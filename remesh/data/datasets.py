@@ -137,9 +137,22 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice: json keeps the last one silently, and the first
+    is lost data (a `response` written twice, an edit appended rather than replaced)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RowError("repeated key", key, "given twice in one object (JSON would keep the last silently)")
+        out[key] = value
+    return out
+
+
 def _read_rows(path: Path) -> Iterator[tuple[str, str, Any]]:
     """Yield (place, source, row) per row; row is a _RowError for unparseable lines."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a .jsonl, .json or .parquet file")
     if suffix not in (".jsonl", ".json", ".parquet"):
         raise DataError(f"{path}: unknown file extension {suffix or '(none)'!r}; expected .jsonl, .json or .parquet")
     if not path.is_file():
@@ -160,10 +173,13 @@ def _read_rows(path: Path) -> Iterator[tuple[str, str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    row: Any = json.loads(line.rstrip("\r\n"))  # so an error's column is on this line
+                    # so an error's column is on this line
+                    row: Any = json.loads(line.rstrip("\r\n"), object_pairs_hook=_object_without_repeats)
                 except json.JSONDecodeError as e:
                     hint = " (files are read as JSON Lines: one object per line)" if lineno == 1 and line.strip() == "[" else ""
                     row = _RowError("bad JSON", None, f"bad JSON: {e.msg} at column {e.colno}{hint}")
+                except _RowError as e:
+                    row = e
                 yield f"line {lineno}", f"{path}:{lineno}", row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
