@@ -162,6 +162,25 @@ def test_bad_rl_configs_name_the_problem(rl_workspace, tmp_path):
         RLTrainer(_load(rl_workspace, cfg, "bad_reward"))
 
 
+def test_unscorable_prompts_are_dropped_under_skip_bad_rows(rl_workspace, tmp_path, capsys):
+    """Rows that exact_answer cannot score (no `answer`) join the file's other bad rows: counted,
+    named by their first line, and left out; the scorable ones are kept in order."""
+    from remesh.checkpoint import load_tokenizer
+    from remesh.rl.trainer import load_prompts
+
+    rows = [{"prompt": "1+1?", "answer": "2"}, {"prompt": "say hi"}, {"prompt": "2+2?", "answer": "4"},
+            {"prompt": "x" * 5000}, {"prompt": "say bye"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _load(rl_workspace, _config(rl_workspace, "remax", "mixed", reward={"terms": [{"name": "exact_answer"}]},
+                                      data={"train": str(path), "skip_bad_rows": True}), "mixed")
+    kept = load_prompts(cfg, load_tokenizer(rl_workspace / "model"))
+    assert [p.answer for p in kept] == ["2", "4"]
+    assert capsys.readouterr().out.strip() == (
+        f"remesh: skipped 3 of 5 rows in {path}: 2 unscorable (first at line 2), 1 prompt too long "
+        "(max_prompt_len=64; first at line 4)")
+
+
 def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
     """Unknown key, wrong type, missing model path, missing reward function file or reward model, an
     output folder holding another run: `remesh train` exits 2 with one line naming the culprit,
@@ -202,6 +221,9 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
          "prompts.jsonl:1: reward term 'exact_answer' cannot score it: the row has no reference 'answer'"),
         (["train", str(tmp_path / "exact.yaml"), f"trainer.output_dir={held}", "trainer.overwrite=true",
           "plan=colocated", "trainer.nproc=2"], "prompts.jsonl:1: reward term 'exact_answer' cannot score it"),
+        # dropped under data.skip_bad_rows, which leaves none here
+        (["train", str(tmp_path / "exact.yaml"), f"trainer.output_dir={held}", "trainer.overwrite=true",
+          "data.skip_bad_rows=true"], "prompts.jsonl: no row left to train on: skipped"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

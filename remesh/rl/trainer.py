@@ -59,16 +59,26 @@ class RLResult:
 def load_prompts(cfg: RLConfig, tokenizer: Any) -> list[PromptExample]:
     """The run's prompt rows (`data`), each one that the reward's terms can score: a row they
     cannot (exact_answer without a reference answer) is a DataError naming it when the file
-    loads, not after the first rollout."""
+    loads, not after the first rollout; under `data.skip_bad_rows` it is dropped and counted
+    with the file's other bad rows."""
     prompts, report = load_prompt_dataset(cfg.data.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
                                           skip_bad_rows=cfg.data.skip_bad_rows)
+    scorable = []
+    for p in prompts:
+        why = next((f"reward term {t.name!r} cannot score it: {w}" for t in cfg.reward.terms
+                    if (w := why_unscorable(t.name, p.prompt, p.answer, p.meta)) is not None), None)
+        if why is None:
+            scorable.append(p)
+        elif not cfg.data.skip_bad_rows:
+            raise DataError(f"{p.source}: {why}")
+        else:
+            line = p.source.rsplit(":", 1)[-1]
+            report.add("unscorable", None, f"line {line}" if line.isdigit() else line, p.source, f"{p.source}: {why}")
     if report.skipped:
         print(f"remesh: {report.summary()}")
-    for term in cfg.reward.terms:
-        for p in prompts:
-            if (why := why_unscorable(term.name, p.prompt, p.answer, p.meta)) is not None:
-                raise DataError(f"{p.source}: reward term {term.name!r} cannot score it: {why}")
-    return prompts
+    if not scorable:
+        raise DataError(f"{cfg.data.train}: no row left to train on: {report.summary()}")
+    return scorable
 
 
 class RLTrainer:
