@@ -210,7 +210,7 @@ def test_a_resume_from_the_folders_own_checkpoints_is_its_own_run(tmp_path):
     links resolved (a checkpoints/ that is a symlink elsewhere), relative or absolute; a folder
     holding a run refuses a resume from elsewhere."""
     from remesh.config import ConfigError
-    from remesh.train.state import claim_output_dir
+    from remesh.train.state import STATE_DIR, claim_output_dir
 
     out, store = tmp_path / "out", tmp_path / "disk2"
     (store / "step_000002").mkdir(parents=True)
@@ -222,6 +222,14 @@ def test_a_resume_from_the_folders_own_checkpoints_is_its_own_run(tmp_path):
         claim_output_dir(out, str(resume), overwrite=False)
     with pytest.raises(ConfigError, match="holds another run"):
         claim_output_dir(out, str(tmp_path / "other" / "step_000002"), overwrite=False)
+    # from an older checkpoint of its own, while later ones are there: they would mix
+    for step in (2, 4):
+        (store / f"step_00000{step}" / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        (store / f"step_00000{step}" / STATE_DIR / "state.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds later checkpoints of that run \(step_000004\), which the resumed"):
+        claim_output_dir(out, str(own), overwrite=False)
+    claim_output_dir(out, str(out / "checkpoints" / "step_000004"), overwrite=False)
+    claim_output_dir(out, "latest", overwrite=False)
 
 
 def test_cli_config_errors_are_one_line(workspace, tmp_path, capsys):

@@ -119,6 +119,14 @@ def claim_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
         if overwrite:
             raise ConfigError(f"trainer.overwrite=true would remove the run that trainer.resume={resume} continues: "
                               f"set one of them")
+        if resume != "latest" and (m := _STEP_DIR.match(Path(resume).name)):
+            # they belong to the continuation this resume abandons: after a kill, resume=latest
+            # would pick them, and keep_checkpoints would prune the new run's in their favour
+            later = [p.name for p in step_checkpoints(output_dir) if int(_STEP_DIR.match(p.name)[1]) > int(m[1])]
+            if later:
+                raise ConfigError(f"trainer.resume={resume}: {output_dir} holds later checkpoints of that run "
+                                  f"({', '.join(later)}), which the resumed run would mix with: remove them first, "
+                                  f"or continue from the last (trainer.resume=latest)")
         return
     held = earlier_run(output_dir)
     if held and not overwrite:
