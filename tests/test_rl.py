@@ -160,6 +160,14 @@ def test_bad_rl_configs_name_the_problem(rl_workspace, tmp_path):
     cfg = _config(rl_workspace, "remax", "x", reward={"terms": [{"name": f"{tmp_path / 'nope.py'}:f"}]})
     with pytest.raises(Exception, match="nope.py"):
         RLTrainer(_load(rl_workspace, cfg, "bad_reward"))
+    # the Python API refuses a folder holding another run as `remesh rl` does, before any work
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = _config(rl_workspace, "remax", "x", trainer={"output_dir": str(held)})
+    with pytest.raises(ConfigError, match="holds an earlier run"):
+        RLTrainer(_load(rl_workspace, cfg, "held"))
+    assert [p.name for p in held.iterdir()] == ["metrics.jsonl"]
 
 
 def test_unscorable_prompts_are_dropped_under_skip_bad_rows(rl_workspace, tmp_path, capsys):

@@ -83,6 +83,8 @@ def load_prompts(cfg: RLConfig, tokenizer: Any) -> list[PromptExample]:
 
 class RLTrainer:
     def __init__(self, cfg: RLConfig):
+        # before any work, as `train_rl` does for a planned run (whose ranks build PlannedRLTrainer)
+        claim_output_dir(Path(cfg.trainer.output_dir), cfg.trainer.resume, cfg.trainer.overwrite)
         self._setup_common(cfg)
         self._setup_models()
         self.executor = OneProcessExecutor(self.graph, self._handlers())
@@ -522,11 +524,11 @@ def plot_reward_curve(metrics_file: Path, path: Path) -> Path:
 
 def train_rl(cfg: RLConfig) -> RLResult:
     pick_device(cfg.trainer.device)  # a device this machine lacks fails here, before a plan search or processes
+    if cfg.plan is None:
+        return RLTrainer(cfg).fit()
+    from remesh.rl.planned import train_planned
+
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 (which writes the outputs) alone
         claim_output_dir(Path(cfg.trainer.output_dir), cfg.trainer.resume, cfg.trainer.overwrite)
-    if cfg.plan is not None:
-        from remesh.rl.planned import train_planned
-
-        return train_planned(cfg)
-    return RLTrainer(cfg).fit()
+    return train_planned(cfg)
 
