@@ -18,7 +18,7 @@ from remesh.checkpoint import load_hf, save_hf
 from remesh.config import load_config
 from remesh.train.configs import RMConfig, SFTConfig
 from remesh.train.metrics import read_metrics
-from remesh.train.optim import lr_multiplier
+from remesh.train.optim import lr_multiplier, warmup_outlasts_run
 from remesh.train.rm import RMTask, bradley_terry_loss, train_rm
 from remesh.train.sft import train_sft
 from tests.models import tiny_model
@@ -105,6 +105,11 @@ def test_lr_schedule_hand_computed():
     assert got == pytest.approx(want, abs=1e-6)
     linear = OptimConfig(lr=1.0, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
     assert [lr_multiplier(s, 4, linear) for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    # a warmup longer than the run: the peak is never reached, which a run says once
+    assert warmup_outlasts_run(cfg, 2, "optim") is None
+    assert warmup_outlasts_run(OptimConfig(lr=1.0, warmup_steps=8), 2, "optim") == (
+        "remesh: warning: optim.warmup_steps=8 is more than the run's 2 optimizer steps: the learning rate never "
+        "reaches optim.lr (at most 0.25 of it)")
 
 
 def _sft_cmd(ws: Path, out: str, *extra: str) -> list[str]:

@@ -37,7 +37,7 @@ from remesh.rollout.drafters import load_draft_model
 from remesh.rollout.engine import tokens_per_seq_step
 from remesh.rollout.sampling import stop_token_ids
 from remesh.train.metrics import MetricsLogger, read_metrics
-from remesh.train.optim import build_optimizer, build_scheduler
+from remesh.train.optim import build_optimizer, build_scheduler, warmup_outlasts_run
 from remesh.train.state import (STATE_DIR, begin_outputs, checkpoint_plan, claim_output_dir, load_trainer_state,
                                 prune_checkpoints, resolve_resume, role_folder, save_trainer_state)
 from remesh.train.trainer import autocast_context, epoch_order, pick_device, tc_clip
@@ -106,6 +106,12 @@ class RLTrainer:
         self.prompts = load_prompts(cfg, self.tokenizer)
         self.steps_per_iter = cfg.algo.ppo_epochs * cfg.algo.mini_batches
         self.total_steps = tc.iterations * self.steps_per_iter
+        critic = "critic" in self.graph.roles
+        trained = {"actor_optim": cfg.actor_optim, "critic_optim": cfg.critic_optim if critic else None}
+        for name, optim_cfg in trained.items():
+            warning = optim_cfg and warmup_outlasts_run(optim_cfg, self.total_steps, name)
+            if warning and int(os.environ.get("RANK", 0)) == 0:  # under torchrun, said once
+                print(warning)
         k = cfg.kl
         self.kl_ctl = AdaptiveKLController(k.coef, k.target, k.horizon) if k.target else FixedKLController(k.coef)
         self.start = 0

@@ -26,6 +26,15 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
+def warmup_outlasts_run(cfg: OptimConfig, total_steps: int, name: str) -> str | None:
+    """A warning if the warmup is longer than the run, whose learning rate then never reaches
+    its peak (`name`: the optimizer's config section); None otherwise."""
+    if cfg.warmup_steps <= total_steps:
+        return None
+    return (f"remesh: warning: {name}.warmup_steps={cfg.warmup_steps} is more than the run's {total_steps} optimizer "
+            f"steps: the learning rate never reaches {name}.lr (at most {total_steps / cfg.warmup_steps:.2g} of it)")
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, dp_group: dist.ProcessGroup | None = None
                     ) -> torch.optim.Optimizer:
     """AdamW; no weight decay on norms and biases (1-D parameters). With `cfg.zero` and a

@@ -25,7 +25,7 @@ from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_
 from remesh.config import ConfigError, config_to_dict
 from remesh.data import balanced_micro_batches, split_eval
 from remesh.train.metrics import MetricsLogger
-from remesh.train.optim import build_optimizer, build_scheduler
+from remesh.train.optim import build_optimizer, build_scheduler, warmup_outlasts_run
 from remesh.train.state import (STATE_DIR, begin_outputs, claim_output_dir, load_trainer_state, prune_checkpoints,
                                 resolve_resume, save_trainer_state)
 
@@ -120,6 +120,8 @@ def run_training(cfg: Any, task: Task) -> TrainResult:
     total = steps_per_epoch * tc.epochs
     if tc.max_steps is not None:
         total = min(total, tc.max_steps)
+    if warning := warmup_outlasts_run(cfg.optim, total, "optim"):
+        print(warning)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, total, cfg.optim)
     start = 0
