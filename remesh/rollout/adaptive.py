@@ -157,14 +157,15 @@ class StepTimeModel:
         between fresher ones: they are interpolated from those. Stale points below or above every
         fresh one stay: they are all there is to go on there (a short call's steps, or a tail of
         few tokens, would otherwise leave a large batch extrapolated from a flat slope)."""
-        fresh = [i for i, seen in enumerate(self._seen) if self._clock - seen <= self.max_age]
-        if len(fresh) < 2:
+        horizon = self._clock - self.max_age
+        fresh = [i for i, seen in enumerate(self._seen) if seen >= horizon]
+        # runs every step: one pass, and none stale between the first and last fresh is the usual case
+        if len(fresh) < 2 or fresh[-1] - fresh[0] + 1 == len(fresh):
             return
-        keep = [i for i in range(len(self._t)) if i <= fresh[0] or i >= fresh[-1] or i in fresh]
-        if len(keep) < len(self._t):
-            for name in ("_t", "_s", "_obs", "_seen"):
-                kept = getattr(self, name)
-                setattr(self, name, [kept[i] for i in keep])
+        keep = [*range(fresh[0]), *fresh, *range(fresh[-1] + 1, len(self._t))]
+        for name in ("_t", "_s", "_obs", "_seen"):
+            kept = getattr(self, name)
+            setattr(self, name, [kept[i] for i in keep])
 
     def points(self) -> list[tuple[int, float]]:
         """(tokens, seconds) pairs: what another rank needs to predict with this model."""
