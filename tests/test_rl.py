@@ -231,7 +231,7 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
           "plan=colocated", "trainer.nproc=2"], "prompts.jsonl:1: reward term 'exact_answer' cannot score it"),
         # dropped under data.skip_bad_rows, which leaves none here
         (["train", str(tmp_path / "exact.yaml"), f"trainer.output_dir={held}", "trainer.overwrite=true",
-          "data.skip_bad_rows=true"], "prompts.jsonl: no row left to train on: skipped"),
+          "data.skip_bad_rows=true"], "prompts.jsonl: every row is bad: skipped 64 of 64 rows in"),
     ]
     for argv, expected in cases:
         assert main(argv) == 2, argv

@@ -376,11 +376,12 @@ class _Renderer:
 
 def load_prompt_dataset(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, *, max_prompt_len: int, skip_bad_rows: bool = False,
-    limit_option: str = "data.max_prompt_len",
+    limit_option: str = "data.max_prompt_len", unscorable: Callable[[PromptExample], str | None] | None = None,
 ) -> tuple[list[PromptExample], SkipReport]:
     """Rows: `prompt` (str), optional `answer` (str or number, kept as str), optional `meta`
     (object); any other keys are merged into meta. `limit_option`: how an error names the
-    setting that raises `max_prompt_len`."""
+    setting that raises `max_prompt_len`. `unscorable`: why the run's reward could not score a
+    row (None: it can); such a row is a bad row like a malformed one."""
     r = _Renderer(tokenizer)
 
     def parse(row: dict[str, Any], source: str) -> PromptExample:
@@ -403,7 +404,10 @@ def load_prompt_dataset(
         meta = {**extra, **meta}
         ids = r.prompt(prompt)
         _check_prompt_len(len(ids), max_prompt_len, option=limit_option)
-        return PromptExample(ids, prompt, answer, meta, source)
+        example = PromptExample(ids, prompt, answer, meta, source)
+        if unscorable is not None and (why := unscorable(example)) is not None:
+            raise _RowError("unscorable", None, why)
+        return example
 
     return _load(path, parse, skip_bad_rows)
 

@@ -24,7 +24,7 @@ from remesh.algorithms import (AdaptiveKLController, AdvantageConfig, AdvantageI
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
 from remesh.checkpoint.hf import load_hf_config
 from remesh.config import ConfigError, config_to_dict
-from remesh.data import DataError, PromptExample, load_prompt_dataset
+from remesh.data import PromptExample, load_prompt_dataset
 from remesh.dataflow.executor import OneProcessExecutor
 from remesh.dataflow.graph import MFC, graph_for
 from remesh.reward import build_reward_fn
@@ -58,27 +58,18 @@ class RLResult:
 
 def load_prompts(cfg: RLConfig, tokenizer: Any) -> list[PromptExample]:
     """The run's prompt rows (`data`), each one that the reward's terms can score: a row they
-    cannot (exact_answer without a reference answer) is a DataError naming it when the file
-    loads, not after the first rollout; under `data.skip_bad_rows` it is dropped and counted
-    with the file's other bad rows."""
+    cannot (exact_answer without a reference answer) is a bad row, found when the file loads,
+    not after the first rollout (an error naming it, or dropped and counted under
+    `data.skip_bad_rows`)."""
+    def unscorable(p: PromptExample) -> str | None:
+        return next((f"reward term {t.name!r} cannot score it: {why}" for t in cfg.reward.terms
+                     if (why := why_unscorable(t.name, p.prompt, p.answer, p.meta)) is not None), None)
+
     prompts, report = load_prompt_dataset(cfg.data.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                                          skip_bad_rows=cfg.data.skip_bad_rows)
-    scorable = []
-    for p in prompts:
-        why = next((f"reward term {t.name!r} cannot score it: {w}" for t in cfg.reward.terms
-                    if (w := why_unscorable(t.name, p.prompt, p.answer, p.meta)) is not None), None)
-        if why is None:
-            scorable.append(p)
-        elif not cfg.data.skip_bad_rows:
-            raise DataError(f"{p.source}: {why}")
-        else:
-            line = p.source.rsplit(":", 1)[-1]
-            report.add("unscorable", None, f"line {line}" if line.isdigit() else line, p.source, f"{p.source}: {why}")
+                                          skip_bad_rows=cfg.data.skip_bad_rows, unscorable=unscorable)
     if report.skipped:
         print(f"remesh: {report.summary()}")
-    if not scorable:
-        raise DataError(f"{cfg.data.train}: no row left to train on: {report.summary()}")
-    return scorable
+    return prompts
 
 
 class RLTrainer:
@@ -106,10 +97,8 @@ class RLTrainer:
         self.prompts = load_prompts(cfg, self.tokenizer)
         self.steps_per_iter = cfg.algo.ppo_epochs * cfg.algo.mini_batches
         self.total_steps = tc.iterations * self.steps_per_iter
-        critic = "critic" in self.graph.roles
-        trained = {"actor_optim": cfg.actor_optim, "critic_optim": cfg.critic_optim if critic else None}
-        for name, optim_cfg in trained.items():
-            warning = optim_cfg and warmup_outlasts_run(optim_cfg, self.total_steps, name)
+        for name in ("actor_optim", "critic_optim") if "critic" in self.graph.roles else ("actor_optim",):
+            warning = warmup_outlasts_run(getattr(cfg, name), self.total_steps, name)
             if warning and int(os.environ.get("RANK", 0)) == 0:  # under torchrun, said once
                 print(warning)
         k = cfg.kl
