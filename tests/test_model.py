@@ -255,12 +255,13 @@ TREE = torch.tensor([[1, 0, 0],
                      [1, 0, 1]], dtype=torch.bool)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tree_mask_with_cache_and_rollback(family):
+@pytest.mark.parametrize("case", [*CACHE_CASES, "mistral"])
+def test_tree_mask_with_cache_and_rollback(case):
     """A tree mask among the new tokens after a cached prefix gives each branch the logits of
     that branch run as a plain sequence; then the rejected entry left in the cache does not
-    matter: rewriting the accepted token at its position and decoding on match the full forward."""
-    model = tiny_model(family).eval()
+    matter: rewriting the accepted token at its position and decoding on match the full forward.
+    Under a sliding window (4 < the prefixes), b2 (index 2, depth 1) sees as far back as b1."""
+    model = cache_model(case) if case in CACHE_CASES else tiny_model(case).eval()
     prefix_lens, slots = [5, 9], [1, 0]
     prefixes = [torch.randint(0, VOCAB, (n,)) for n in prefix_lens]
     trees = [torch.randint(0, VOCAB, (3,)) for _ in prefix_lens]  # [a, b1, b2] per sequence

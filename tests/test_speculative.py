@@ -226,9 +226,11 @@ def test_point_mass_speculation_gives_plain_samples(spec):
                                torch.tensor([x for r in plain for x in r.logprobs]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("spec", ["model:3", "history:3x2"])
-def test_speculative_logprobs_match_teacher_forcing(spec):
-    model = tiny_model("llama")
+# a sliding window (4) shorter than the contexts: a tree node's window ends at its depth, not its index
+@pytest.mark.parametrize("spec,window", [("model:3", None), ("history:3x2", None), ("model:2x2", 4),
+                                         ("history:3x2", 4)])
+def test_speculative_logprobs_match_teacher_forcing(spec, window):
+    model = tiny_model("mistral", sliding_window=window) if window else tiny_model("llama")
     params = SamplingParams(temperature=0.7, max_new_tokens=8, n=2, seed=1)
     rollouts = RolloutEngine(model, spec=spec, draft_model=first_layers(model, 1)).generate(PROMPTS, params)
     seqs = [r.prompt_ids + r.response_ids for r in rollouts]

@@ -368,10 +368,15 @@ def _cache_mask(ctx: AttnContext, n: int, ctx_len: int, device: torch.device) ->
     rel = kpos - starts  # key index relative to the first new token
     if ctx.mask is None:
         allowed = rel <= qidx
+        qpos, kpos = qidx, rel  # positions relative to the first new token
     else:
         inside = (rel >= 0) & (rel < n)
         gathered = torch.gather(ctx.mask, 2, rel.clamp(0, n - 1).expand(-1, n, -1))
         allowed = (rel < 0) | (inside & gathered)
+        if ctx.sliding_window:  # a tree's node sits at its depth (ancestors below it), not at its index
+            depth = ctx.mask.sum(-1) - 1  # [B, n]
+            qpos = depth[:, :, None]
+            kpos = torch.where(inside, torch.gather(depth, 1, rel.clamp(0, n - 1)[:, 0])[:, None], rel)
     if ctx.sliding_window:
-        allowed &= rel > qidx - ctx.sliding_window
+        allowed &= kpos > qpos - ctx.sliding_window
     return allowed[:, None]
