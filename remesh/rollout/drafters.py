@@ -186,14 +186,19 @@ class HistoryDrafter(Drafter):
         return entry
 
     def sync(self, seqs: list[SeqView]) -> None:
-        for s in seqs:
-            self._register(s)[0].sync()
+        self._synced(seqs)
+
+    def _synced(self, seqs: list[SeqView]) -> list[tuple[_Group, int]]:
+        """`seqs`' (group, id), each group indexed up to date once (a group of many samples would
+        otherwise walk its running siblings once per sample)."""
+        entries = [self._register(s) for s in seqs]
+        for g in {id(g): g for g, _ in entries}.values():
+            g.sync()
+        return entries
 
     def propose(self, seqs: list[SeqView], depth: int, width: int) -> list[Draft]:
         out = []
-        for s in seqs:
-            g, sid = self._register(s)
-            g.sync()
+        for s, (g, sid) in zip(seqs, self._synced(seqs)):
             resp = s.response
             # look up the response's tail; fall back to the prompt's tail for the first tokens
             query = resp if resp else s.tokens[-self.max_n:]
@@ -286,14 +291,16 @@ class _Group:
             dead, indexed = self.seqs.pop(old), self._indexed.pop(old)
             del self._tails[old]
             self._unsynced.discard(old)
-            for end in range(indexed):
-                for n in range(1, min(self.max_n, end + 1) + 1):
-                    key = ngram_key(dead[end - n + 1:end + 1])
-                    hits = [h for h in self.index[key] if h[0] != old]
-                    if hits:
-                        self.index[key] = hits
-                    else:
-                        del self.index[key]
+            # each distinct n-gram filtered once: per occurrence, a frequent one would rescan its
+            # list as often as it occurs (quadratic in the response's length)
+            keys = {ngram_key(dead[end - n + 1:end + 1]) for end in range(indexed)
+                    for n in range(1, min(self.max_n, end + 1) + 1)}
+            for key in keys:
+                hits = [h for h in self.index[key] if h[0] != old]
+                if hits:
+                    self.index[key] = hits
+                else:
+                    del self.index[key]
 
 
 def first_layers(model: nn.Module, n_layers: int) -> nn.Module:
@@ -353,6 +360,9 @@ class ModelDrafter(Drafter):
         self.generator: torch.Generator | None = None
         self.cache = None
         self._fed: dict[int, list[int]] = {}  # slot -> tokens whose K/V are in the draft cache
+        # slot -> how many of them the sequence is known to share: its tokens when last drafted
+        # from (it only appends), so only the drafted tail past them is compared again
+        self._agreed: dict[int, int] = {}
 
     def max_nodes(self, depth: int, width: int) -> int:
         return depth + width - 1
@@ -361,7 +371,7 @@ class ModelDrafter(Drafter):
         ref = next(self.model.parameters())
         if self.cache is None or self.cache.n_slots < n_slots or self.cache.max_len < max_len:
             self.cache = self.model.new_kv_cache(n_slots, max_len, device=ref.device)
-        self._fed = {}
+        self._fed, self._agreed = {}, {}
         self.generator = torch.Generator(device=ref.device)
         self.generator.manual_seed(self.params.seed + 7919)
 
@@ -392,12 +402,13 @@ class ModelDrafter(Drafter):
         chunks = []
         for s in seqs:  # roll the draft cache back to what still agrees with the sequence, feed the rest
             fed = self._fed.setdefault(s.slot, [])
-            keep = 0
             limit = min(len(fed), len(s.tokens) - 1)
+            keep = min(self._agreed.get(s.slot, 0), limit)
             while keep < limit and fed[keep] == s.tokens[keep]:
                 keep += 1
             del fed[keep:]
             chunks.append(s.tokens[keep:])
+            self._agreed[s.slot] = len(s.tokens)
         logits = self._forward(slots, chunks)
         drafts = [Draft.empty() for _ in seqs]
         qs: list[list[Tensor]] = [[] for _ in seqs]
@@ -432,3 +443,4 @@ class ModelDrafter(Drafter):
 
     def finish(self, seq: SeqView) -> None:
         self._fed.pop(seq.slot, None)
+        self._agreed.pop(seq.slot, None)
