@@ -67,6 +67,25 @@ def test_sft_learns_and_writes_outputs(workspace):
     assert reloaded.args.n_layers == 2 and (result.final_model / "tokenizer.json").exists()
 
 
+def test_every_eval_is_logged_and_none_without_an_eval_set(workspace):
+    """eval_every=3 with log_every=4: the evals at steps 3 and 6 (the final one) are logged along
+    with steps 4 and 6. With no held-out rows (eval_fraction=0) no eval metric is logged at all,
+    rather than the loss of an empty set."""
+    logged = {}
+    for fraction in (0.25, 0.0):
+        cfg = load_config(SFTConfig, None, _overrides(
+            workspace, f"sft_eval_{fraction}", f"data.train={workspace / 'sft.jsonl'}",
+            f"data.eval_fraction={fraction}",
+            "trainer.max_steps=6", "trainer.batch_size=4", "trainer.micro_batch_tokens=128", "trainer.log_every=4",
+            "trainer.eval_every=3", "trainer.tensorboard=false"))
+        logged[fraction] = {}
+        for row in read_metrics(train_sft(cfg).metrics_file):  # the final eval is a row of its own
+            logged[fraction].setdefault(row["step"], set()).update(row)
+    assert sorted(logged[0.25]) == [3, 4, 6] and sorted(logged[0.0]) == [4, 6]
+    assert all("eval/loss" in logged[0.25][step] for step in (3, 6)) and "eval/loss" not in logged[0.25][4]
+    assert not any(k.startswith("eval/") for keys in logged[0.0].values() for k in keys)
+
+
 def test_reward_model_learns_pairwise_preference(workspace):
     """Pairwise accuracy reaches 1.0 on preferences decided by one word; the model saves as SequenceClassification."""
     cfg = load_config(RMConfig, None, _overrides(
@@ -149,6 +168,31 @@ def test_killed_run_resumes_bitwise(workspace):
     resumed = read_metrics(workspace / "killed" / "metrics.jsonl")
     assert [r["step"] for r in resumed if "train/loss" in r] == list(range(1, 31))  # no step twice
     assert _losses(workspace / "killed" / "metrics.jsonl") == full  # exact float equality, every step
+
+
+def test_a_resumed_runs_metrics_drop_the_killed_runs_later_steps(tmp_path):
+    """A run killed after step 4 with its checkpoint at step 2: the resumed run logs steps 3 and 4
+    again. TensorBoard shows each step once, with the resumed run's value, as metrics.jsonl does;
+    and the rows kept are on disk before the resumed run logs any (it may be killed early too)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from remesh.train.metrics import MetricsLogger
+
+    killed = MetricsLogger(tmp_path, tensorboard=True)
+    for step in range(1, 5):
+        killed.log(step, {"loss": float(step)})
+    killed.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=True, resume_step=2)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
 def test_a_fresh_run_neither_mixes_with_nor_silently_replaces_an_earlier_one(workspace, capsys):

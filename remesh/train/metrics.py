@@ -13,14 +13,21 @@ class MetricsLogger:
                  run_config: dict[str, Any] | None = None, resume_step: int | None = None):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
+        # a resumed run continues the file as if it had never stopped; the rows it keeps are
+        # written whole and renamed over it, so a resumed run killed early loses none of them
         kept = _lines_up_to(self.path, resume_step) if resume_step is not None else []
-        self._file = self.path.open("w")
-        self._file.writelines(kept)  # a resumed run continues the file as if it had never stopped
+        target = self.path.resolve()  # a symlink's target
+        partial = target.with_name(target.name + ".partial")
+        partial.write_text("".join(kept))
+        partial.replace(target)
+        self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+            # a resumed run hides the killed run's events after its checkpoint, as metrics.jsonl drops them
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=purge)
         self._wandb = None
         if wandb_project:
             try:

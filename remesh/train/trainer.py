@@ -182,9 +182,10 @@ def run_training(cfg: Any, task: Task) -> TrainResult:
         metrics.update({"train/lr": lr, "train/grad_norm": float(grad_norm), "perf/tokens_per_s": n_tokens / dt,
                         "perf/step_s": dt, "train/epoch": epoch + index / steps_per_epoch})
         done = step + 1
-        if tc.eval_every and done % tc.eval_every == 0 and done < total:
+        evaluated = bool(tc.eval_every and eval_set and done % tc.eval_every == 0 and done < total)
+        if evaluated:
             metrics.update(evaluate())
-        if done % tc.log_every == 0 or done == total:
+        if evaluated or done % tc.log_every == 0 or done == total:  # an eval is logged whatever log_every says
             logger.log(done, metrics)
         if tc.save_every and done % tc.save_every == 0 and done < total:
             save_checkpoint(done)
