@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -244,6 +245,37 @@ def test_gguf_read(family, tmp_path):
     loaded.load_state_dict(state, strict=family != "qwen2")
     tokens = torch.randint(0, VOCAB, (12,))
     torch.testing.assert_close(logits_of(loaded, tokens), logits_of(model, tokens), atol=0, rtol=0)
+
+
+def test_a_gguf_file_converts_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A .gguf model path converts into the cache once: a conversion that fails half-way leaves
+    no folder that a later run would trust, and a file replaced at the same path converts anew."""
+    import os
+
+    import remesh.checkpoint.gguf as gguf_module
+
+    monkeypatch.setenv("REMESH_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"version 1")
+    calls = []
+
+    def convert(path, out):  # config.json first, as save_hf writes it, then the weights
+        calls.append(path.read_bytes())
+        (Path(out) / "config.json").write_text("{}")
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the user's Ctrl-C during the weights
+        (Path(out) / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(gguf_module, "convert_gguf_to_hf", convert)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model_path(str(source))
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == []
+    first = resolve_model_path(str(source))
+    assert (first / "model.safetensors").exists() and resolve_model_path(str(source)) == first and len(calls) == 2
+    source.write_bytes(b"version 2, longer")
+    os.utime(source, ns=(1, 1))
+    second = resolve_model_path(str(source))
+    assert second != first and calls[-1] == b"version 2, longer"
 
 
 # 11. the embedded default model ---------------------------------------------------------------

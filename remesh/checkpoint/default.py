@@ -40,17 +40,26 @@ def default_model_dir() -> Path:
     target = cache_dir() / "models" / _NAME
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
+    return _convert_once(default_gguf_path(), target, f"the default model {_NAME}")
+
+
+def _convert_once(gguf: Path, target: Path, what: str) -> Path:
+    """`gguf` converted into the HF folder `target`: in a temporary folder, renamed into place,
+    so an interrupted conversion leaves nothing half-written, and processes converting at once
+    (a torchrun job's ranks) each write their own copy; the first rename wins."""
     from remesh.checkpoint.gguf import convert_gguf_to_hf
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"remesh: converting the default model {_NAME} (GGUF, once) into {target}", flush=True)
-    # convert into a temporary folder and rename, so an interrupted conversion leaves nothing half-written
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_NAME}-", dir=target.parent))
+    print(f"remesh: converting {what} (GGUF, once) into {target}", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        convert_gguf_to_hf(default_gguf_path(), tmp)
+        convert_gguf_to_hf(gguf, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
-        if not target.exists():
+        try:
             tmp.rename(target)
+        except OSError:  # another process renamed its copy first
+            if not (target / "config.json").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -67,13 +76,11 @@ def resolve_model_path(path: str, option: str | None = None) -> Path:
     if p.suffix == ".gguf":
         if not p.exists():
             raise FileNotFoundError(f"{where}model file {p} does not exist")
-        from remesh.checkpoint.gguf import convert_gguf_to_hf
-
-        digest = hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]  # one cache folder per source file
+        # one cache folder per source file and version: a file replaced at the same path converts anew
+        stat = p.stat()
+        digest = hashlib.sha1(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:8]
         target = cache_dir() / "models" / f"{p.stem}-{digest}"
-        if not (target / "config.json").exists():
-            convert_gguf_to_hf(p, target)
-        return target
+        return target if (target / "config.json").exists() else _convert_once(p, target, str(p))
     if not p.exists():
         raise FileNotFoundError(f"{where}model path {p} does not exist (expected an HF folder, a .gguf file, or "
                                 "'default' for the embedded SmolLM2-135M)")
