@@ -52,7 +52,10 @@ def test_plan_gives_the_one_process_metrics(rl_workspace, algo, capfd):
     a, b = read_metrics(one.metrics_file), read_metrics(result.metrics_file)
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
-        for k in KEYS + {"ppo": ("critic/loss",), "remax": ("reward/greedy_mean",)}[algo]:
+        # and the reward terms' means (remax's rew_inf=d4 scores in four shares, merged by their sizes)
+        terms = tuple(k for k in ra if k.startswith("reward/") and k.endswith(":fraction_of_a"))
+        assert len(terms) == 1 and abs(ra[terms[0]] - ra["reward/mean"]) < 1e-6  # one term, weight 1
+        for k in KEYS + terms + {"ppo": ("critic/loss",), "remax": ("reward/greedy_mean",)}[algo]:
             assert abs(ra[k] - rb[k]) <= ATOL + RTOL * abs(ra[k]), (k, ra[k], rb[k])
     assert (result.final_model / "model.safetensors").exists() or (result.final_model / "config.json").exists()
     out = capfd.readouterr().out

@@ -170,9 +170,31 @@ def test_bad_rl_configs_name_the_problem(rl_workspace, tmp_path):
     assert [p.name for p in held.iterdir()] == ["metrics.jsonl"]
 
 
-def test_unscorable_prompts_are_dropped_under_skip_bad_rows(rl_workspace, tmp_path, capsys):
+def test_a_reward_model_with_another_tokenizer_scores_the_texts(rl_workspace, tmp_path):
+    """The policy's token ids mean nothing to a reward model with another tokenizer (here: another
+    eos and no chat template): it scores the decoded texts, tokenised its own way. A reward model
+    sharing the policy's tokenizer scores the ids as they are. ReMax's reward/<term> metrics
+    describe the sampled responses (reward/mean), not the greedy ones scored after them."""
+    tok = tiny_tokenizer(tmp_path / "other_tok", chat_template=False)
+    save_hf(tiny_model("llama", head="value", vocab_size=len(tok), n_layers=1, dim=32), tmp_path / "rm_other", tok)
+    ours = tiny_tokenizer(tmp_path / "our_tok")
+    save_hf(tiny_model("llama", head="value", vocab_size=len(ours), n_layers=1, dim=32), tmp_path / "rm_ours", ours)
+    for rm, retokenized in (("rm_other", True), ("rm_ours", False)):
+        cfg = _config(rl_workspace, "remax", f"rm_tok_{rm}", reward={"model": str(tmp_path / rm), "terms": []},
+                      rollout={"n_samples": 1}, trainer={"iterations": 1})
+        trainer = RLTrainer(_load(rl_workspace, cfg, f"rm_tok_{rm}"))
+        assert trainer.reward_fn.retokenize is retokenized
+        row = read_metrics(trainer.fit().metrics_file)[0]
+        assert row["reward/learned"] == pytest.approx(row["reward/mean"], abs=1e-6)
+        assert row["reward/learned"] != row["reward/greedy_mean"]
+
+
+def test_unscorable_prompts_are_dropped_under_skip_bad_rows(rl_workspace, tmp_path, capsys, monkeypatch):
     """Rows that exact_answer cannot score (no `answer`) join the file's other bad rows: counted,
-    named by their first line, and left out; the scorable ones are kept in order."""
+    named by their first line, and left out; the scorable ones are kept in order. They are
+    reported once in a job: not by a launcher's check, nor by ranks other than 0; and the
+    planner's workload counts only the rows kept."""
+    from remesh.planner.planning import workload_from_config
     from remesh.checkpoint import load_tokenizer
     from remesh.rl.trainer import load_prompts
 
@@ -187,6 +209,12 @@ def test_unscorable_prompts_are_dropped_under_skip_bad_rows(rl_workspace, tmp_pa
     assert capsys.readouterr().out.strip() == (
         f"remesh: skipped 3 of 5 rows in {path}: 2 unscorable (first at line 2), 1 prompt too long "
         "(max_prompt_len=64; first at line 4)")
+    assert [p.answer for p in load_prompts(cfg, load_tokenizer(rl_workspace / "model"), report_skips=False)] == [
+        "2", "4"]
+    assert workload_from_config(cfg).prompt_len == sum(len(p.prompt_ids) for p in kept) / len(kept)
+    monkeypatch.setenv("RANK", "1")
+    load_prompts(cfg, load_tokenizer(rl_workspace / "model"))
+    assert capsys.readouterr().out == ""
 
 
 def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
@@ -205,12 +233,18 @@ def test_rl_cli_errors_are_one_line(rl_workspace, tmp_path, capsys):
     (tmp_path / "fn.yaml").write_text(yaml.safe_dump(missing_fn))
     (tmp_path / "exact.yaml").write_text(yaml.safe_dump(no_answers))
     (tmp_path / "rm.yaml").write_text(yaml.safe_dump(missing_rm))
+    two_rows = tmp_path / "two_prompts.jsonl"
+    two_rows.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     held = tmp_path / "held"
     (held / "checkpoints" / "step_000001").mkdir(parents=True)
     (held / "metrics.jsonl").write_text('{"step": 1}\n')
     cases = [
         (["train", str(good), "algo.nmae=ppo"], "did you mean 'algo.name'"),
         (["train", str(good), "rollout.temperature=hot"], "rollout.temperature: expected float"),
+        # mini-batches that an iteration's samples cannot fill: by the config, or by a short prompt file
+        (["train", str(good), "algo.mini_batches=9"], "algo.mini_batches: 9 mini-batches of an iteration's 8 samples"),
+        (["train", str(good), "algo.mini_batches=4", f"data.train={two_rows}"],
+         f"algo.mini_batches: 4 mini-batches of an iteration's 2 samples (2 prompt rows in {two_rows})"),
         (["train", str(good), f"actor.path={tmp_path / 'no_model'}"], "no_model"),
         (["train", str(tmp_path / "fn.yaml")], "absent.py"),
         (["train", str(tmp_path / "rm.yaml")], "no_rm"),

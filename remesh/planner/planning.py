@@ -15,19 +15,18 @@ from remesh.rl.config import RLConfig
 
 def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_max: int | None = None) -> Workload:
     """The iteration `cfg` describes: models from their checkpoints' configs, prompt lengths
-    from its prompt file (tokenised as the run will), generated lengths up to
+    from the prompt rows the run keeps (tokenised as it will), generated lengths up to
     rollout.max_new_tokens unless measured ones are given."""
     from remesh.checkpoint import load_tokenizer, resolve_model_path
-    from remesh.data import load_prompt_dataset
     from remesh.rl.planned import role_args
+    from remesh.rl.trainer import load_prompts
 
     graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
     models = role_args(cfg, graph)
     if not cfg.reward.model:
         models.pop("reward", None)  # rule-based: no model
     tok = load_tokenizer(resolve_model_path(cfg.actor.path, "actor.path"))
-    prompts = load_prompt_dataset(cfg.data.train, tok, max_prompt_len=cfg.data.max_prompt_len,
-                                  skip_bad_rows=cfg.data.skip_bad_rows)[0]
+    prompts = load_prompts(cfg, tok, report_skips=False)  # the rows the run trains on
     lengths = [len(p.prompt_ids) for p in prompts]
     r = cfg.rollout
     return Workload(graph=graph, models=models, dtype=cfg.actor.dtype, prompts=cfg.trainer.prompts_per_iter,

@@ -192,6 +192,11 @@ class RLConfig:
     def __post_init__(self) -> None:
         if self.algo.name in ("grpo", "rloo") and self.rollout.n_samples < 2:
             raise ValueError(f"{self.algo.name} needs rollout.n_samples >= 2 (the group size)")
+        samples = self.trainer.prompts_per_iter * self.rollout.n_samples
+        if self.algo.mini_batches > samples:  # an empty mini-batch takes no step, yet the lr schedule counts it
+            raise ValueError(f"algo.mini_batches: {self.algo.mini_batches} mini-batches of an iteration's {samples} "
+                             f"samples (trainer.prompts_per_iter x rollout.n_samples) would leave some empty: "
+                             f"at most {samples}")
         longest = self.data.max_prompt_len + self.rollout.max_new_tokens
         if longest > self.trainer.micro_batch_tokens:  # else found at the first training call, after a rollout
             raise ValueError(f"trainer.micro_batch_tokens: {self.trainer.micro_batch_tokens} cannot hold a sequence of "

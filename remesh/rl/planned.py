@@ -145,7 +145,8 @@ class PlannedRLTrainer(RLTrainer):
                         if lay.pp > 1:
                             model = PipelineModel(model, lay, self.rank, self.groups.get(lay.pp_group(self.rank)))
                     self.models[(m.role, lay)] = model
-                    self.reward_fn = build_reward_fn(cfg.reward, self.device, model=model)
+                    self.reward_fn = build_reward_fn(cfg.reward, self.device, model=model,
+                                                     policy_tokenizer=self.tokenizer)
                 else:
                     self.models[(m.role, lay)] = build(m.role, lay).requires_grad_(False).eval()
         full.clear()
@@ -400,6 +401,7 @@ class PlannedRLTrainer(RLTrainer):
         self.batch_prompts = self.prompt_batch(self.iteration)
         self._gen_tokens = 0
         self._spec_stats = {}
+        self._scored = 0  # sampled responses this rank's reward function scored (`_score`)
         self.store = {}
         self._train_batch = None
         t0 = time.perf_counter()
@@ -415,7 +417,7 @@ class PlannedRLTrainer(RLTrainer):
         self._built.clear()
         mine = {"times": times, "gen_tokens": self._gen_tokens, "spec": self._spec_stats, "realloc": self.realloc_log,
                 "stats": {k: v[0] for k, v in self.store.items() if k.endswith("_stats")},
-                "reward_metrics": self.reward_fn.metrics() if getattr(self, "reward_fn", None) else {},
+                "reward_metrics": self.reward_fn.metrics() if self._scored else {}, "scored": self._scored,
                 "batch": self._train_batch_summary()}
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, mine)
@@ -450,7 +452,11 @@ class PlannedRLTrainer(RLTrainer):
         for e in everyone:
             for stats in e["stats"].values():
                 metrics.update(stats)
-            metrics.update({f"reward/{k}": v for k, v in e["reward_metrics"].items()})
+        # each reward rank's metrics are means over its share: weighted by the share's size (a
+        # share's tensor and pipeline peers report the same means, so each share weighs alike)
+        scored = sum(e["scored"] for e in everyone)
+        for key in {k for e in everyone for k in e["reward_metrics"]}:
+            metrics[f"reward/{key}"] = sum(e["reward_metrics"].get(key, 0.0) * e["scored"] for e in everyone) / scored
         return metrics
 
     def full_model(self, role: str) -> Transformer | None:
@@ -607,7 +613,7 @@ def train_planned(cfg: RLConfig) -> RLResult:
     if cfg.reward.terms:  # user reward files and term arguments: one error here, not one per reward rank
         rule_reward(cfg.reward.terms)
     if any(t.name in ROW_CHECKED_TERMS for t in cfg.reward.terms):  # and the prompt rows they need
-        load_prompts(cfg, load_tokenizer(resolve_model_path(cfg.actor.path, "actor.path")))
+        load_prompts(cfg, load_tokenizer(resolve_model_path(cfg.actor.path, "actor.path")), report_skips=False)
     if cfg.trainer.resume:
         cfg = resumed_plan(cfg, world)
     if "WORLD_SIZE" in os.environ:

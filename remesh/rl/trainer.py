@@ -56,18 +56,19 @@ class RLResult:
     iterations: int
 
 
-def load_prompts(cfg: RLConfig, tokenizer: Any) -> list[PromptExample]:
+def load_prompts(cfg: RLConfig, tokenizer: Any, report_skips: bool = True) -> list[PromptExample]:
     """The run's prompt rows (`data`), each one that the reward's terms can score: a row they
     cannot (exact_answer without a reference answer) is a bad row, found when the file loads,
     not after the first rollout (an error naming it, or dropped and counted under
-    `data.skip_bad_rows`)."""
+    `data.skip_bad_rows`). The rows dropped are reported once, by rank 0 if `report_skips`
+    (False for a check made before the ranks load them again)."""
     def unscorable(p: PromptExample) -> str | None:
         return next((f"reward term {t.name!r} cannot score it: {why}" for t in cfg.reward.terms
                      if (why := why_unscorable(t.name, p.prompt, p.answer, p.meta)) is not None), None)
 
     prompts, report = load_prompt_dataset(cfg.data.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len,
                                           skip_bad_rows=cfg.data.skip_bad_rows, unscorable=unscorable)
-    if report.skipped:
+    if report.skipped and report_skips and int(os.environ.get("RANK", 0)) == 0:
         print(f"remesh: {report.summary()}")
     return prompts
 
@@ -95,6 +96,9 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(self.initial)
         self._config_eos = load_hf_config(self.initial, "lm").extra.get("eos_token_id")
         self.prompts = load_prompts(cfg, self.tokenizer)
+        if (samples := min(len(self.prompts), tc.prompts_per_iter) * cfg.rollout.n_samples) < cfg.algo.mini_batches:
+            raise ConfigError(f"algo.mini_batches: {cfg.algo.mini_batches} mini-batches of an iteration's {samples} "
+                              f"samples ({len(self.prompts)} prompt rows in {cfg.data.train}) would leave some empty")
         self.steps_per_iter = cfg.algo.ppo_epochs * cfg.algo.mini_batches
         self.total_steps = tc.iterations * self.steps_per_iter
         for name in ("actor_optim", "critic_optim") if "critic" in self.graph.roles else ("actor_optim",):
@@ -130,7 +134,7 @@ class RLTrainer:
             source = role_folder(self.resume_dir, "critic") if self.resume_dir else resolve_model_path(
                 critic_cfg.path, "critic.path" if cfg.critic else "actor.path")
             self.critic = load_hf(source, head="value", dtype=getattr(torch, critic_cfg.dtype), device=self.device)
-        self.reward_fn = build_reward_fn(cfg.reward, self.device)
+        self.reward_fn = build_reward_fn(cfg.reward, self.device, policy_tokenizer=self.tokenizer)
         self.actor_opt = build_optimizer(self.actor, cfg.actor_optim)
         self.actor_sched = build_scheduler(self.actor_opt, self.total_steps, cfg.actor_optim)
         if self.critic is not None:
@@ -189,9 +193,12 @@ class RLTrainer:
 
     def _score(self, mfc: MFC, inputs: dict[str, Any]) -> dict[str, Any]:
         out = {}
-        for key, name in (("responses", "scores"), ("greedy_responses", "greedy_scores")):
+        # the greedy responses first: a reward function's metrics (reward/<term>) describe its
+        # last call, which must be the sampled responses that reward/mean averages
+        for key, name in (("greedy_responses", "greedy_scores"), ("responses", "scores")):
             if key in inputs:
                 out[name] = self._score_responses(inputs[key])
+        self._scored = len(inputs["responses"].response_ids)  # a planned run weighs each rank's metrics by it
         return out
 
     def _score_responses(self, resp: Responses) -> Tensor:
@@ -338,12 +345,13 @@ class RLTrainer:
                     return loss * weight
 
                 self._forward_backward(self.actor, resp, micros, self._logprobs_head, loss_of)
+                lr = self.actor_sched.get_last_lr()[0]  # the rate this step uses (the step advances it)
                 norm = self._optimizer_step(self.actor, self.actor_opt, self.actor_sched, cfg.actor_optim.grad_clip)
                 sums["grad_norm"] += norm / self.steps_per_iter
         diffs = torch.cat(mismatch) if mismatch else torch.zeros(1)
         sums, diff_max, diff_mean = self._reduce_sums(sums, diffs)
         stats = {f"actor/{k}": v for k, v in sums.items()}
-        stats.update({"actor/lr": self.actor_sched.get_last_lr()[0],
+        stats.update({"actor/lr": lr,
                       "logprob_mismatch/max": diff_max, "logprob_mismatch/mean": diff_mean,
                       "kl/seq": float(masked_sum(kl, mask, dim=1).mean()),
                       "kl/token": float(masked_mean(kl, mask)),
