@@ -276,7 +276,7 @@ def test_tuned_linears_compute_the_same_product_and_remember_each_shape():
         assert list(tuned.choices) == [(16, 512, 128, torch.float32, torch.float32, "cpu", threads),
                                        (1, 512, 128, torch.float32, torch.float32, "cpu", threads)]
         if force is not None:
-            assert set(tuned.choices.values()) == {force}
+            assert set(tuned.choices.values()) == {(force, 16), (force, 1)}
         assert "forward" not in layer.__dict__  # restored after the call
     with tuned.applied(model):  # a training forward is never tuned
         layer(x).sum().backward()
@@ -285,6 +285,36 @@ def test_tuned_linears_compute_the_same_product_and_remember_each_shape():
     with tuned.applied(model), tuned.applied(other):  # two models' contexts, nested: both restored
         assert "forward" in layer.__dict__ and "forward" in other.__dict__
     assert "forward" not in layer.__dict__ and "forward" not in other.__dict__
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_a_cpu_product_may_run_with_its_rows_padded_to_the_next_power_of_two(monkeypatch, pad):
+    """Where 3 rows run slower than 4 (made so here: every unpadded product sleeps), the 3-row
+    shape runs padded with a zero row, whose output is dropped: the same product. With
+    pad=False only the unpadded layouts are timed."""
+    import time as time_module
+
+    import torch.nn.functional as F
+
+    from remesh.rollout import kernels
+
+    run = kernels.run_layout
+
+    def slow_unpadded(x, weight, bias, layout):
+        if layout.rows == x.shape[0]:
+            time_module.sleep(0.003)
+        return run(x, weight, bias, layout)
+
+    monkeypatch.setattr(kernels, "run_layout", slow_unpadded)
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(128, 512), torch.randn(3, 128)
+    tuned = kernels.TunedLinears(pad=pad)
+    with torch.inference_mode(), tuned.applied(layer):
+        out = layer(x)
+    (layout,) = tuned.choices.values()
+    assert layout.rows == (4 if pad else 3)
+    assert out.shape == (3, 512)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_one_row_timings_of_a_model_larger_than_the_cache_read_its_other_weights_first(monkeypatch):
@@ -317,11 +347,11 @@ def test_one_row_timings_of_a_model_larger_than_the_cache_read_its_other_weights
         assert len(calls) == 2 * tuned.reps  # before every timed run of both layouts
 
 
-def test_transposed_layout_is_taken_on_a_clear_win_only():
-    from remesh.rollout.kernels import transposed_wins
+def test_another_layout_is_taken_on_a_clear_win_only():
+    from remesh.rollout.kernels import beats_plain
 
-    assert transposed_wins(10.0, 8.9, "cpu") and not transposed_wins(10.0, 9.1, "cpu")  # CPU: 0.9
-    assert transposed_wins(10.0, 4.9, "cuda") and not transposed_wins(10.0, 8.0, "cuda")  # GPU: 0.5
+    assert beats_plain(10.0, 8.9, "cpu") and not beats_plain(10.0, 9.1, "cpu")  # CPU: 0.9
+    assert beats_plain(10.0, 4.9, "cuda") and not beats_plain(10.0, 8.0, "cuda")  # GPU: 0.5
 
 
 def test_transposed_linear_keeps_the_products_dtype_under_autocast():
@@ -377,7 +407,7 @@ def test_engine_with_transposed_projections_gives_the_same_greedy_tokens():
     flipped.gemms = TunedLinears(force=True)
     a, b = plain.generate(PROMPTS, params), flipped.generate(PROMPTS, params)
     assert [r.response_ids for r in a] == [r.response_ids for r in b]
-    assert any(flipped.gemms.choices.values())  # the head did run transposed
+    assert any(c.transposed for c in flipped.gemms.choices.values())  # the head did run transposed
 
 
 def test_no_full_garbage_collection_runs_during_a_call():

@@ -239,9 +239,9 @@ def cold_copies(w: torch.Tensor, total_bytes: int = COLD_BYTES) -> list[torch.Te
 
 def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[float]]]:
     """Forward and forward + backward rates of nn.Linear-shaped multiplies over the grid (the
-    forward of a decode-sized multiply: in the layout the engine would take, `transposed_wins`;
+    forward of a decode-sized multiply: in the layout the engine would take, `beats_plain`;
     the forward with its weights read from memory, as in a model's forward)."""
-    from remesh.rollout.kernels import transposed_linear, transposed_wins, tunable
+    from remesh.rollout.kernels import beats_plain, transposed_linear, tunable
 
     out: dict[str, list[list[float]]] = {}
     for dtype in _dtypes(device):
@@ -264,7 +264,7 @@ def measure_gemm(device: torch.device, progress=None) -> dict[str, list[list[flo
                     fwd = _time(lambda: torch.nn.functional.linear(x, weights[next(turn) % len(weights)]), device)
                     if tunable(m, w):  # the rollout engine takes the transposed layout of these on a clear win
                         flipped = _time(lambda: transposed_linear(x, weights[next(turn) % len(weights)]), device)
-                        fwd = flipped if transposed_wins(fwd, flipped, device.type) else fwd
+                        fwd = flipped if beats_plain(fwd, flipped, device.type) else fwd
                 both = _time(lambda: torch.autograd.backward(torch.nn.functional.linear(x, w), grad), device)
                 x.grad = w.grad = None
                 rows.append([m, k, n, 2.0 * m * k * n / fwd, 6.0 * m * k * n / both])

@@ -11,8 +11,13 @@ product taken as `(W @ x.T).T`:
 - GPU (H100, fp32 cuBLAS): SmolLM2-135M's key/value projection (576 -> 192) at 8-16 rows takes
   54 us as `x @ W.T` and 8 us transposed; 60 of them a step made a plain decode step of 8-16
   sequences 7.0-7.5 ms against 4.5 ms for one of 24 rows (bench/step_graphs.py, session 22).
-`TunedLinears` times both layouts the first time it meets a (rows, in, out, dtypes, device,
-threads) shape and keeps the faster. The two differ only in the kernels' floating-point rounding.
+- CPU again: some row counts are slow in both layouts, slower than the next power of two. At
+  15 rows SmolLM2-135M's MLP projections took 286-292 us against 189-194 us at 16 rows, its LM
+  head 20.9 against 13.1 ms (the faster layout each, timed in cache, session 28); a draining
+  batch steps through every row count. So a CPU shape is also timed with its rows padded (zero
+  rows) to the next power of two, the extra rows' outputs dropped.
+`TunedLinears` times the layouts the first time it meets a (rows, in, out, dtypes, device,
+threads) shape and keeps the fastest. They differ only in the kernels' floating-point rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import contextlib
 import functools
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +39,28 @@ MIN_WEIGHT = 1 << 16  # smaller matrices: a few microseconds either way, not wor
 # 9.6, yet the steps were 5% slower with them; the key/value projections at 8-16 rows, 8 against
 # 54 us, made steps 1.2-1.3x faster; bench/kernels.py --device cuda, session 22)
 GPU_CLEAR_WIN = 0.5
+
+
+class GemmLayout(NamedTuple):
+    """How a decode-step projection runs: nn.Linear's `x @ W.T` or `(W @ x.T).T`, on the rows as
+    they are or padded with zero rows up to `rows`."""
+
+    transposed: bool
+    rows: int
+
+
+def run_layout(x: Tensor, weight: Tensor, bias: Tensor | None, layout: GemmLayout) -> Tensor:
+    """F.linear(x, weight, bias) in `layout`."""
+    m = x.shape[0]
+    if layout.rows > m:
+        x = F.pad(x, (0, 0, 0, layout.rows - m))
+    out = transposed_linear(x, weight, bias) if layout.transposed else F.linear(x, weight, bias)
+    return out[:m] if layout.rows > m else out
+
+
+def padded_rows(rows: int) -> int:
+    """The row count a CPU product of `rows` rows is also timed at: the next power of two."""
+    return 1 << (rows - 1).bit_length()
 
 
 def transposed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -50,10 +77,10 @@ def transposed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     return out + bias.to(out.dtype) if bias is not None else out
 
 
-def transposed_wins(plain_seconds: float, transposed_seconds: float, device_type: str) -> bool:
-    """Whether the transposed layout is taken, from both layouts' times alone: a clear win only
+def beats_plain(plain_seconds: float, other_seconds: float, device_type: str) -> bool:
+    """Whether a layout other than nn.Linear's is taken, from both times alone: a clear win only
     (ties keep nn.Linear's layout), on a GPU a 2x one (`GPU_CLEAR_WIN`)."""
-    return transposed_seconds < (GPU_CLEAR_WIN if device_type == "cuda" else 0.9) * plain_seconds
+    return other_seconds < (GPU_CLEAR_WIN if device_type == "cuda" else 0.9) * plain_seconds
 
 
 def tunable(rows: int, weight: Tensor) -> bool:
@@ -78,7 +105,8 @@ class TunedLinears:
     at least MIN_WEIGHT elements), called without autograd on 1..MAX_ROWS rows, take the layout
     measured fastest for their shape (`choices`: shape -> True for the transposed one). One
     instance per engine; the choices persist across steps. `force`: always the transposed
-    (True) or nn.Linear's (False) layout, without timing.
+    (True) or nn.Linear's (False) layout, unpadded, without timing. `pad`: whether a CPU shape's
+    padded rows are timed too.
 
     A step of a model larger than the last-level cache reads every weight from memory, while a
     timing loop reads it from cache. For one-row products that misleads most: timed in cache,
@@ -95,10 +123,10 @@ class TunedLinears:
     its launch. A shape is tuned when first met outside a graph capture (the engine warms every
     step graph up before capturing it); met inside one, it runs nn.Linear's layout untimed."""
 
-    def __init__(self, reps: int = 3, force: bool | None = None):
-        self.reps, self.force = reps, force
+    def __init__(self, reps: int = 3, force: bool | None = None, pad: bool = True):
+        self.reps, self.force, self.pad = reps, force, pad
         self._weights: dict[nn.Linear, tuple[Tensor, Tensor | None]] = {}  # `applied`'s, for its duration
-        self.choices: dict[tuple, bool] = {}
+        self.choices: dict[tuple, GemmLayout] = {}
         # seconds spent timing shapes: a step that timed one took that much longer than its kind
         # of step takes, and the engine takes it out of the step's time for its step-time model
         self.tuning_seconds = 0.0
@@ -138,14 +166,15 @@ class TunedLinears:
         if x.dim() != 2 or not tunable(x.shape[0], weight) or torch.is_grad_enabled():
             return F.linear(x, weight, bias)
         key = (x.shape[0], *weight.shape, x.dtype, weight.dtype, x.device.type, torch.get_num_threads())
-        transposed = self.choices.get(key)
-        if transposed is None:
+        layout = self.choices.get(key)
+        if layout is None:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return F.linear(x, weight, bias)  # nothing can be timed while a graph is captured
             t0 = time.perf_counter()
-            transposed = self.choices[key] = self.force if self.force is not None else self._faster_transposed(x, weight)
+            layout = self.choices[key] = (GemmLayout(self.force, x.shape[0]) if self.force is not None
+                                          else self._fastest(x, weight))
             self.tuning_seconds += time.perf_counter() - t0
-        return transposed_linear(x, weight, bias) if transposed else F.linear(x, weight, bias)
+        return run_layout(x, weight, bias, layout)
 
     def _evictor(self, weight: Tensor) -> Callable[[], None] | None:
         """Reads the model's other tuned weights, twice the last-level cache's size of them, so
@@ -166,12 +195,14 @@ class TunedLinears:
                 w.sum()
         return evict
 
-    def _faster_transposed(self, x: Tensor, weight: Tensor) -> bool:
-        if x.is_cuda:
-            plain = gpu_seconds(lambda: F.linear(x, weight), x.device, reps=self.reps)
-            flipped = gpu_seconds(lambda: transposed_linear(x, weight), x.device, reps=self.reps)
-            return transposed_wins(plain, flipped, "cuda")
-        evict = self._evictor(weight) if x.shape[0] == 1 else None
+    def _fastest(self, x: Tensor, weight: Tensor) -> GemmLayout:
+        m = x.shape[0]
+        plain, flipped = GemmLayout(False, m), GemmLayout(True, m)
+        if x.is_cuda:  # graphs replay fixed shapes: padding is the engine's business there (`bucket`)
+            times = {c: gpu_seconds(lambda c=c: run_layout(x, weight, None, c), x.device, reps=self.reps)
+                     for c in (plain, flipped)}
+            return flipped if beats_plain(times[plain], times[flipped], "cuda") else plain
+        evict = self._evictor(weight) if m == 1 else None
 
         def best(fn) -> float:
             fn()  # warm-up
@@ -184,9 +215,12 @@ class TunedLinears:
                 times.append(time.perf_counter() - t0)
             return min(times)
 
-        plain = best(lambda: F.linear(x, weight))
-        flipped = best(lambda: transposed_linear(x, weight))
-        return transposed_wins(plain, flipped, "cpu")
+        candidates = [plain, flipped]
+        if self.pad and (padded := padded_rows(m)) > m:
+            candidates += [GemmLayout(False, padded), GemmLayout(True, padded)]
+        times = {c: best(lambda c=c: run_layout(x, weight, None, c)) for c in candidates}
+        fastest = min(times, key=times.__getitem__)
+        return fastest if beats_plain(times[plain], times[fastest], "cpu") else plain
 
 
 def gpu_seconds(fn: Callable[[], object], device: torch.device, calls: int = 16, reps: int = 3) -> float:
