@@ -245,6 +245,32 @@ def test_prefill_runs_once_per_prompt(monkeypatch):
     assert calls[1:] == [[1] * 8, [1] * 8]
 
 
+def test_a_sample_admitted_after_its_siblings_copies_their_prompt_rows(monkeypatch):
+    """Once the batch is full, samples join one or two at a time, as slots free: one whose
+    sibling still decodes copies that sibling's prompt rows and samples its first token from the
+    logits kept from the prompt's prefill. Each prompt is prefilled once here, and the rollouts
+    are those of a batch that holds every sample at once."""
+    model = tiny_model("llama")
+    # a third of the vocabulary stops a sample: lengths spread, so slots free one at a time
+    params = SamplingParams(max_new_tokens=8, n=6, seed=5, stop_token_ids=tuple(range(0, VOCAB, 3)))
+    whole = generate(model, PROMPTS[:2], params, max_batch=12)
+    prefills = []
+    forward = type(model).forward
+
+    def spy(self, tokens, positions, ctx):
+        if max(ctx.seqlens) > 1:
+            prefills.append(list(ctx.seqlens))
+        return forward(self, tokens, positions, ctx)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    narrow = generate(model, PROMPTS[:2], params, max_batch=4)
+    assert sorted(n for call in prefills for n in call) == sorted(len(p) for p in PROMPTS[:2])
+    assert [(r.prompt_index, r.sample_index, r.response_ids) for r in narrow] == [
+        (r.prompt_index, r.sample_index, r.response_ids) for r in whole]
+    torch.testing.assert_close(torch.tensor([x for r in narrow for x in r.logprobs]),
+                               torch.tensor([x for r in whole for x in r.logprobs]), atol=1e-5, rtol=0)
+
+
 def test_generate_rejects_empty_prompt():
     with pytest.raises(ValueError, match="prompt 1"):
         generate(tiny_model("llama"), [[1, 2], []], SamplingParams())

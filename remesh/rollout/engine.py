@@ -3,7 +3,8 @@
 One `generate` call:
 1. queues every (prompt, sample) pair; a slot freed by a finished sequence is refilled at once;
 2. prefills newly admitted prompts in one packed forward, each distinct prompt once, and copies
-   its cache rows into its siblings' slots (a GRPO group shares one prefill);
+   its cache rows into its siblings' slots (a GRPO group shares one prefill), also into those of
+   siblings admitted later, from a sibling still decoding, with the prompt's logits kept;
 3. decodes: before every step the strategy (off, or a drafter with depth and width) is chosen,
    by the adaptive policy (spec "auto") or fixed; the drafts of all live sequences are scored
    in one forward with tree attention masks, verified (speculative.py), and the KV cache is
@@ -212,6 +213,10 @@ class _Run:
     done: list[_Seq] = field(default_factory=list)
     next_id: int = 0
     t0: float = field(default_factory=time.perf_counter)
+    # prompt -> its first-token logits, while samples of it wait in the queue: once the batch is
+    # full, samples are admitted one or two at a time, and a sample admitted after its siblings
+    # copies a live sibling's prompt rows rather than prefilling the prompt again
+    prompt_logits: dict[int, Tensor] = field(default_factory=dict)
 
 
 CALIBRATION_MAX_TOKENS = 1024
@@ -687,26 +692,36 @@ class RolloutEngine:
 
     def _prefill(self, seqs: list[_Seq], params: SamplingParams, device: torch.device) -> None:
         t0, before = time.perf_counter(), self._setups()
-        first: dict[int, _Seq] = {}
+        run = self._run
+        # the prompt's rows: from a live sibling's slot (its logits kept), else one prefill per prompt
+        source: dict[int, _Seq] = {s.prompt_index: s for s in run.live if s.prompt_index in run.prompt_logits}
+        heads = []
         for s in seqs:
-            first.setdefault(s.prompt_index, s)
-        heads = list(first.values())
+            if s.prompt_index not in source:
+                source[s.prompt_index] = s
+                heads.append(s)
         lens = [len(s.prompt) for s in heads]
-        logits = self.model.logits(self._fill([s.slot for s in heads], [s.prompt for s in heads]))
-        row = {s.prompt_index: r for r, s in enumerate(heads)}
-        siblings = [s for s in seqs if first[s.prompt_index] is not s]
-        if siblings:  # share the prefill: copy the cache rows into the other samples' slots
-            dst = torch.tensor([s.slot for s in siblings], device=device)
-            src = torch.tensor([first[s.prompt_index].slot for s in siblings], device=device)
-            width = max(lens)
+        if heads:
+            logits = self.model.logits(self._fill([s.slot for s in heads], [s.prompt for s in heads]))
+            for r, s in enumerate(heads):
+                run.prompt_logits[s.prompt_index] = logits[r]
+        copies = [s for s in seqs if source[s.prompt_index] is not s]
+        if copies:  # share the prefill: copy the cache rows into the other samples' slots
+            dst = torch.tensor([s.slot for s in copies], device=device)
+            src = torch.tensor([source[s.prompt_index].slot for s in copies], device=device)
+            width = max(len(s.prompt) for s in copies)
             self.cache.k[:, dst, :, :width] = self.cache.k[:, src, :, :width]
             self.cache.v[:, dst, :, :width] = self.cache.v[:, src, :, :width]
-        logits = logits[torch.tensor([row[s.prompt_index] for s in seqs], device=device)]
+        logits = torch.stack([run.prompt_logits[s.prompt_index] for s in seqs])
+        waiting = {q.prompt_index for q in run.queue}
+        for p in {s.prompt_index for s in seqs} - waiting:  # no sample of it left to admit
+            del run.prompt_logits[p]
         tok, lp = sample(logits, params, torch.stack([s.uniforms[0] for s in seqs]))
         for s, t, l in zip(seqs, tok.tolist(), lp.tolist()):
             s.cache_len = len(s.prompt)
             self._emit(s, [t], [l], params)
-        self._observe_time(sum(lens), time.perf_counter() - t0, before)  # also the cost of recomputing a context
+        if heads:  # also the cost of recomputing a context
+            self._observe_time(sum(lens), time.perf_counter() - t0, before)
         self.stats.prefill_seconds += time.perf_counter() - t0
 
     def _fill(self, slots: list[int], contexts: list[list[int]]) -> Tensor:
