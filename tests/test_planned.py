@@ -4,6 +4,7 @@ at a fixed seed; invalid plans are rejected before any process starts."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -74,6 +75,19 @@ def test_plan_gives_the_one_process_metrics(rl_workspace, algo, capfd):
         mine, total = re.search(r"actor optimizer: ZeRO-1 over dp=2, Adam state of ([\d,]+) of this rank's ([\d,]+)",
                                 out).groups()
         assert 0.3 < int(mine.replace(",", "")) / int(total.replace(",", "")) < 0.7
+
+
+@pytest.mark.timeout(300)
+def test_a_critic_in_another_dtype_than_the_actor_moves_in_its_own(rl_workspace):
+    """A bf16 actor beside an fp32 critic, whose inference and training layouts differ: the
+    critic's shards move in fp32 buffers. Moved by the actor's spec, the critic came out of
+    mixed dtypes and its inference failed."""
+    cfg = _config(rl_workspace, "ppo", "dtypes", **SECTIONS["ppo"], actor={"dtype": "bfloat16"})
+    cfg["critic"] = {"path": cfg["actor"]["path"], "dtype": "float32"}
+    cfg["trainer"].update(iterations=1, nproc=4, prompts_per_iter=4)
+    cfg["plan"] = PLANS["ppo"]
+    rows = read_metrics(train_rl(_load(rl_workspace, cfg, "dtypes")).metrics_file)
+    assert len(rows) == 1 and math.isfinite(rows[0]["critic/loss"]) and math.isfinite(rows[0]["actor/loss"])
 
 
 @pytest.mark.timeout(600)

@@ -69,6 +69,21 @@ def test_reallocation_is_bitwise_exact_for_random_layout_pairs(family):
     assert any(a.tp != b.tp for a, b in layouts) and any(a.pp != b.pp for a, b in layouts)
 
 
+def _move_bf16_shards_by_an_fp32_spec(rank: int, world: int) -> None:
+    model = tiny_model("llama", vocab_size=96)
+    spec = ShardSpec(model.args)  # fp32
+    src, dst = Layout((0, 1), tp=2), Layout((0, 1), dp=2)
+    shards = {n: t.to(torch.bfloat16) for n, t in spec.shard_state(dict(model.named_parameters()), src, rank).items()}
+    reallocate(spec, src, dst, shards)
+
+
+def test_shards_of_another_dtype_than_the_spec_are_refused():
+    """The move's buffers are the spec's dtype: bf16 shards (a bf16 critic moved as the fp32
+    actor's spec once did) are an error naming both dtypes, not values arriving as garbage."""
+    with pytest.raises(DistributedJobError, match="is torch.bfloat16, the move's spec says torch.float32"):
+        spawn(_move_bf16_shards_by_an_fp32_spec, 2, timeout_s=90, collective_timeout_s=30)
+
+
 def _raise_mid_iteration(rank: int, world: int) -> None:
     dist.barrier()
     if rank == 1:

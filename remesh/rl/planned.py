@@ -97,7 +97,8 @@ class PlannedRLTrainer(RLTrainer):
         self.args = role_args(cfg, self.graph)
         self._all_realloc_logs: list[str] = []
         self.groups = ProcessGroups.for_layouts(list(self.plan.layouts.values()))
-        self.specs = {r: ShardSpec(a, getattr(torch, cfg.actor.dtype)) for r, a in self.args.items()}
+        # each role in its own dtype: a move's buffers are the spec's (a bf16 actor beside an fp32 critic)
+        self.specs = {r: ShardSpec(a, role_dtype(cfg, r)) for r, a in self.args.items()}
         self.train_layout = {m.role: self.plan.layouts[m.name] for m in self.graph.mfcs if m.call == "train_step"}
         self.models: dict[tuple[str, Layout], Transformer] = {}  # (role, layout) -> this rank's local model
         self.engines: dict[Layout, RolloutEngine] = {}
@@ -567,15 +568,23 @@ def _shards(model: Transformer, spec: ShardSpec) -> dict[str, Tensor]:
     return {spec.canonical(n): p.detach() for n, p in model.named_parameters()}
 
 
+def role_dtype(cfg: RLConfig, role: str) -> torch.dtype:
+    """The dtype a role's weights are held (and reallocated) in."""
+    if role in ("actor", "ref"):
+        return getattr(torch, cfg.actor.dtype)
+    if role == "critic":
+        return getattr(torch, (cfg.critic or cfg.actor).dtype)
+    return torch.float32
+
+
 def _role_source(cfg: RLConfig, role: str) -> tuple[str, str, torch.dtype]:
     """(checkpoint folder, head, dtype) a role's model starts from."""
     if role in ("actor", "ref"):
-        return str(resolve_model_path(cfg.actor.path, "actor.path")), "lm", getattr(torch, cfg.actor.dtype)
+        return str(resolve_model_path(cfg.actor.path, "actor.path")), "lm", role_dtype(cfg, role)
     if role == "critic":
-        c = cfg.critic or cfg.actor
-        folder = resolve_model_path(c.path, "critic.path" if cfg.critic else "actor.path")
-        return str(folder), "value", getattr(torch, c.dtype)
-    return str(resolve_model_path(cfg.reward.model, "reward.model")), "value", torch.float32
+        folder = resolve_model_path((cfg.critic or cfg.actor).path, "critic.path" if cfg.critic else "actor.path")
+        return str(folder), "value", role_dtype(cfg, role)
+    return str(resolve_model_path(cfg.reward.model, "reward.model")), "value", role_dtype(cfg, role)
 
 
 def role_args(cfg: RLConfig, graph: DataflowGraph) -> dict[str, ModelArgs]:

@@ -211,6 +211,9 @@ def reallocate(spec: ShardSpec, src: Layout, dst: Layout, shards: dict[str, Tens
     plan = transfer_plan(spec, src, dst) if plan is None else plan
     if rank in src.ranks and shards is None:
         raise ValueError(f"rank {rank} is in the source mesh {src} but has no source shards")
+    # the buffers are the spec's dtype: another dtype's bytes would arrive as garbage, silently
+    if shards and (wrong := next(((n, t.dtype) for n, t in shards.items() if t.dtype != spec.dtype), None)):
+        raise ValueError(f"reallocate: rank {rank}'s shard {wrong[0]} is {wrong[1]}, the move's spec says {spec.dtype}")
     dtype = spec.dtype
     max_numel = max(1, bucket_bytes // spec.element_size)
     t0 = time.perf_counter()
