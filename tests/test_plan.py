@@ -35,6 +35,9 @@ def test_layout_parse_and_coordinates():
     ("x2@0-1", "expected e.g. d2t2p1@0-3"),
     ("d2@3-1", "runs backwards"),
     ("d2@0,0", "appears twice"),
+    # process groups order their ranks by number: a mesh listed otherwise is refused
+    ("t2@1,0", "layout d1t2@1,0: list its ranks in ascending order"),
+    ("d2@2-3,0-1", "list its ranks in ascending order"),
     ("d2", "no ranks"),
 ])
 def test_layout_errors(text, message):

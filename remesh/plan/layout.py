@@ -71,6 +71,10 @@ class Layout:
             raise ValueError("a layout needs at least one rank")
         if len(set(self.ranks)) != len(self.ranks):
             raise ValueError(f"layout {self}: a rank appears twice")
+        if list(self.ranks) != sorted(self.ranks):
+            # process groups order their ranks by number: a mesh in another order would gather a
+            # tensor-parallel head's vocabulary slices, and hand data between meshes, out of place
+            raise ValueError(f"layout {self}: list its ranks in ascending order")
         if self.dp * self.tp * self.pp != len(self.ranks):
             raise ValueError(f"layout {self}: d{self.dp} x t{self.tp} x p{self.pp} = "
                              f"{self.dp * self.tp * self.pp} ranks, but the mesh has {len(self.ranks)}")
