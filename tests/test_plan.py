@@ -134,6 +134,18 @@ def test_static_memory_shards_adam_state_over_dp_only_under_zero():
     assert plain[0] - zero[0] == plain[1] - zero[1] == 2 * actor // 2  # half of each rank's two moments
 
 
+def test_adam_state_is_counted_in_the_parameters_dtype():
+    """torch's AdamW keeps its moments in the parameters' dtype: in bf16, everything a rank holds
+    (parameters, gradients, moments, frozen models) is half the fp32 figure."""
+    graph = graph_for("remax")
+    models = _ppo_models(vocab_size=96)
+    plan = heuristic_plan("colocated", graph, 2)
+    fp32 = static_memory(plan, graph, {m.role: ShardSpec(models[m.role]) for m in graph.mfcs}, {"actor"})
+    bf16 = static_memory(plan, graph, {m.role: ShardSpec(models[m.role], torch.bfloat16) for m in graph.mfcs},
+                         {"actor"})
+    assert {r: 2 * b for r, b in bf16.items()} == fp32
+
+
 def test_heuristic_plans():
     graph = graph_for("ppo")
     col = heuristic_plan("colocated", graph, 4)

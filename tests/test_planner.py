@@ -163,6 +163,10 @@ def test_memory_of_a_layout_by_hand():
     half = 4 * 6144 + 2 * 4096 + 2 * 2048
     assert (mem[0].optimizer, mem[1].optimizer) == (2 * (half + 3 * 64) * 4, 2 * (half + 2 * 64) * 4)
     assert mem[0].params == n * 4  # parameters and gradients stay whole
+    # in bf16, the moments too are bf16 (torch's AdamW keeps them in the parameters' dtype)
+    est = Estimator(_workload(graph, n_samples=2, migrate=False, dtype="bfloat16"), _cluster(devices=2))
+    mem = est.memory(parse_plan("actor_gen=d1@0 rew_inf=d2@0-1 actor_train=d2@0-1", 2).layouts)
+    assert mem[0].params == n * 2 and mem[0].optimizer == 2 * n * 2
 
 
 def test_reallocation_totals_from_a_reduced_model_match_the_full_plan():

@@ -26,7 +26,7 @@ from remesh.model.llama import ModelArgs
 from remesh.plan.layout import Layout, ShardSpec, format_ranks, parse_ranks
 
 HEURISTICS = ("colocated", "split")
-ADAM_STATE_FACTOR = 2  # Adam keeps two fp32 moments per parameter
+ADAM_STATE_FACTOR = 2  # AdamW keeps two moments per parameter, in the parameter's dtype (torch's)
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,7 @@ def static_memory(plan: ExecutionPlan, graph: DataflowGraph, specs: dict[str, Sh
         spec = specs[role]
         for r in layout.ranks:
             params = spec.local_bytes(layout, r)
-            fp32 = params * 4 // spec.element_size
-            per_rank[r] += 2 * params + ADAM_STATE_FACTOR * fp32 // (layout.dp if role in zero else 1)
+            per_rank[r] += 2 * params + ADAM_STATE_FACTOR * params // (layout.dp if role in zero else 1)
     frozen_seen: set[tuple[str, int]] = set()
     for m in graph.mfcs:
         layout, spec = plan.layouts[m.name], specs[m.role]

@@ -413,7 +413,8 @@ class Estimator:
         for role, layout in train.items():
             for r in layout.ranks:
                 out[r].params += self._local_params(role, layout, r) * w.bytes_per_el
-                out[r].optimizer += 2 * self._optimizer_params(role, layout, r) * 4
+                # torch's AdamW keeps its two moments in the parameters' dtype
+                out[r].optimizer += 2 * self._optimizer_params(role, layout, r) * w.bytes_per_el
         seen: set[tuple[str, Layout, int]] = set()
         for m in w.graph.mfcs:
             layout = plan_layouts[m.name]
