@@ -155,11 +155,12 @@ def resolve_plan(spec: str, graph: DataflowGraph, world_size: int) -> ExecutionP
 
 def static_memory(plan: ExecutionPlan, graph: DataflowGraph, specs: dict[str, ShardSpec],
                   trainable: set[str], zero: frozenset[str] = frozenset()) -> dict[int, int]:
-    """Bytes per rank of what a plan keeps resident, activations and KV caches not included:
-    each trainable role's training copy (parameters, gradients, and Adam moments, sharded over
-    dp for the roles in `zero`, as ZeRO-1 does) on its train MFC's ranks, plus the largest
-    other-layout copy that any one call builds on the rank (built before the call, freed
-    after), plus frozen roles' copies."""
+    """A lower bound on the bytes per rank that a plan keeps resident, activations and KV caches
+    not included: each trainable role's training copy (parameters, gradients, and Adam moments,
+    sharded over dp for the roles in `zero`, as ZeRO-1 does) on its train MFC's ranks, plus the
+    largest other-layout copy on the rank, plus frozen roles' copies. The runtime keeps every
+    other-layout copy (their buffers are refilled each iteration); the planner's estimator
+    counts them all, less the shards they alias, which this check does not work out."""
     per_rank = {r: 0 for r in range(plan.world_size)}
     transient = {r: 0 for r in range(plan.world_size)}
     train_layout = {m.role: plan.layouts[m.name] for m in graph.mfcs if m.call == "train_step"}
