@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from remesh.train.state import write_text_whole
+
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, tensorboard: bool = True, wandb_project: str | None = None,
@@ -14,12 +16,9 @@ class MetricsLogger:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
         # a resumed run continues the file as if it had never stopped; the rows it keeps are
-        # written whole and renamed over it, so a resumed run killed early loses none of them
+        # written whole before it goes on, so a resumed run killed early loses none of them
         kept = _lines_up_to(self.path, resume_step) if resume_step is not None else []
-        target = self.path.resolve()  # a symlink's target
-        partial = target.with_name(target.name + ".partial")
-        partial.write_text("".join(kept))
-        partial.replace(target)
+        write_text_whole(self.path, "".join(kept))
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:

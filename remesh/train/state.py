@@ -84,10 +84,16 @@ def save_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler
 
 
 def _write_state(folder: Path, state: dict[str, Any]) -> None:
-    """`folder/state.json`, whole or not at all."""
-    tmp = folder / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, folder / "state.json")
+    write_text_whole(folder / "state.json", json.dumps(state, indent=1))
+
+
+def write_text_whole(path: Path, text: str) -> None:
+    """`path` (a symlink's target) holding `text`, whole or not at all: written beside it, then
+    renamed over it."""
+    target = path.resolve()
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
