@@ -580,11 +580,13 @@ def role_dtype(cfg: RLConfig, role: str) -> torch.dtype:
 def _role_source(cfg: RLConfig, role: str) -> tuple[str, str, torch.dtype]:
     """(checkpoint folder, head, dtype) a role's model starts from."""
     if role in ("actor", "ref"):
-        return str(resolve_model_path(cfg.actor.path, "actor.path")), "lm", role_dtype(cfg, role)
-    if role == "critic":
+        folder, head = resolve_model_path(cfg.actor.path, "actor.path"), "lm"
+    elif role == "critic":
         folder = resolve_model_path((cfg.critic or cfg.actor).path, "critic.path" if cfg.critic else "actor.path")
-        return str(folder), "value", role_dtype(cfg, role)
-    return str(resolve_model_path(cfg.reward.model, "reward.model")), "value", role_dtype(cfg, role)
+        head = "value"
+    else:
+        folder, head = resolve_model_path(cfg.reward.model, "reward.model"), "value"
+    return str(folder), head, role_dtype(cfg, role)
 
 
 def role_args(cfg: RLConfig, graph: DataflowGraph) -> dict[str, ModelArgs]:
