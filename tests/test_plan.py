@@ -146,6 +146,24 @@ def test_adam_state_is_counted_in_the_parameters_dtype():
     assert {r: 2 * b for r, b in bf16.items()} == fp32
 
 
+
+def test_validate_counts_each_role_in_its_dtype_and_no_weights_for_a_rule_reward():
+    graph = graph_for("remax")
+    models = _ppo_models(vocab_size=96)
+    plan = heuristic_plan("colocated", graph, 2)
+    dtypes = {"actor": torch.bfloat16, "ref": torch.bfloat16, "reward": torch.float32}  # rl/planned.py's role_dtype
+    specs = {r: ShardSpec(models[r], d) for r, d in dtypes.items()}
+    need = max(static_memory(plan, graph, specs, {"actor"}).values())
+    validate(plan, graph, models, 2, device_memory=need, dtypes=dtypes)
+    with pytest.raises(ValueError, match="rank 0 needs"):
+        validate(plan, graph, models, 2, device_memory=need - 1, dtypes=dtypes)
+    # a rule-based reward holds no model: the plan fits without room for one
+    rule = need - specs["reward"].local_bytes(plan.layouts["rew_inf"], 0)
+    assert max(static_memory(plan, graph, {r: specs[r] for r in ("actor", "ref")}, {"actor"}).values()) == rule
+    validate(plan, graph, models, 2, device_memory=rule, dtypes=dtypes, weightless=frozenset({"reward"}))
+    with pytest.raises(ValueError, match="rank 0 needs"):
+        validate(plan, graph, models, 2, device_memory=rule, dtypes=dtypes)
+
 def test_heuristic_plans():
     graph = graph_for("ppo")
     col = heuristic_plan("colocated", graph, 4)

@@ -169,6 +169,37 @@ def test_memory_of_a_layout_by_hand():
     assert mem[0].params == n * 2 and mem[0].optimizer == 2 * n * 2
 
 
+
+def test_roles_held_in_another_dtype_are_counted_and_timed_in_it():
+    # a bf16 actor beside an fp32 critic and reward model (rl/planned.py's role_dtype)
+    graph = graph_for("ppo", reference=False)
+    n = A.num_params()
+    plan = parse_plan("actor_gen=d1@0 rew_inf=d1@1 critic_inf=d1@1 actor_train=d1@0 critic_train=d1@1", 2).layouts
+    models = {r: A for r in graph.roles}
+    mixed = Estimator(_workload(graph, models=models, dtype="bfloat16",
+                                role_dtypes={"critic": "float32", "reward": "float32"}), _cluster(devices=2))
+    mem = mixed.memory(plan)
+    assert (mem[0].params, mem[0].optimizer) == (n * 2, 2 * n * 2)  # the actor: bf16
+    assert (mem[1].params, mem[1].optimizer, mem[1].frozen) == (n * 4, 2 * n * 4, n * 4)  # critic, reward: fp32
+    # each call is timed as the all-fp32 or all-bf16 estimate times it
+    fp32 = Estimator(_workload(graph, models=models, dtype="float32"), _cluster(devices=2))
+    bf16 = Estimator(_workload(graph, models=models, dtype="bfloat16"), _cluster(devices=2))
+    for m in graph.mfcs:
+        same = fp32 if m.role in ("critic", "reward") else bf16
+        assert mixed.mfc_seconds(m, plan[m.name]) == same.mfc_seconds(m, plan[m.name]), m.name
+    assert mixed.realloc_seconds("critic", plan["critic_train"], Layout((0, 1), 2)) == \
+        fp32.realloc_seconds("critic", plan["critic_train"], Layout((0, 1), 2))
+
+
+def test_a_pipelined_generation_caches_its_stage_layers_only():
+    graph = graph_for("grpo", reference=False)
+    est = Estimator(_workload(graph, n_samples=2, migrate=False), _cluster(devices=2))
+    gen = next(m for m in graph.mfcs if m.call == "generate")
+    whole, staged = est.transient_bytes(gen, Layout((0,))), est.transient_bytes(gen, Layout((0, 1), pp=2))
+    # 8 sequences (4 prompts x 2) of (12 + 8 + 1) positions; a stage caches one of the 2 layers
+    assert whole - staged == 8 * 21 * kv_bytes_per_token(A, 1, 4, layers=1)
+
+
 def test_reallocation_totals_from_a_reduced_model_match_the_full_plan():
     args = dataclasses.replace(A, n_layers=4)
     src, dst = Layout((0, 1, 2, 3), 1, 2, 2), Layout((0, 1, 2, 3), 2, 1, 2)

@@ -160,7 +160,8 @@ def static_memory(plan: ExecutionPlan, graph: DataflowGraph, specs: dict[str, Sh
     sharded over dp for the roles in `zero`, as ZeRO-1 does) on its train MFC's ranks, plus the
     largest other-layout copy on the rank, plus frozen roles' copies. The runtime keeps every
     other-layout copy (their buffers are refilled each iteration); the planner's estimator
-    counts them all, less the shards they alias, which this check does not work out."""
+    counts them all, less the shards they alias, which this check does not work out. Roles
+    without a spec hold no weights (a rule-based reward)."""
     per_rank = {r: 0 for r in range(plan.world_size)}
     transient = {r: 0 for r in range(plan.world_size)}
     train_layout = {m.role: plan.layouts[m.name] for m in graph.mfcs if m.call == "train_step"}
@@ -171,6 +172,8 @@ def static_memory(plan: ExecutionPlan, graph: DataflowGraph, specs: dict[str, Sh
             per_rank[r] += 2 * params + ADAM_STATE_FACTOR * params // (layout.dp if role in zero else 1)
     frozen_seen: set[tuple[str, int]] = set()
     for m in graph.mfcs:
+        if m.role not in specs:
+            continue
         layout, spec = plan.layouts[m.name], specs[m.role]
         for r in layout.ranks:
             copy = spec.local_bytes(layout, r)
@@ -184,10 +187,13 @@ def static_memory(plan: ExecutionPlan, graph: DataflowGraph, specs: dict[str, Sh
 
 
 def validate(plan: ExecutionPlan, graph: DataflowGraph, models: dict[str, ModelArgs], world_size: int,
-             device_memory: int | None = None, dtype: Any = None, zero: frozenset[str] = frozenset()) -> ExecutionPlan:
+             device_memory: int | None = None, dtypes: dict[str, Any] | None = None,
+             zero: frozenset[str] = frozenset(), weightless: frozenset[str] = frozenset()) -> ExecutionPlan:
     """Raise ValueError naming the MFC and what is wrong; return the plan when it is valid.
-    `models`: role -> architecture; `device_memory`: bytes per rank (None: not checked);
-    `zero`: the roles whose Adam state is sharded over their train call's dp ranks."""
+    `models`: role -> architecture its layouts must shard; `device_memory`: bytes per rank (None:
+    not checked); `dtypes`: role -> the dtype its weights are held in (default fp32); `zero`: the
+    roles whose Adam state is sharded over their train call's dp ranks; `weightless`: roles that
+    hold no weights (a rule-based reward), left out of the memory check."""
     names = [m.name for m in graph.mfcs]
     for name in plan.layouts:
         if name not in names:
@@ -207,12 +213,13 @@ def validate(plan: ExecutionPlan, graph: DataflowGraph, models: dict[str, ModelA
             raise ValueError(f"plan: {m.name}={layout}: rank(s) {format_ranks(tuple(bad))} out of range "
                              f"(world size {world_size}: ranks 0-{world_size - 1})")
         if m.role not in specs:
-            kw = {"dtype": dtype} if dtype is not None else {}
+            kw = {"dtype": dtypes[m.role]} if dtypes and m.role in dtypes else {}
             specs[m.role] = ShardSpec(models[m.role], **kw)
         specs[m.role].check(layout, what=f"plan: {m.name}={layout}")
     if device_memory is not None:
         trainable = {m.role for m in graph.mfcs if m.call == "train_step"}
-        need = static_memory(plan, graph, specs, trainable, zero)
+        held = {role: spec for role, spec in specs.items() if role not in weightless}
+        need = static_memory(plan, graph, held, trainable, zero)
         worst = max(need, key=need.get)
         if need[worst] > device_memory:
             raise ValueError(f"plan: rank {worst} needs {need[worst] / 2**30:.2f} GiB for parameters, gradients "

@@ -22,7 +22,7 @@ its memory, `rollout.keep_cache`) come on top.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from remesh.dataflow.graph import MFC, DataflowGraph
 from remesh.model.llama import ModelArgs
@@ -57,6 +57,7 @@ class Workload:
     max_draft_nodes: int = 0  # extra cache positions per sequence (speculation)
     zero: tuple[str, ...] = ()  # trainable roles whose Adam state is sharded over dp (ZeRO-1)
     shared_prompts: bool = True  # a prompt's samples share one copy of it in a packed forward
+    role_dtypes: dict[str, str] = field(default_factory=dict)  # roles held in another dtype than `dtype`
 
     def sequences(self, mfc: MFC) -> int:
         return self.prompts if mfc.option("greedy", False) else self.prompts * self.n_samples
@@ -74,6 +75,12 @@ class Workload:
     @property
     def bytes_per_el(self) -> int:
         return BYTES[self.dtype]
+
+    def dtype_of(self, role: str) -> str:
+        return self.role_dtypes.get(role, self.dtype)
+
+    def bytes_of(self, role: str) -> int:
+        return BYTES[self.dtype_of(role)]
 
 
 # ---------------------------------------------------------------------- per-layer counts
@@ -216,11 +223,24 @@ class Estimator:
             self._cache[key] = self._mfc_seconds(mfc, layout)
         return self._cache[key]
 
+    def _in_dtype_of(self, role: str) -> Estimator:
+        """This estimator, computing in `role`'s dtype (a critic or reward model may be held in
+        another dtype than the actor)."""
+        dtype = self.workload.dtype_of(role)
+        if dtype == self.workload.dtype:
+            return self
+        key = ("dtype", dtype)
+        if key not in self._cache:
+            self._cache[key] = Estimator(replace(self.workload, dtype=dtype), self.cluster)
+        return self._cache[key]
+
     def _mfc_seconds(self, mfc: MFC, layout: Layout) -> float:
         w = self.workload
         a = w.models.get(mfc.role)
         if a is None:  # a rule-based reward: no model, negligible next to the model calls
             return 0.0
+        if w.dtype_of(mfc.role) != w.dtype:
+            return self._in_dtype_of(mfc.role)._mfc_seconds(mfc, layout)
         seqs = w.sequences(mfc) / layout.dp
         if mfc.call == "generate":
             return self._generate_seconds(a, layout, seqs)
@@ -305,7 +325,7 @@ class Estimator:
     def _transfer_totals(self, role: str, src: Layout, dst: Layout):
         key = ("x", role, src, dst)
         if key not in self._cache:
-            self._cache[key] = _transfer_totals(self.workload.models[role], self.workload.dtype, src, dst)
+            self._cache[key] = _transfer_totals(self.workload.models[role], self.workload.dtype_of(role), src, dst)
         return self._cache[key]
 
     # ------------------------------------------------------------------ memory
@@ -314,7 +334,7 @@ class Estimator:
         a = self.workload.models[role]
         key = ("p", role, layout.tp, layout.pp)
         if key not in self._cache:
-            spec = _spec(a, self.workload.dtype)
+            spec = _spec(a, self.workload.dtype_of(role))
             per_stage = [0] * layout.pp
             for p in spec.params(layout.pp):
                 n = p.numel // (layout.tp if p.tp_dim is not None else 1)
@@ -332,7 +352,7 @@ class Estimator:
             return self._local_params(role, layout, rank)
         key = ("zero", role, layout)
         if key not in self._cache:
-            spec = _spec(self.workload.models[role], self.workload.dtype)
+            spec = _spec(self.workload.models[role], self.workload.dtype_of(role))
             self._cache[key] = {r: zero_shares(list(spec.local_shapes(layout, r).values()),
                                                layout.dp)[layout.coord(r)[1]] for r in layout.ranks}
         shares = self._cache[key]
@@ -346,13 +366,14 @@ class Estimator:
         a = w.models.get(mfc.role)
         if a is None:
             return 0.0
-        b = w.bytes_per_el
+        b = w.bytes_of(mfc.role)
         seqs = math.ceil(w.sequences(mfc) / layout.dp)
         if mfc.call == "generate":
-            # slots for every sequence that may land on the instance (migration reserves the batch)
+            # slots for every sequence that may land on the instance (migration reserves the batch);
+            # a pipeline stage caches its own layers only
             slots = min(w.max_batch, w.sequences(mfc) if w.migrate and layout.dp > 1 else seqs)
             max_len = w.prompt_len_max + w.gen_len_max + w.max_draft_nodes + 1
-            cache = slots * max_len * kv_bytes_per_token(a, layout.tp, b)
+            cache = slots * max_len * kv_bytes_per_token(a, layout.tp, b, layers=a.n_layers // layout.pp)
             # sampling each slot's verified positions (a prefill: each prompt's last one), per
             # vocabulary entry: the fp32 logits, log-probs and probabilities, and the inverse
             # CDF's fp64 copy and cumulative sum (rollout/sampling.py; top-p's sort is as large)
@@ -400,7 +421,7 @@ class Estimator:
             return t, 0.0
         w = self.workload
         acts, end = t
-        grads = self._local_params(mfc.role, layout, rank) * w.bytes_per_el
+        grads = self._local_params(mfc.role, layout, rank) * w.bytes_of(mfc.role)
         tokens = w.packed_tokens(mfc, layout.dp, w.prompt_len_max, w.gen_len_max) / w.mini_batches
         accumulating = layout.pp > 1 or tokens > w.micro_batch_tokens
         return max((acts, grads if accumulating else 0.0), (end, grads), key=sum)
@@ -412,9 +433,9 @@ class Estimator:
         train = {m.role: plan_layouts[m.name] for m in w.graph.mfcs if m.call == "train_step"}
         for role, layout in train.items():
             for r in layout.ranks:
-                out[r].params += self._local_params(role, layout, r) * w.bytes_per_el
+                out[r].params += self._local_params(role, layout, r) * w.bytes_of(role)
                 # torch's AdamW keeps its two moments in the parameters' dtype
-                out[r].optimizer += 2 * self._optimizer_params(role, layout, r) * w.bytes_per_el
+                out[r].optimizer += 2 * self._optimizer_params(role, layout, r) * w.bytes_of(role)
         seen: set[tuple[str, Layout, int]] = set()
         for m in w.graph.mfcs:
             layout = plan_layouts[m.name]
@@ -428,7 +449,7 @@ class Estimator:
                     if train[m.role] != layout:
                         out[r].copies += self._copy_bytes(m.role, train[m.role], layout, r)
                 else:
-                    out[r].frozen += self._local_params(m.role, layout, r) * w.bytes_per_el
+                    out[r].frozen += self._local_params(m.role, layout, r) * w.bytes_of(m.role)
         # every generated sequence's per-token data, as if all of it were on every rank (kilobytes)
         tokens = sum(w.sequences(m) for m in w.graph.mfcs if m.call == "generate") * (w.prompt_len_max + w.gen_len_max)
         for r in out:
@@ -447,7 +468,7 @@ class Estimator:
             if layout == src:
                 continue
             for r in set(src.ranks) | set(layout.ranks):
-                bound = sum(self._local_params(role, x, r) for x in (src, layout) if r in x.ranks) * w.bytes_per_el
+                bound = sum(self._local_params(role, x, r) for x in (src, layout) if r in x.ranks) * w.bytes_of(role)
                 if bound <= out[r].transient + out[r].grads:
                     continue
                 nbytes = self._transfer_totals(role, src, layout)[4].get(r, 0.0)
@@ -476,7 +497,7 @@ class Estimator:
             import dataclasses
 
             classes = math.lcm(src.pp, dst.pp)
-            spec = _spec(dataclasses.replace(a, n_layers=classes), self.workload.dtype)
+            spec = _spec(dataclasses.replace(a, n_layers=classes), self.workload.dtype_of(role))
             scale = a.n_layers // classes
             src_params = {p.name: p for p in spec.params(src.pp)}
             total = 0
@@ -487,7 +508,7 @@ class Estimator:
                 have = spec.local_slice(src_params[p.name], src, rank) if s_coord is not None else None
                 if have != want:
                     total += p.numel // p.shape[want[0]] * (want[2] - want[1]) * (scale if p.name.startswith("layers.") else 1)
-            self._cache[key] = total * self.workload.bytes_per_el
+            self._cache[key] = total * self.workload.bytes_of(role)
         return self._cache[key]
 
 

@@ -18,7 +18,7 @@ def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_ma
     from the prompt rows the run keeps (tokenised as it will), generated lengths up to
     rollout.max_new_tokens unless measured ones are given."""
     from remesh.checkpoint import load_tokenizer, resolve_model_path
-    from remesh.rl.planned import role_args
+    from remesh.rl.planned import role_args, role_dtype
     from remesh.rl.trainer import load_prompts
 
     graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))
@@ -36,6 +36,7 @@ def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_ma
                     micro_batch_tokens=cfg.trainer.micro_batch_tokens, ppo_epochs=cfg.algo.ppo_epochs,
                     mini_batches=cfg.algo.mini_batches, max_batch=r.max_batch, migrate=r.migrate_every > 0,
                     shared_prompts=cfg.trainer.share_prompts,
+                    role_dtypes={r: str(role_dtype(cfg, r)).removeprefix("torch.") for r in models},
                     zero=tuple(role for role, o in (("actor", cfg.actor_optim), ("critic", cfg.critic_optim)) if o.zero))
 
 

@@ -606,8 +606,9 @@ def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:
     zero = frozenset(role for role, o in (("actor", cfg.actor_optim), ("critic", cfg.critic_optim)) if o.zero)
     args = role_args(cfg, graph)
     try:
-        return validate(resolve_plan(cfg.plan, graph, world_size), graph, args, world_size,
-                        device_memory=memory, dtype=getattr(torch, cfg.actor.dtype), zero=zero)
+        return validate(resolve_plan(cfg.plan, graph, world_size), graph, args, world_size, device_memory=memory,
+                        dtypes={r: role_dtype(cfg, r) for r in graph.roles}, zero=zero,
+                        weightless=frozenset() if cfg.reward.model else frozenset({"reward"}))
     except ValueError as e:  # the user's plan: a one-line error, not a traceback
         raise ConfigError(str(e) if str(e).startswith("plan") else f"plan: {e}") from None
 
