@@ -222,9 +222,9 @@ def test_adaptive_kl_controller():
     assert fresh.value == ctl.value
     fixed = FixedKLController(0.05)
     fixed.update(100.0, 1000)
-    assert fixed.value == 0.05 and json.loads(json.dumps(fixed.state_dict())) == {"value": 0.05}
-    fixed.load_state_dict({"value": 0.2})
-    assert fixed.value == 0.2
+    assert fixed.value == 0.05
+    fixed.load_state_dict({"value": 0.2})  # a checkpoint's coefficient: the configured one wins
+    assert fixed.value == 0.05 and fixed.state_dict() == {}
 
 
 # ---------------------------------------------------------------- ReMax, GRPO, RLOO, REINFORCE++

@@ -173,7 +173,8 @@ class AdaptiveKLController:
 
 
 class FixedKLController:
-    """A constant coefficient with the adaptive controller's interface."""
+    """A constant coefficient with the adaptive controller's interface. It has no state: a run
+    resumed with another `kl.coef` uses the new one."""
 
     def __init__(self, kl_coef: float):
         self.value = float(kl_coef)
@@ -182,10 +183,10 @@ class FixedKLController:
         pass
 
     def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
+        return {}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+        pass
 
 
 # ---------------------------------------------------------------- critic-free estimators
