@@ -209,7 +209,7 @@ def test_parquet(tmp_path, tok):
     msgs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
     pq.write_table(pa.table({"messages": msgs}), tmp_path / "m.parquet")
     (ex,), _ = sft(tmp_path / "m.parquet", tok)
-    assert trained_text(tok, ex.input_ids, ex.loss_mask) == "hello<|im_end|>\n"
+    assert trained_text(tok, ex.input_ids, ex.loss_mask) == "hello<|im_end|>"
 
     # every row has every column: a null is no value, not an unknown field or a conflict
     pq.write_table(pa.table({"prompt": ["a", "b"], "response": ["x", "y"], "source": [None, None]}),
@@ -223,8 +223,8 @@ def test_parquet(tmp_path, tok):
     pq.write_table(pa.table({"messages": [msgs[0], None], "prompt": [None, "hi"], "response": [None, "hello"]}),
                    tmp_path / "mixed.parquet")
     chat, plain = sft(tmp_path / "mixed.parquet", tok)[0]
-    assert trained_text(tok, chat.input_ids, chat.loss_mask) == "hello<|im_end|>\n"
-    assert trained_text(tok, plain.input_ids, plain.loss_mask) == "hello<|im_end|>\n"
+    assert trained_text(tok, chat.input_ids, chat.loss_mask) == "hello<|im_end|>"
+    assert trained_text(tok, plain.input_ids, plain.loss_mask) == "hello<|im_end|>"
     pq.write_table(pa.table({"messages": [msgs[0]], "prompt": ["hi"]}), tmp_path / "both.parquet")
     with pytest.raises(DataError, match=r"both\.parquet:row 1: field 'messages': give either messages or prompt"):
         sft(tmp_path / "both.parquet", tok)
@@ -247,7 +247,8 @@ def test_chat_template_prompt_response(tmp_path, tok):
     )["input_ids"]
     n = len(prompt_ids)
     assert ex.input_ids[:n] == prompt_ids and not any(ex.loss_mask[:n]) and all(ex.loss_mask[n:])
-    assert tok.decode(ex.input_ids[n:]) == "Paris.<|im_end|>\n"
+    # up to the eos a sampled response stops at: the template's newline after it is dropped
+    assert tok.decode(ex.input_ids[n:]) == "Paris.<|im_end|>"
     assert all(type(t) is int for t in ex.input_ids) and pickle.loads(pickle.dumps(ex)) == ex
 
     (p,), _ = load_prompt_dataset(path, tok, max_prompt_len=BIG)
@@ -264,10 +265,12 @@ def test_chat_template_messages_two_assistant_turns(tmp_path, tok):
         {"role": "user", "content": "trailing turn, no loss"},
     ]
     (ex,), _ = sft(write_jsonl(tmp_path / "x.jsonl", [{"messages": msgs}]), tok)
-    assert trained_text(tok, ex.input_ids, ex.loss_mask) == "Hello!<|im_end|>\nParis.<|im_end|>\n"
-    # The ids are exactly the template's rendering of the conversation up to the last assistant turn.
+    # each turn up to its eos: the newline after the first is context, the one after the last dropped
+    assert trained_text(tok, ex.input_ids, ex.loss_mask) == "Hello!<|im_end|>Paris.<|im_end|>"
+    # The ids are the template's rendering of the conversation up to the last assistant turn's eos.
     full = tok.apply_chat_template(msgs[:5], tokenize=True, return_dict=True)["input_ids"]
-    assert ex.input_ids == full and not ex.loss_mask[0]
+    assert full[: len(ex.input_ids)] == ex.input_ids and tok.decode(full[len(ex.input_ids):]) == "\n"
+    assert not ex.loss_mask[0]
 
 
 def test_no_template(tmp_path, plain_tok):
@@ -300,7 +303,7 @@ def test_preference_examples(tmp_path, tok):
     assert isinstance(ex, PreferenceExample)
     n = ex.prompt_len
     assert ex.chosen_ids[:n] == ex.rejected_ids[:n]
-    assert tok.decode(ex.chosen_ids[n:]) == "good<|im_end|>\n" and tok.decode(ex.rejected_ids[n:]) == "bad answer<|im_end|>\n"
+    assert tok.decode(ex.chosen_ids[n:]) == "good<|im_end|>" and tok.decode(ex.rejected_ids[n:]) == "bad answer<|im_end|>"
 
 
 def test_prompt_meta_and_answer(tmp_path, tok):

@@ -313,7 +313,15 @@ def test_learned_reward_retokenizes_texts(tmp_path):
     lr = LearnedReward(model, tok)
     prompts, responses = ["What is the capital of France?", "Solve 12 + 30."], ["Paris.", "The answer is 42."]
     seqs = lr.tokenize(prompts, responses)
-    assert seqs[0][-1] == tok.convert_tokens_to_ids("<|im_end|>") or "<|im_end|>" in tok.decode(seqs[0])
+    # what the engine samples: the prompt, the response's text and the eos it stops at (not the
+    # template's newline after it). Preference rows are rendered the same, so a reward model reads
+    # its score at the token it was trained on, whether it scores ids or re-tokenised texts
+    from remesh.data.datasets import _Renderer
+
+    assert tok.eos_token == "<|im_end|>"
+    sampled = [_Renderer(tok).prompt(p) + tok.encode(r, add_special_tokens=False) + [tok.eos_token_id]
+               for p, r in zip(prompts, responses)]
+    assert seqs == sampled
     fn = LearnedRewardFn(lr, retokenize=True)
     got = fn.score(prompts, responses, [None, None], [{}, {}], sequences=[[1], [2]])  # sequences ignored
     torch.testing.assert_close(got, lr.score_tokens(seqs))

@@ -323,18 +323,25 @@ class _Renderer:
             return self.render([{"role": "user", "content": prompt}], True)
         return self.encode(prompt, True)
 
+    def _turn_end(self, piece: list[int]) -> int:
+        """Where the assistant turn rendered in `piece` ends: after its eos. What a template writes
+        after it (ChatML's newline) is not the policy's to write: a sampled response stops at
+        the eos, and a reward model must read its score there in training as in RL."""
+        return len(piece) - piece[::-1].index(self.eos) if self.eos in piece else len(piece)
+
     def response(self, prompt: str, prompt_ids: list[int], response: str) -> list[int]:
-        """Response ids that follow `prompt_ids` (= self.prompt(prompt))."""
+        """Response ids that follow `prompt_ids` (= self.prompt(prompt)), up to the turn's eos."""
         if self.chat:
             full = self.render([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], False)
             if full[: len(prompt_ids)] == prompt_ids:
-                return full[len(prompt_ids):]
+                ids = full[len(prompt_ids):]
+                return ids[: self._turn_end(ids)]
             # Template does not extend the prompt rendering token-for-token: use the fallback.
         return self.encode(response, False) + self._eos()
 
     def messages(self, msgs: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
-        """Conversation ids with loss on assistant turns only. Turns after the last assistant turn
-        carry no loss and are dropped."""
+        """Conversation ids with loss on assistant turns only, each up to its eos. Turns after the
+        last assistant turn carry no loss and are dropped, as is the template's tail after it."""
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
         msgs = msgs[: last + 1]
         if not self.chat:
@@ -360,14 +367,17 @@ class _Renderer:
             turn = self.render(msgs[: i + 1], False)
             if context[: len(ids)] != ids or turn[: len(context)] != context:
                 break  # template rewrites earlier turns (e.g. drops old reasoning): see below
-            mask += [False] * (len(context) - len(ids)) + [True] * (len(turn) - len(context))
+            end = self._turn_end(turn[len(context):])
+            mask += [False] * (len(context) - len(ids)) + [True] * end + [False] * (len(turn) - len(context) - end)
             ids = turn
         else:
-            return ids, mask
+            end = len(mask) - mask[::-1].index(True) if True in mask else len(mask)
+            return ids[:end], mask[:end]
         # Non-incremental template: train the last assistant turn only, on the final rendering.
         context = self.render(msgs[:last], True)
         turn = self.render(msgs, False)
         resp = turn[len(context):] if turn[: len(context)] == context else self.encode(msgs[last]["content"], False) + self._eos()
+        resp = resp[: self._turn_end(resp)]
         return context + resp, [False] * len(context) + [True] * len(resp)
 
 
