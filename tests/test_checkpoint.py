@@ -57,6 +57,23 @@ def test_hf_round_trip(family, tmp_path):
         assert loaded.output.weight is loaded.tok_embeddings.weight
 
 
+
+def test_a_window_on_some_layers_only_is_refused(tmp_path):
+    """Qwen2 windows the layers from max_window_layers on; remesh windows every layer or none."""
+    from transformers import AutoConfig
+
+    from remesh.checkpoint.hf import args_from_hf_config
+
+    def qwen2(**kw):
+        return AutoConfig.for_model("qwen2", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+                                    num_key_value_heads=2, sliding_window=8, **kw)
+
+    assert args_from_hf_config(qwen2(use_sliding_window=True, max_window_layers=0)).sliding_window == 8
+    assert args_from_hf_config(qwen2(use_sliding_window=False, max_window_layers=2)).sliding_window is None
+    assert args_from_hf_config(qwen2(use_sliding_window=True, max_window_layers=4)).sliding_window is None
+    with pytest.raises(CheckpointError, match="sliding_window: only layers 2-3 of 4 are windowed"):
+        args_from_hf_config(qwen2(use_sliding_window=True, max_window_layers=2))
+
 def test_hf_sharded_round_trip(tmp_path):
     """A small max_shard_bytes writes several shards plus model.safetensors.index.json, which
     load back identical; saving unsharded into the same folder removes the old shards."""
@@ -196,6 +213,11 @@ def write_gguf(model: Transformer, path, arch: str) -> None:
     w.add_layer_norm_rms_eps(a.norm_eps)
     w.add_rope_freq_base(a.rope_theta)
     w.add_rope_dimension_count(a.head_dim)
+    if a.rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType(a.rope_scaling["rope_type"]))
+        w.add_rope_scaling_factor(a.rope_scaling["factor"])
+    if a.sliding_window:
+        w.add_sliding_window(a.sliding_window)
     w.add_bos_token_id(5)
     w.add_eos_token_id(6)
     names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
@@ -223,12 +245,19 @@ def write_gguf(model: Transformer, path, arch: str) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_gguf_read(family, tmp_path):
+# GGUF Llama 3 rope scaling lives in a rope_freqs tensor, which read_gguf refuses: linear or none here
+GGUF_CASES = {"llama": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+              "llama-unscaled": ("llama", {"rope_scaling": None}), "qwen2": ("qwen2", {}),
+              "mistral-window": ("mistral", {"rope_scaling": None, "sliding_window": 8})}
+
+
+@pytest.mark.parametrize("case", GGUF_CASES)
+def test_gguf_read(case, tmp_path):
     """A GGUF file written like llama.cpp's converter (q/k rows permuted for llama, not for qwen2)
-    reads back to the original state and ModelArgs, and gives the same logits."""
-    # GGUF Llama 3 rope scaling lives in a rope_freqs tensor that read_gguf does not read: no scaling here
-    model = tiny_model(family, **({"rope_scaling": None} if family == "llama" else {}))
+    reads back to the original state and ModelArgs (rope scaling and window included), and
+    gives the same logits."""
+    family, overrides = GGUF_CASES[case]
+    model = tiny_model(family, **overrides)
     write_gguf(model, tmp_path / "m.gguf", family)
     args, state = read_gguf(tmp_path / "m.gguf")
 
@@ -245,6 +274,29 @@ def test_gguf_read(family, tmp_path):
     loaded.load_state_dict(state, strict=family != "qwen2")
     tokens = torch.randint(0, VOCAB, (12,))
     torch.testing.assert_close(logits_of(loaded, tokens), logits_of(model, tokens), atol=0, rtol=0)
+
+
+
+def test_gguf_metadata_errors_name_the_file(tmp_path):
+    """Missing metadata, and a RoPE scaling remesh lacks (read as unscaled, it would give wrong
+    logits past the original context), are errors naming the file."""
+    import gguf
+
+    from remesh.checkpoint.gguf import GGUFError
+
+    bare = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    bare.write_header_to_file()
+    bare.write_kv_data_to_file()
+    bare.write_tensors_to_file()
+    bare.close()
+    with pytest.raises(GGUFError, match=r"bare\.gguf: missing metadata 'llama\.attention\.head_count'"):
+        read_gguf(tmp_path / "bare.gguf")
+
+    model = tiny_model("llama", rope_scaling=None)
+    model.args = dataclasses.replace(model.args, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    write_gguf(model, tmp_path / "m.gguf", "llama")
+    with pytest.raises(GGUFError, match=r"m\.gguf: rope scaling 'yarn' \(llama\.rope\.scaling\.type\) is not supported"):
+        read_gguf(tmp_path / "m.gguf")
 
 
 def test_a_gguf_file_converts_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -331,17 +331,19 @@ def test_tree_mask_without_cache():
 # 5. sliding window ----------------------------------------------------------------------------
 
 
-def test_sliding_window_matches_transformers(tmp_path):
-    """Mistral with sliding_window=8 on a length-20 sequence equals transformers'
-    MistralForCausalLM (both eager and sdpa apply the window on CPU), and the window matters."""
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_matches_transformers(family, tmp_path):
+    """Mistral or Qwen2 with sliding_window=8 on a length-20 sequence equals transformers' model
+    (both eager and sdpa apply the window on CPU), and the window matters. Qwen2 windows the
+    layers from max_window_layers on: the saved config windows them all, as remesh does."""
     import transformers
 
-    model = tiny_model("mistral", sliding_window=8).eval()
+    model = tiny_model(family, sliding_window=8).eval()
     save_hf(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["sliding_window"] == 8
     tokens = torch.randint(0, VOCAB, (2, 20))
     ours = torch.stack([model.logits(h) for h in forward_seqs(model, list(tokens))])
-    no_window = tiny_model("mistral").eval()
+    no_window = tiny_model(family).eval()
     assert (torch.stack([no_window.logits(h) for h in forward_seqs(no_window, list(tokens))]) - ours).abs().max() > 1e-2
     # packed with a shorter sequence (not windowed) next to the windowed ones
     short = torch.randint(0, VOCAB, (5,))
@@ -351,7 +353,7 @@ def test_sliding_window_matches_transformers(tmp_path):
     for impl in ("eager", "sdpa"):
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
                                                                attn_implementation=impl).eval()
-        assert type(hf).__name__ == "MistralForCausalLM"
+        assert type(hf).__name__ == f"{family.capitalize()}ForCausalLM"
         with torch.no_grad():
             ref = hf(tokens).logits
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)

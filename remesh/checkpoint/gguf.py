@@ -45,7 +45,7 @@ def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
     if f is None:
         if default is None:
-            raise GGUFError(f"{reader.path}: missing metadata {key!r}")
+            raise GGUFError(f"{reader.data.filename}: missing metadata {key!r}")
         return default
     return f.contents()
 
@@ -102,11 +102,24 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
         head_dim=int(_field(reader, f"{arch}.rope.dimension_count", dim // n_heads)),
         norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        max_seq_len=int(_field(reader, f"{arch}.context_length")),
+        rope_scaling=_rope_scaling(reader, arch), max_seq_len=int(_field(reader, f"{arch}.context_length")),
         tie_embeddings="output.weight" not in state, qkv_bias="layers.0.attention.wq.bias" in state,
+        sliding_window=int(w) if (w := _field(reader, f"{arch}.attention.sliding_window", 0)) else None,
         extra=extra,
     )
     return args, state
+
+
+def _rope_scaling(reader, arch: str) -> dict | None:
+    """The HF form of the file's RoPE scaling: linear position interpolation, or none; other
+    kinds (YaRN, LongRoPE) are refused rather than read as unscaled."""
+    kind = str(_field(reader, f"{arch}.rope.scaling.type", "none"))
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise GGUFError(f"{reader.data.filename}: rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported "
+                        f"(supported: linear); convert the original HF checkpoint instead")
+    return {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
 
 
 def gguf_tokenizer(path: str | Path):

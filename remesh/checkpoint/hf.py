@@ -86,9 +86,7 @@ def args_from_hf_config(config: Any, head: str | None = None) -> ModelArgs:
     theta = rope.pop("rope_theta", getattr(config, "rope_theta", 10000.0))
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = {}
-    window = getattr(config, "sliding_window", None)
-    if mtype == "qwen2" and not getattr(config, "use_sliding_window", False):
-        window = None
+    window = _sliding_window(config)
     archs = getattr(config, "architectures", None) or []
     if head is None:
         head = "value" if any(a.endswith("ForSequenceClassification") for a in archs) else "lm"
@@ -104,6 +102,25 @@ def args_from_hf_config(config: Any, head: str | None = None) -> ModelArgs:
         extra={"model_type": mtype, **{k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                                        if getattr(config, k, None) is not None}},
     )
+
+
+def _sliding_window(config: Any) -> int | None:
+    """The one attention window remesh applies to every layer, or None. Qwen2 windows only the
+    layers from `max_window_layers` on (transformers spells it out as `layer_types`); a model
+    that windows some layers but not others is refused rather than windowed throughout."""
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if kinds is None and config.model_type == "qwen2":
+        start = getattr(config, "max_window_layers", 0) if getattr(config, "use_sliding_window", False) else None
+        kinds = ["sliding_attention" if start is not None and i >= start else "full_attention"
+                 for i in range(config.num_hidden_layers)]
+    if kinds is None:
+        return window
+    if len(set(kinds)) > 1:
+        windowed = [i for i, k in enumerate(kinds) if k == "sliding_attention"]
+        raise CheckpointError(f"sliding_window: only layers {windowed[0]}-{windowed[-1]} of {len(kinds)} are windowed "
+                              f"(layer_types / max_window_layers); remesh windows all layers or none")
+    return window if kinds and kinds[0] == "sliding_attention" else None
 
 
 def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32):
@@ -125,8 +142,8 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype = torch.float32):
         kwargs["attention_bias"] = args.o_bias
     if mtype in ("mistral", "qwen2"):
         kwargs["sliding_window"] = args.sliding_window
-        if mtype == "qwen2":
-            kwargs["use_sliding_window"] = args.sliding_window is not None
+        if mtype == "qwen2":  # windowed from layer 0: every layer, as remesh attends
+            kwargs.update(use_sliding_window=args.sliding_window is not None, max_window_layers=0)
     config = AutoConfig.for_model(mtype, **kwargs)
     if args.head == "value":
         config.architectures = [f"{_ARCH[mtype]}ForSequenceClassification"]
