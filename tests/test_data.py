@@ -185,6 +185,19 @@ def test_skip_bad_rows_all_bad_is_error(tmp_path, tok):
         sft(path, tok, skip_bad_rows=True)
 
 
+
+def test_a_line_that_is_not_utf8_is_a_bad_row(tmp_path, tok):
+    """The file is decoded line by line: a bad byte names its line, and skip_bad_rows skips
+    that line only. A byte-order mark before the first row is allowed."""
+    good = json.dumps(GOOD).encode()
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good + b"\n" + b'{"prompt": "caf\xe9"}\n' + good + b"\n")
+    with pytest.raises(DataError, match=r"x\.jsonl:3: not UTF-8 text \(invalid continuation byte at byte 16 of the line\)"):
+        sft(path, tok)
+    examples, report = sft(path, tok, skip_bad_rows=True)
+    assert [e.source for e in examples] == [f"{path}:{i}" for i in (1, 2, 4)]
+    assert report.counts == {"not UTF-8": 1}
+
 def test_clean_file_report(tmp_path, tok):
     _, report = sft(write_jsonl(tmp_path / "x.jsonl", [GOOD]), tok, skip_bad_rows=True)
     assert report.skipped == 0 and report.summary().startswith("skipped 0 of 1 rows")

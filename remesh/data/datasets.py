@@ -167,22 +167,25 @@ def _read_rows(path: Path) -> Iterator[tuple[str, str, Any]]:
         for i, row in enumerate(rows, 1):
             yield f"row {i}", f"{path}:row {i}", row
         return
-    try:
-        with path.open(encoding="utf-8-sig") as f:  # -sig: tolerate a BOM
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    # so an error's column is on this line
-                    row: Any = json.loads(line.rstrip("\r\n"), object_pairs_hook=_object_without_repeats)
-                except json.JSONDecodeError as e:
-                    hint = " (files are read as JSON Lines: one object per line)" if lineno == 1 and line.strip() == "[" else ""
-                    row = _RowError("bad JSON", None, f"bad JSON: {e.msg} at column {e.colno}{hint}")
-                except _RowError as e:
-                    row = e
+    with path.open("rb") as f:  # decoded line by line: a bad byte is that line's error, not the file's
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: tolerate a BOM
+            except UnicodeDecodeError as e:
+                row: Any = _RowError("not UTF-8", None, f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)")
                 yield f"line {lineno}", f"{path}:{lineno}", row
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                continue
+            if not line.strip():
+                continue
+            try:
+                # so an error's column is on this line
+                row = json.loads(line.rstrip("\r\n"), object_pairs_hook=_object_without_repeats)
+            except json.JSONDecodeError as e:
+                hint = " (files are read as JSON Lines: one object per line)" if lineno == 1 and line.strip() == "[" else ""
+                row = _RowError("bad JSON", None, f"bad JSON: {e.msg} at column {e.colno}{hint}")
+            except _RowError as e:
+                row = e
+            yield f"line {lineno}", f"{path}:{lineno}", row
 
 
 def _load(path: str | Path, parse: Callable[[dict[str, Any], str], T], skip_bad_rows: bool) -> tuple[list[T], SkipReport]:
