@@ -98,42 +98,48 @@ def _convert(src: str, dst: str, dtype: str, shard_gb: float, overwrite: bool = 
 def _profile(args: argparse.Namespace) -> None:
     import torch
 
-    from remesh.planner.profile import measure_profile
+    from remesh.planner.profile import measure_profile, user_profiles_dir
+    from remesh.train.trainer import pick_device
 
-    if args.device == "cpu" and args.threads:
+    # options checked before minutes of measuring, whose result is only written at the end
+    device = pick_device(args.device, "--device")
+    for option, value in (("--threads", args.threads), ("--passes", args.passes)):
+        if value < 1:
+            raise ConfigError(f"{option}: must be >= 1, got {value}")
+    out = Path(args.out) if args.out else user_profiles_dir() / f"{args.name}.json"
+    check_output_file(out, "--out")
+    if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    profile = measure_profile(args.name, args.device, passes=args.passes)
-    from remesh.planner.profile import user_profiles_dir
-
-    out = profile.save(args.out or user_profiles_dir() / f"{args.name}.json")
+    profile = measure_profile(args.name, str(device), passes=args.passes)
+    out = profile.save(out)
     print(f"remesh: profile {profile.name} ({profile.source}) written to {out}"
           + ("" if args.out else "; local plans on this processor use it"))
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from remesh.planner.cluster import Cluster, local_cluster
-    from remesh.planner.planning import plan_for_config, plot_timeline, report
-    from remesh.planner.profile import check_drift
+    """Without options, the search `plan=search` would run: planner.cluster (or this machine as
+    trainer.nproc processes), planner.steps proposals, planner.seed."""
+    from remesh.planner.planning import cluster_for, plan_for_config, plot_timeline, report
     from remesh.rl.config import RLConfig
 
     if _declared_kind(args.config, args.overrides) not in (None, "rl"):  # an RL config may leave kind out
         raise ConfigError(f"{args.config}: remesh plan needs an RL config (kind: rl)")
-    if not args.budget > 0:
+    if args.budget is not None and not args.budget > 0:
         raise ConfigError(f"--budget: must be positive (seconds), got {args.budget}")
     timeline = _figure_path(args.timeline, "--timeline")
     cfg = load_config(RLConfig, args.config, args.overrides)
+    p = cfg.planner
+    spec, option = ((args.cluster, "--cluster") if args.cluster else
+                    (p.cluster, "planner.cluster") if p.cluster else (f"local:{cfg.trainer.nproc}", "trainer.nproc"))
     try:
-        if args.cluster.startswith("local:"):
-            n = args.cluster.split(":", 1)[1]
-            if not n.isdigit() or int(n) < 1:
-                raise ValueError(f"local:N needs N >= 1 processes, got {args.cluster!r}")
-            cluster = local_cluster(int(n), device=cfg.trainer.device)
-            check_drift(cluster.profile, cluster.profile.device)  # this machine's profile: still true?
-        else:
-            cluster = Cluster.load(args.cluster)
+        cluster = cluster_for(spec, cfg.trainer.device)
     except ValueError as e:
-        raise ConfigError(f"--cluster: {e}") from None
-    result, _ = plan_for_config(cfg, cluster, budget_s=args.budget, seed=args.seed)
+        raise ConfigError(f"{option}: {e}") from None
+    seed = p.seed if args.seed is None else args.seed
+    if args.budget is None:
+        result, _ = plan_for_config(cfg, cluster, seed=seed, max_steps=p.steps)
+    else:
+        result, _ = plan_for_config(cfg, cluster, budget_s=args.budget, seed=seed)
     print(report(result, cluster))
     png = plot_timeline(result.best.timeline, timeline,
                         f"{cfg.algo.name} on {cluster.name}: {result.best.seconds:.2f} s per iteration (estimated)")
@@ -188,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     pr = sub.add_parser("profile", help="measure this machine for the planner's estimator (JSON profile)")
     pr.add_argument("--name", default="local")
-    pr.add_argument("--device", default="cpu", help="cpu or cuda")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     pr.add_argument("--threads", type=int, default=1,
                     help="CPU threads per process while measuring (a local plan gives each rank cores / ranks)")
     pr.add_argument("--passes", type=int, default=3,
@@ -198,10 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="search an execution plan for an RL config on a cluster")
     pl.add_argument("config", help="RL config YAML")
     pl.add_argument("overrides", nargs="*", help="dotted overrides")
-    pl.add_argument("--cluster", default="local:2",
-                    help="cluster YAML, a shipped cluster name, or local:N (this machine, N processes)")
-    pl.add_argument("--budget", type=float, default=10.0, help="search time in seconds")
-    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--cluster", help="cluster YAML, a shipped cluster name, or local:N (this machine, N processes); "
+                                      "default: the config's planner.cluster, else local:trainer.nproc")
+    pl.add_argument("--budget", type=float,
+                    help="search for this many seconds (default: the config's planner.steps proposals, as plan=search)")
+    pl.add_argument("--seed", type=int, help="default: the config's planner.seed")
     pl.add_argument("--timeline", default="plan_timeline.png", help="where to draw the plan's timeline")
     return p
 

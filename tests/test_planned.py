@@ -317,6 +317,17 @@ def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_pat
     assert len(checked) == 1
     assert main(["plan", str(config), "--cluster", "nowhere.yaml"]) == 2
     assert "no such file or shipped cluster" in capsys.readouterr().err
+    # without options, the search that plan=search runs: planner.cluster, else this machine as
+    # trainer.nproc processes; planner.steps proposals, so the same plan each time
+    plans = []
+    for _ in range(2):
+        assert main(["plan", str(config), "trainer.nproc=3", "planner.steps=40", "--timeline", str(png)]) == 0
+        out = capsys.readouterr().out
+        assert "node(s) x 3 devices" in out
+        plans.append(out.split("plan (one line):\n")[1].splitlines()[0])
+    assert plans[0] == plans[1] and "actor_gen=" in plans[0]
+    assert main(["plan", str(config), "planner.cluster=nowhere.yaml"]) == 2
+    assert "remesh: error: planner.cluster: cluster 'nowhere.yaml': no such file" in capsys.readouterr().err
     # refused before the search, each in one line naming the option; an override may follow options;
     # a cluster too small for any plan
     tiny = tmp_path / "tiny.yaml"

@@ -462,3 +462,18 @@ def test_reference_layer_times_are_positive_and_ordered():
     torch.set_num_threads(1)
     t = time_reference_layer(torch.device("cpu"), reps=1)
     assert 0 < t["decode_16x64_s"] < t["prefill_512_s"] < t["train_512_s"]
+
+
+def test_profile_command_checks_its_options_before_measuring(tmp_path, monkeypatch, capsys):
+    """Measuring takes minutes and its result is written at the end: a bad option is refused first."""
+    import remesh.planner.profile as profile_module
+    from remesh.cli import main
+
+    monkeypatch.setattr(profile_module, "measure_profile", lambda *a, **k: pytest.fail("measured"))
+    for argv, expected in [(["--out", str(tmp_path)], "is a folder; give a file name"),
+                           (["--device", "bogus"], "--device: unknown device 'bogus'"),
+                           (["--threads", "0"], "--threads: must be >= 1, got 0"),
+                           (["--passes", "0"], "--passes: must be >= 1, got 0")]:
+        assert main(["profile", *argv]) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (argv, lines)

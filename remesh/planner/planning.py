@@ -40,6 +40,22 @@ def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_ma
                     zero=tuple(role for role, o in (("actor", cfg.actor_optim), ("critic", cfg.critic_optim)) if o.zero))
 
 
+def cluster_for(spec: str, device: str = "auto") -> Cluster:
+    """The cluster `spec` names: a cluster YAML, a shipped cluster's name, or local:N (this machine
+    as N processes on `device`, whose profile is re-timed first: still true?). ValueError if not."""
+    from remesh.planner.cluster import local_cluster
+    from remesh.planner.profile import check_drift
+
+    if not spec.startswith("local:"):
+        return Cluster.load(spec)
+    n = spec.split(":", 1)[1]
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"local:N needs N >= 1 processes, got {spec!r}")
+    cluster = local_cluster(int(n), device=device)
+    check_drift(cluster.profile, cluster.profile.device)
+    return cluster
+
+
 def plan_for_config(cfg: RLConfig, cluster: Cluster, budget_s: float = 10.0, seed: int = 0,
                     max_steps: int | None = None) -> tuple[SearchResult, Estimator]:
     est = Estimator(workload_from_config(cfg), cluster)

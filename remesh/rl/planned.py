@@ -716,16 +716,13 @@ def searched(cfg: RLConfig, world: int) -> tuple[RLConfig, SearchOutputs]:
     (default: this machine as `world` local processes), and the search's report and timeline."""
     import dataclasses
 
-    from remesh.planner.cluster import Cluster, local_cluster
-    from remesh.planner.planning import plan_for_config, report
-    from remesh.planner.profile import check_drift
+    from remesh.planner.planning import cluster_for, plan_for_config, report
 
     p = cfg.planner
-    if p.cluster:
-        cluster = Cluster.load(p.cluster)
-    else:
-        cluster = local_cluster(world, device=cfg.trainer.device)
-        check_drift(cluster.profile, cluster.profile.device)  # this machine's profile: still true?
+    try:
+        cluster = cluster_for(p.cluster or f"local:{world}", cfg.trainer.device)
+    except ValueError as e:
+        raise ConfigError(f"planner.cluster: {e}") from None
     if cluster.world != world:
         raise ConfigError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
     result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
