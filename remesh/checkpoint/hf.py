@@ -22,8 +22,6 @@ from remesh.model.llama import ModelArgs, Transformer, rope_inv_freq
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 _ARCH = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
 
 # (HF name pattern, remesh name pattern); {i} is the layer index
 _NAME_MAP = [
@@ -264,16 +262,6 @@ def save_hf(model: Transformer, path: str | Path, tokenizer: Any = None, max_sha
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
-
-
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    """Carry the tokenizer (and generation config) of a source checkpoint into a new one."""
-    import shutil
-
-    src, dst = Path(src), Path(dst)
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
 
 
 def load_tokenizer(path: str | Path):
