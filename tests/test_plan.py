@@ -151,7 +151,7 @@ def test_validate_counts_each_role_in_its_dtype_and_no_weights_for_a_rule_reward
     graph = graph_for("remax")
     models = _ppo_models(vocab_size=96)
     plan = heuristic_plan("colocated", graph, 2)
-    dtypes = {"actor": torch.bfloat16, "ref": torch.bfloat16, "reward": torch.float32}  # rl/planned.py's role_dtype
+    dtypes = {"actor": torch.bfloat16, "ref": torch.bfloat16, "reward": torch.float32}  # rl/roles.py's role_dtype
     specs = {r: ShardSpec(models[r], d) for r, d in dtypes.items()}
     need = max(static_memory(plan, graph, specs, {"actor"}).values())
     validate(plan, graph, models, 2, device_memory=need, dtypes=dtypes)

@@ -171,7 +171,7 @@ def test_memory_of_a_layout_by_hand():
 
 
 def test_roles_held_in_another_dtype_are_counted_and_timed_in_it():
-    # a bf16 actor beside an fp32 critic and reward model (rl/planned.py's role_dtype)
+    # a bf16 actor beside an fp32 critic and reward model (rl/roles.py's role_dtype)
     graph = graph_for("ppo", reference=False)
     n = A.num_params()
     plan = parse_plan("actor_gen=d1@0 rew_inf=d1@1 critic_inf=d1@1 actor_train=d1@0 critic_train=d1@1", 2).layouts

@@ -316,11 +316,10 @@ def test_learned_reward_retokenizes_texts(tmp_path):
     # what the engine samples: the prompt, the response's text and the eos it stops at (not the
     # template's newline after it). Preference rows are rendered the same, so a reward model reads
     # its score at the token it was trained on, whether it scores ids or re-tokenised texts
-    from remesh.data.datasets import _Renderer
-
     assert tok.eos_token == "<|im_end|>"
-    sampled = [_Renderer(tok).prompt(p) + tok.encode(r, add_special_tokens=False) + [tok.eos_token_id]
-               for p, r in zip(prompts, responses)]
+    prompt_ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"] for p in prompts]
+    sampled = [p + tok.encode(r, add_special_tokens=False) + [tok.eos_token_id] for p, r in zip(prompt_ids, responses)]
     assert seqs == sampled
     fn = LearnedRewardFn(lr, retokenize=True)
     got = fn.score(prompts, responses, [None, None], [{}, {}], sequences=[[1], [2]])  # sequences ignored

@@ -9,6 +9,7 @@ from remesh.data.datasets import (
     load_preference_dataset,
     load_prompt_dataset,
     load_sft_dataset,
+    prompt_response_ids,
     split_eval,
 )
 from remesh.data.packing import PackedBatch, balanced_micro_batches, pack_sequences, shifted_targets, target_loss_mask
@@ -22,6 +23,7 @@ __all__ = [
     "load_preference_dataset",
     "load_prompt_dataset",
     "load_sft_dataset",
+    "prompt_response_ids",
     "split_eval",
     "PackedBatch",
     "balanced_micro_batches",

@@ -384,6 +384,14 @@ class _Renderer:
         return context + resp, [False] * len(context) + [True] * len(resp)
 
 
+def prompt_response_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> list[int]:
+    """Prompt + response ids as SFT and preference rows render them: the chat template when the
+    tokenizer has one, the response up to the eos that ends its turn."""
+    r = _Renderer(tokenizer)
+    ids = r.prompt(prompt)
+    return ids + r.response(prompt, ids, response)
+
+
 # ---------------------------------------------------------------- loaders
 
 

@@ -18,7 +18,7 @@ def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_ma
     from the prompt rows the run keeps (tokenised as it will), generated lengths up to
     rollout.max_new_tokens unless measured ones are given."""
     from remesh.checkpoint import load_tokenizer, resolve_model_path
-    from remesh.rl.planned import role_args, role_dtype
+    from remesh.rl.roles import role_args, role_dtype
     from remesh.rl.trainer import load_prompts
 
     graph = graph_for(cfg.algo.name, reference=bool(cfg.kl.coef or cfg.kl.target))

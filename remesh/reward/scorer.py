@@ -24,15 +24,24 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from remesh.data import balanced_micro_batches
+from remesh.data import balanced_micro_batches, pack_sequences, prompt_response_ids
+from remesh.model import AttnContext
 from remesh.reward.rules import RewardConfigError, RewardTerm, RuleReward
 
 
+def sequence_rewards(model: nn.Module, sequences: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """Scalar reward of each sequence: the value head at its last token (fp32); reward-model
+    training (``remesh.train.rm``) fits the same."""
+    batch = pack_sequences(sequences).to(device)
+    hidden = model(batch.tokens, batch.positions, AttnContext.packed(batch.seq_lens(), device))
+    return model.values(hidden[batch.cu_seqlens[1:].long() - 1])
+
+
 class LearnedReward:
-    """A trained reward model: the value head at each sequence's last token (as in RM training,
-    ``remesh.train.rm.sequence_rewards``). ``tokenizer`` (optional) is the reward model's own,
-    used by ``score_texts`` to render (prompt, response) exactly as preference data was rendered
-    for training."""
+    """A trained reward model: the value head at each sequence's last token
+    (``sequence_rewards``). ``tokenizer`` (optional) is the reward model's own, used by
+    ``score_texts`` to render (prompt, response) exactly as preference data was rendered for
+    training."""
 
     def __init__(self, model: nn.Module, tokenizer: Any = None):
         if getattr(getattr(model, "args", None), "head", "value") != "value":
@@ -52,8 +61,6 @@ class LearnedReward:
         its own rather than an error. Packing does not change a sequence's score (attention is
         per sequence), so the result equals scoring each sequence alone.
         """
-        from remesh.train.rm import sequence_rewards  # remesh.train pulls in the trainer; import lazily
-
         lengths = [len(s) for s in sequences]
         for i, n in enumerate(lengths):
             if n == 0:
@@ -74,14 +81,7 @@ class LearnedReward:
         (chat template when the tokenizer has one, else plain text + eos)."""
         if self.tokenizer is None:
             raise ValueError("LearnedReward has no tokenizer; pass one to score texts")
-        from remesh.data.datasets import _Renderer
-
-        r = _Renderer(self.tokenizer)
-        seqs = []
-        for p, resp in zip(prompts, responses, strict=True):
-            ids = r.prompt(p)
-            seqs.append(ids + r.response(p, ids, resp))
-        return seqs
+        return [prompt_response_ids(self.tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
 
     def score_texts(self, prompts: Sequence[str], responses: Sequence[str], micro_batch_tokens: int = 4096) -> Tensor:
         return self.score_tokens(self.tokenize(prompts, responses), micro_batch_tokens)

@@ -41,10 +41,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from remesh.checkpoint import load_hf, load_tokenizer, resolve_model_path, save_hf
-from remesh.checkpoint.hf import load_hf_config
 from remesh.config import ConfigError, config_to_dict
-from remesh.dataflow.graph import EXTERNAL_INPUTS, MFC, DataflowGraph, graph_for
-from remesh.model.llama import ModelArgs, Transformer
+from remesh.dataflow.graph import EXTERNAL_INPUTS, MFC, graph_for
+from remesh.model.llama import Transformer
 from remesh.plan.layout import Layout, ShardSpec
 from remesh.plan.plan import ExecutionPlan, resolve_plan, validate
 from remesh.reward import build_reward_fn
@@ -52,6 +51,7 @@ from remesh.reward.rules import ROW_CHECKED_TERMS
 from remesh.reward.scorer import rule_reward
 from remesh.rl.batch import PackedMicroBatch, Responses, packed_tokens, prompt_groups
 from remesh.rl.config import RLConfig
+from remesh.rl.roles import role_args, role_dtype, role_source
 from remesh.rl.trainer import RLResult, RLTrainer, load_prompts, plot_reward_curve, rollout_metrics, speculation_metrics
 from remesh.rollout import Rollout, RolloutEngine, SamplingParams
 from remesh.runtime.data import balance_by_tokens, balance_units, holder_rank, object_device, redistribute
@@ -112,7 +112,7 @@ class PlannedRLTrainer(RLTrainer):
 
         def build(role: str, layout: Layout) -> Transformer:
             if role not in full:
-                path, head, dtype = _role_source(cfg, role)
+                path, head, dtype = role_source(cfg, role)
                 if self.resume_dir is not None and role in self.train_layout:  # trained roles go on from the checkpoint
                     path = str(role_folder(self.resume_dir, role))
                 full[role] = {n: p.detach() for n, p in load_hf(path, head=head, dtype=dtype).named_parameters()}
@@ -566,35 +566,6 @@ class PlannedRLTrainer(RLTrainer):
 def _shards(model: Transformer, spec: ShardSpec) -> dict[str, Tensor]:
     """A local model's parameters as reallocation source shards (a tied head by the embedding's name)."""
     return {spec.canonical(n): p.detach() for n, p in model.named_parameters()}
-
-
-def role_dtype(cfg: RLConfig, role: str) -> torch.dtype:
-    """The dtype a role's weights are held (and reallocated) in."""
-    if role in ("actor", "ref"):
-        return getattr(torch, cfg.actor.dtype)
-    if role == "critic":
-        return getattr(torch, (cfg.critic or cfg.actor).dtype)
-    return torch.float32
-
-
-def _role_source(cfg: RLConfig, role: str) -> tuple[str, str, torch.dtype]:
-    """(checkpoint folder, head, dtype) a role's model starts from."""
-    if role in ("actor", "ref"):
-        folder, head = resolve_model_path(cfg.actor.path, "actor.path"), "lm"
-    elif role == "critic":
-        folder = resolve_model_path((cfg.critic or cfg.actor).path, "critic.path" if cfg.critic else "actor.path")
-        head = "value"
-    else:
-        folder, head = resolve_model_path(cfg.reward.model, "reward.model"), "value"
-    return str(folder), head, role_dtype(cfg, role)
-
-
-def role_args(cfg: RLConfig, graph: DataflowGraph) -> dict[str, ModelArgs]:
-    """The architecture of every role of the graph (a rule-based reward has no model: it gets
-    the actor's, against which its layouts are validated)."""
-    args = {r: load_hf_config(*_role_source(cfg, r)[:2]) for r in graph.roles if r != "reward" or cfg.reward.model}
-    args.setdefault("reward", args["actor"])
-    return args
 
 
 def check_plan(cfg: RLConfig, world_size: int) -> ExecutionPlan:

@@ -1,7 +1,8 @@
 """Reward-model training: Bradley-Terry pairwise loss, -log sigmoid(r(chosen) - r(rejected)).
 
-The reward of a sequence is the value head at its last token. A pair's two sequences always
-share a micro-batch, so the pairwise loss is formed inside one forward pass.
+The reward of a sequence is the value head at its last token (`reward.scorer.sequence_rewards`,
+as RL scores it). A pair's two sequences always share a micro-batch, so the pairwise loss is
+formed inside one forward pass.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from remesh.data import PreferenceExample, load_preference_dataset, pack_sequences
-from remesh.model import AttnContext
+from remesh.data import PreferenceExample, load_preference_dataset
+from remesh.reward.scorer import sequence_rewards
 from remesh.train.configs import RMConfig
 from remesh.train.trainer import TrainResult, run_training
 
@@ -22,13 +23,6 @@ from remesh.train.trainer import TrainResult, run_training
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
     """Per-pair -log sigmoid(r_c - r_r) (numerically stable)."""
     return -F.logsigmoid(chosen - rejected)
-
-
-def sequence_rewards(model: nn.Module, sequences: Sequence[Sequence[int]], device: torch.device) -> Tensor:
-    """Scalar reward of each sequence: the value head at its last token (fp32)."""
-    batch = pack_sequences(sequences).to(device)
-    hidden = model(batch.tokens, batch.positions, AttnContext.packed(batch.seq_lens(), device))
-    return model.values(hidden[batch.cu_seqlens[1:].long() - 1])
 
 
 @dataclass
