@@ -225,6 +225,9 @@ def test_adaptive_kl_controller():
     assert fixed.value == 0.05
     fixed.load_state_dict({"value": 0.2})  # a checkpoint's coefficient: the configured one wins
     assert fixed.value == 0.05 and fixed.state_dict() == {}
+    resumed = AdaptiveKLController(0.5, 6.0, 10000)
+    resumed.load_state_dict(fixed.state_dict())  # a fixed run resumed with kl.target: the configured start
+    assert resumed.value == 0.5
 
 
 # ---------------------------------------------------------------- ReMax, GRPO, RLOO, REINFORCE++

@@ -192,11 +192,16 @@ def test_a_line_that_is_not_utf8_is_a_bad_row(tmp_path, tok):
     good = json.dumps(GOOD).encode()
     path = tmp_path / "x.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good + b"\n" + b'{"prompt": "caf\xe9"}\n' + good + b"\n")
-    with pytest.raises(DataError, match=r"x\.jsonl:3: not UTF-8 text \(invalid continuation byte at byte 16 of the line\)"):
+    with pytest.raises(DataError, match=r"x\.jsonl:3: not UTF-8 text \(byte 0xe9 at column 16\)"):
         sft(path, tok)
     examples, report = sft(path, tok, skip_bad_rows=True)
     assert [e.source for e in examples] == [f"{path}:{i}" for i in (1, 2, 4)]
     assert report.counts == {"not UTF-8": 1}
+    # lines end at \n, \r\n or a bare \r; a bad byte on the first line is counted after the BOM
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "caf\xe9"}\r' + good + b"\r\n" + good + b"\r")
+    with pytest.raises(DataError, match=r"x\.jsonl:1: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        sft(path, tok)
+    assert [e.source for e in sft(path, tok, skip_bad_rows=True)[0]] == [f"{path}:2", f"{path}:3"]
 
 def test_clean_file_report(tmp_path, tok):
     _, report = sft(write_jsonl(tmp_path / "x.jsonl", [GOOD]), tok, skip_bad_rows=True)

@@ -169,7 +169,8 @@ class AdaptiveKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+        # a checkpoint of a fixed-coefficient run has none: start from the configured one
+        self.value = float(state.get("value", self.value))
 
 
 class FixedKLController:

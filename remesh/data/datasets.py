@@ -9,8 +9,8 @@ epoch on row 90 000. With ``skip_bad_rows=True`` bad rows are dropped instead an
 
 Tokenisation (see `_Renderer`):
 - with a chat template, the prompt is the user turn rendered with ``add_generation_prompt=True``
-  and the response is what the full conversation adds to it (so the response includes the
-  template's end-of-turn tokens, e.g. ``<|im_end|>\\n``). If the template does not render the
+  and the response is what the full conversation adds to it, up to the eos that ends the turn
+  (``<|im_end|>``; ChatML's newline after it is not the policy's to write). If the template does not render the
   prompt as a prefix of the conversation (some templates rewrite earlier turns), we fall back to
   prompt ids + tokenised response + eos.
 - without a chat template, prompt ids = ``tokenizer(prompt)`` (with special tokens, e.g. bos) and
@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import json
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,9 @@ def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for undecodable bytes
+
+
 def _read_rows(path: Path) -> Iterator[tuple[str, str, Any]]:
     """Yield (place, source, row) per row; row is a _RowError for unparseable lines."""
     suffix = path.suffix.lower()
@@ -167,12 +171,13 @@ def _read_rows(path: Path) -> Iterator[tuple[str, str, Any]]:
         for i, row in enumerate(rows, 1):
             yield f"row {i}", f"{path}:row {i}", row
         return
-    with path.open("rb") as f:  # decoded line by line: a bad byte is that line's error, not the file's
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: tolerate a BOM
-            except UnicodeDecodeError as e:
-                row: Any = _RowError("not UTF-8", None, f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)")
+    # -sig: tolerate a BOM; a byte that is not UTF-8 comes through as a lone surrogate, so that it
+    # is its line's error (skippable), not the whole file's
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            if (bad := _NOT_UTF8.search(line)) is not None:
+                row: Any = _RowError("not UTF-8", None, f"not UTF-8 text (byte 0x{ord(bad[0]) - 0xDC00:02x} "
+                                                        f"at column {bad.start() + 1})")
                 yield f"line {lineno}", f"{path}:{lineno}", row
                 continue
             if not line.strip():
