@@ -135,6 +135,9 @@ def _plan(args: argparse.Namespace) -> None:
         cluster = cluster_for(spec, cfg.trainer.device)
     except ValueError as e:
         raise ConfigError(f"{option}: {e}") from None
+    if option == "planner.cluster" and cluster.world != cfg.trainer.nproc:
+        print(f"remesh: note: plan=search runs on {spec} only with {cluster.world} ranks (torchrun), "
+              f"not trainer.nproc={cfg.trainer.nproc}", file=sys.stderr)
     seed = p.seed if args.seed is None else args.seed
     if args.budget is None:
         result, _ = plan_for_config(cfg, cluster, seed=seed, max_steps=p.steps)

@@ -278,25 +278,36 @@ def test_gguf_read(case, tmp_path):
 
 
 def test_gguf_metadata_errors_name_the_file(tmp_path):
-    """Missing metadata, and a RoPE scaling remesh lacks (read as unscaled, it would give wrong
-    logits past the original context), are errors naming the file."""
+    """Missing metadata, a RoPE scaling remesh lacks (read as unscaled, it would give wrong
+    logits past the original context) and a window on some layers only are errors naming the file."""
     import gguf
 
-    from remesh.checkpoint.gguf import GGUFError
+    from remesh.checkpoint.gguf import GGUFError, _rope_scaling
 
-    bare = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
-    bare.write_header_to_file()
-    bare.write_kv_data_to_file()
-    bare.write_tensors_to_file()
-    bare.close()
+    def metadata_only(name, add=lambda w: None):
+        w = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        add(w)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
     with pytest.raises(GGUFError, match=r"bare\.gguf: missing metadata 'llama\.attention\.head_count'"):
-        read_gguf(tmp_path / "bare.gguf")
+        read_gguf(metadata_only("bare.gguf"))
 
     model = tiny_model("llama", rope_scaling=None)
     model.args = dataclasses.replace(model.args, rope_scaling={"rope_type": "yarn", "factor": 4.0})
     write_gguf(model, tmp_path / "m.gguf", "llama")
     with pytest.raises(GGUFError, match=r"m\.gguf: rope scaling 'yarn' \(llama\.rope\.scaling\.type\) is not supported"):
         read_gguf(tmp_path / "m.gguf")
+
+    # older files give a linear factor as rope.scale_linear; a window on some layers is refused
+    old = metadata_only("old.gguf", lambda w: w.add_float32("llama.rope.scale_linear", 4.0))
+    assert _rope_scaling(gguf.GGUFReader(str(old)), "llama") == {"rope_type": "linear", "factor": 4.0}
+    swa = metadata_only("swa.gguf", lambda w: (w.add_head_count(4), w.add_sliding_window_pattern([True, False])))
+    with pytest.raises(GGUFError, match=r"swa\.gguf: a sliding window on some layers only"):
+        read_gguf(swa)
 
 
 def test_a_gguf_file_converts_whole_or_not_at_all(tmp_path, monkeypatch):

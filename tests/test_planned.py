@@ -326,6 +326,9 @@ def test_plan_command_prints_a_plan_and_draws_its_timeline(rl_workspace, tmp_pat
         assert "node(s) x 3 devices" in out
         plans.append(out.split("plan (one line):\n")[1].splitlines()[0])
     assert plans[0] == plans[1] and "actor_gen=" in plans[0]
+    # a planner.cluster of another size than trainer.nproc: plan=search needs torchrun's ranks
+    assert main(["plan", str(config), "planner.cluster=h100-1x8", "planner.steps=20", "--timeline", str(png)]) == 0
+    assert "plan=search runs on h100-1x8 only with 8 ranks (torchrun), not trainer.nproc=" in capsys.readouterr().err
     assert main(["plan", str(config), "planner.cluster=nowhere.yaml"]) == 2
     assert "remesh: error: planner.cluster: cluster 'nowhere.yaml': no such file" in capsys.readouterr().err
     # refused before the search, each in one line naming the option; an override may follow options;

@@ -176,17 +176,22 @@ def test_roles_held_in_another_dtype_are_counted_and_timed_in_it():
     n = A.num_params()
     plan = parse_plan("actor_gen=d1@0 rew_inf=d1@1 critic_inf=d1@1 actor_train=d1@0 critic_train=d1@1", 2).layouts
     models = {r: A for r in graph.roles}
+    # bf16 GEMMs and attention 8x as fast as fp32: each call's time tells which dtype it ran in
+    rates = dict(gemm={"float32": [[1, 64, 64, 1e9, 1e9], [4096, 64, 64, 1e9, 1e9]],
+                       "bfloat16": [[1, 64, 64, 8e9, 8e9], [4096, 64, 64, 8e9, 8e9]]},
+                 attention_flops_per_s={"float32": 1e9, "bfloat16": 8e9}, mem_bytes_per_s=1e12)
     mixed = Estimator(_workload(graph, models=models, dtype="bfloat16",
-                                role_dtypes={"critic": "float32", "reward": "float32"}), _cluster(devices=2))
+                                role_dtypes={"critic": "float32", "reward": "float32"}), _cluster(devices=2, **rates))
     mem = mixed.memory(plan)
     assert (mem[0].params, mem[0].optimizer) == (n * 2, 2 * n * 2)  # the actor: bf16
     assert (mem[1].params, mem[1].optimizer, mem[1].frozen) == (n * 4, 2 * n * 4, n * 4)  # critic, reward: fp32
     # each call is timed as the all-fp32 or all-bf16 estimate times it
-    fp32 = Estimator(_workload(graph, models=models, dtype="float32"), _cluster(devices=2))
-    bf16 = Estimator(_workload(graph, models=models, dtype="bfloat16"), _cluster(devices=2))
+    fp32 = Estimator(_workload(graph, models=models, dtype="float32"), _cluster(devices=2, **rates))
+    bf16 = Estimator(_workload(graph, models=models, dtype="bfloat16"), _cluster(devices=2, **rates))
     for m in graph.mfcs:
-        same = fp32 if m.role in ("critic", "reward") else bf16
+        same, other = (fp32, bf16) if m.role in ("critic", "reward") else (bf16, fp32)
         assert mixed.mfc_seconds(m, plan[m.name]) == same.mfc_seconds(m, plan[m.name]), m.name
+        assert same.mfc_seconds(m, plan[m.name]) != other.mfc_seconds(m, plan[m.name]), m.name
     assert mixed.realloc_seconds("critic", plan["critic_train"], Layout((0, 1), 2)) == \
         fp32.realloc_seconds("critic", plan["critic_train"], Layout((0, 1), 2))
 

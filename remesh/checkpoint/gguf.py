@@ -72,6 +72,9 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (llama, qwen2, mistral)")
     n_heads = int(_field(reader, f"{arch}.attention.head_count"))
     n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_heads))
+    if f"{arch}.attention.sliding_window_pattern" in reader.fields:  # windowed on some layers only
+        raise GGUFError(f"{path}: a sliding window on some layers only ({arch}.attention.sliding_window_pattern) "
+                        f"is not supported; remesh windows all layers or none")
     state: dict[str, Tensor] = {}
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
@@ -111,11 +114,13 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
 
 
 def _rope_scaling(reader, arch: str) -> dict | None:
-    """The HF form of the file's RoPE scaling: linear position interpolation, or none; other
-    kinds (YaRN, LongRoPE) are refused rather than read as unscaled."""
+    """The HF form of the file's RoPE scaling: linear position interpolation (also in older
+    files' `rope.scale_linear`), or none; other kinds (YaRN, LongRoPE) are refused rather than
+    read as unscaled."""
     kind = str(_field(reader, f"{arch}.rope.scaling.type", "none"))
     if kind == "none":
-        return None
+        old_factor = float(_field(reader, f"{arch}.rope.scale_linear", 1.0))
+        return None if old_factor == 1.0 else {"rope_type": "linear", "factor": old_factor}
     if kind != "linear":
         raise GGUFError(f"{reader.data.filename}: rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported "
                         f"(supported: linear); convert the original HF checkpoint instead")
