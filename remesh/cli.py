@@ -131,10 +131,7 @@ def _plan(args: argparse.Namespace) -> None:
     p = cfg.planner
     spec, option = ((args.cluster, "--cluster") if args.cluster else
                     (p.cluster, "planner.cluster") if p.cluster else (f"local:{cfg.trainer.nproc}", "trainer.nproc"))
-    try:
-        cluster = cluster_for(spec, cfg.trainer.device)
-    except ValueError as e:
-        raise ConfigError(f"{option}: {e}") from None
+    cluster = cluster_for(spec, cfg.trainer.device, option)
     if option == "planner.cluster" and cluster.world != cfg.trainer.nproc:
         print(f"remesh: note: plan=search runs on {spec} only with {cluster.world} ranks (torchrun), "
               f"not trainer.nproc={cfg.trainer.nproc}", file=sys.stderr)

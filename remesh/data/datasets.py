@@ -10,9 +10,9 @@ epoch on row 90 000. With ``skip_bad_rows=True`` bad rows are dropped instead an
 Tokenisation (see `_Renderer`):
 - with a chat template, the prompt is the user turn rendered with ``add_generation_prompt=True``
   and the response is what the full conversation adds to it, up to the eos that ends the turn
-  (``<|im_end|>``; ChatML's newline after it is not the policy's to write). If the template does not render the
-  prompt as a prefix of the conversation (some templates rewrite earlier turns), we fall back to
-  prompt ids + tokenised response + eos.
+  (``<|im_end|>``; ChatML's newline after it is not the policy's to write). If the template
+  does not render the prompt as a prefix of the conversation (some templates rewrite earlier
+  turns), we fall back to prompt ids + tokenised response + eos.
 - without a chat template, prompt ids = ``tokenizer(prompt)`` (with special tokens, e.g. bos) and
   response ids = ``tokenizer(response, add_special_tokens=False) + [eos]``.
 """
@@ -175,21 +175,22 @@ def _read_rows(path: Path) -> Iterator[tuple[str, str, Any]]:
     # is its line's error (skippable), not the whole file's
     with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
+            row: Any
             if (bad := _NOT_UTF8.search(line)) is not None:
-                row: Any = _RowError("not UTF-8", None, f"not UTF-8 text (byte 0x{ord(bad[0]) - 0xDC00:02x} "
-                                                        f"at column {bad.start() + 1})")
-                yield f"line {lineno}", f"{path}:{lineno}", row
+                row = _RowError("not UTF-8", None, f"not UTF-8 text (byte 0x{ord(bad[0]) - 0xDC00:02x} "
+                                                   f"at column {bad.start() + 1})")
+            elif not line.strip():
                 continue
-            if not line.strip():
-                continue
-            try:
-                # so an error's column is on this line
-                row = json.loads(line.rstrip("\r\n"), object_pairs_hook=_object_without_repeats)
-            except json.JSONDecodeError as e:
-                hint = " (files are read as JSON Lines: one object per line)" if lineno == 1 and line.strip() == "[" else ""
-                row = _RowError("bad JSON", None, f"bad JSON: {e.msg} at column {e.colno}{hint}")
-            except _RowError as e:
-                row = e
+            else:
+                try:
+                    # so an error's column is on this line
+                    row = json.loads(line.rstrip("\r\n"), object_pairs_hook=_object_without_repeats)
+                except json.JSONDecodeError as e:
+                    array = lineno == 1 and line.strip() == "["
+                    hint = " (files are read as JSON Lines: one object per line)" if array else ""
+                    row = _RowError("bad JSON", None, f"bad JSON: {e.msg} at column {e.colno}{hint}")
+                except _RowError as e:
+                    row = e
             yield f"line {lineno}", f"{path}:{lineno}", row
 
 
@@ -368,6 +369,7 @@ class _Renderer:
         # Render incrementally: the prefix up to each assistant turn (with generation prompt) is
         # context, what that turn then adds is trained on.
         ids, mask = [], []
+        keep = 0  # up to the last assistant turn's eos
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
@@ -377,10 +379,9 @@ class _Renderer:
                 break  # template rewrites earlier turns (e.g. drops old reasoning): see below
             end = self._turn_end(turn[len(context):])
             mask += [False] * (len(context) - len(ids)) + [True] * end + [False] * (len(turn) - len(context) - end)
-            ids = turn
+            ids, keep = turn, len(context) + end
         else:
-            end = len(mask) - mask[::-1].index(True) if True in mask else len(mask)
-            return ids[:end], mask[:end]
+            return ids[:keep], mask[:keep]
         # Non-incremental template: train the last assistant turn only, on the final rendering.
         context = self.render(msgs[:last], True)
         turn = self.render(msgs, False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from remesh.config import ConfigError
 from remesh.dataflow.graph import graph_for
 from remesh.planner.cluster import Cluster
 from remesh.planner.estimator import Estimator, Workload
@@ -40,18 +41,22 @@ def workload_from_config(cfg: RLConfig, gen_len: float | None = None, gen_len_ma
                     zero=tuple(role for role, o in (("actor", cfg.actor_optim), ("critic", cfg.critic_optim)) if o.zero))
 
 
-def cluster_for(spec: str, device: str = "auto") -> Cluster:
+def cluster_for(spec: str, device: str = "auto", option: str = "cluster") -> Cluster:
     """The cluster `spec` names: a cluster YAML, a shipped cluster's name, or local:N (this machine
-    as N processes on `device`, whose profile is re-timed first: still true?). ValueError if not."""
+    as N processes on `device`, whose profile is re-timed first: still true?). ConfigError
+    naming `option`, the setting that gave `spec`, if not."""
     from remesh.planner.cluster import local_cluster
     from remesh.planner.profile import check_drift
 
-    if not spec.startswith("local:"):
-        return Cluster.load(spec)
-    n = spec.split(":", 1)[1]
-    if not n.isdigit() or int(n) < 1:
-        raise ValueError(f"local:N needs N >= 1 processes, got {spec!r}")
-    cluster = local_cluster(int(n), device=device)
+    try:
+        if not spec.startswith("local:"):
+            return Cluster.load(spec)
+        n = spec.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"local:N needs N >= 1 processes, got {spec!r}")
+        cluster = local_cluster(int(n), device=device)
+    except ValueError as e:
+        raise ConfigError(f"{option}: {e}") from None
     check_drift(cluster.profile, cluster.profile.device)
     return cluster
 

@@ -690,10 +690,7 @@ def searched(cfg: RLConfig, world: int) -> tuple[RLConfig, SearchOutputs]:
     from remesh.planner.planning import cluster_for, plan_for_config, report
 
     p = cfg.planner
-    try:
-        cluster = cluster_for(p.cluster or f"local:{world}", cfg.trainer.device)
-    except ValueError as e:
-        raise ConfigError(f"planner.cluster: {e}") from None
+    cluster = cluster_for(p.cluster or f"local:{world}", cfg.trainer.device, "planner.cluster")
     if cluster.world != world:
         raise ConfigError(f"planner.cluster {p.cluster}: {cluster.world} devices, but the job has {world} ranks")
     result, _ = plan_for_config(cfg, cluster, seed=p.seed, max_steps=p.steps)
